@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make study` and `make test`. Both build .venv first.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+SPACE   ?= search_spaces/smoke.yaml
+
+.PHONY: install test test-all study bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exact: the CPU wheel on disk, never the CUDA build from the registry
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+study: $(STAMP)
+	$(VENV)/bin/nc-study run $(SPACE)
+	$(VENV)/bin/nc-study analyze smoke --out reports/smoke
+
+bench: $(STAMP)
+	$(PY) -m study.bench
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""nc-study: Ray Tune + MLflow studies of Neural Collapse (see README.md)."""

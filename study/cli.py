@@ -1,0 +1,158 @@
+"""`nc-study` command line: train one bare trial, measure exported features, run a study,
+analyze a study. A mistake a user can fix ends in one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrialConfig, parse_overrides
+from .data import DataError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad flag, file or value: one line, exit 2, nothing started."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, DataError) as exc:
+        print(f"nc-study {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"nc-study {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nc-study", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one bare trial (no Ray, no MLflow) and print its evaluations")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="trial config field, e.g. --set epochs=20 --set bn=none (repeatable)")
+    p.add_argument("--all", action="store_true", help="print every metric of each evaluation as JSON lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("measure", help="NC metrics of features exported from any model")
+    p.add_argument("features", type=Path, help=".npz with y (N,), layer01..layerNN (N, D_l), optional W (C, D), b (C,)")
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    p.add_argument("--epsilon", type=float, default=0.01, help="NCC error bound of the effective depth")
+    p.set_defaults(func=cmd_measure)
+
+    from .runner import add_run_parser
+    add_run_parser(sub)
+    try:
+        from analysis.cli import add_analyze_parser
+    except ImportError:  # analysis not installed alongside: `analyze` is unavailable
+        pass
+    else:
+        add_analyze_parser(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------ train
+
+TABLE = (("epoch", "{:>5.0f}"), ("lr", "{:>8.4g}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.4f}"),
+         ("nc_score", "{:>8.3f}"), ("intra_min", "{:>9.3f}"), ("inter_max", "{:>9.3f}"),
+         ("nc1", "{:>8.3g}"), ("ncc_acc", "{:>7.3f}"), ("effective_depth", "{:>5.0f}"), ("loss_gap", "{:>8.4f}"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+    cfg = TrialConfig.from_dict(parse_overrides(args.overrides))
+    trainer = Trainer(cfg)
+    print(f"# {cfg.dataset} data, depth {cfg.depth}, width {cfg.width}, bn={cfg.bn}/{cfg.bn_placement}, "
+          f"weight_decay={cfg.weight_decay:g}, {cfg.epochs} epochs on {trainer.device}", flush=True)
+    if not args.all:
+        print(" ".join(f"{name[:9]:>{len(fmt.format(0))}}" for name, fmt in TABLE), flush=True)
+    for metrics in trainer.run():
+        if args.all:
+            print(json.dumps(metrics), flush=True)
+        else:
+            print(" ".join(fmt.format(metrics.get(name, math.nan)) for name, fmt in TABLE), flush=True)
+    print(f"# status: {trainer.status}; train {trainer.seconds['train']:.1f}s, "
+          f"measure {trainer.seconds['measure']:.1f}s", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------ measure
+
+def read_features(path: Path) -> dict[str, np.ndarray]:
+    """Load and validate an exported-features .npz (see `nc-study measure --help`)."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:
+        raise UsageError(f"{path}: not a readable .npz file ({exc})") from None
+    if "y" not in arrays:
+        raise UsageError(f"{path}: missing array 'y' (N,) of integer class labels")
+    layers = sorted(k for k in arrays if k.startswith("layer"))
+    if not layers:
+        raise UsageError(f"{path}: no feature arrays; name them layer01, layer02, ... (N, D_l)")
+    expected = [f"layer{l:02d}" for l in range(1, len(layers) + 1)]
+    if layers != expected:
+        raise UsageError(f"{path}: feature arrays must be named {', '.join(expected)} without gaps, got {', '.join(layers)}")
+    y = arrays["y"]
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer)
+                           or (np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all())):
+        raise UsageError(f"{path}: 'y' must be a 1-D array of integer labels, got dtype {y.dtype} shape {y.shape}")
+    if y.min() < 0:
+        raise UsageError(f"{path}: 'y' has negative labels; use 0..C-1")
+    for key in layers + [k for k in ("W", "b") if k in arrays]:
+        a = arrays[key]
+        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            raise UsageError(f"{path}: array {key!r} holds NaN/inf or non-numbers")
+    for key in layers:
+        if arrays[key].ndim != 2 or len(arrays[key]) != len(y):
+            raise UsageError(f"{path}: {key} must be (N, D) with N = len(y) = {len(y)}, got {arrays[key].shape}")
+    if "W" in arrays:
+        W, D = arrays["W"], arrays[layers[-1]].shape[1]
+        if W.ndim != 2 or W.shape[1] != D or W.shape[0] <= y.max():
+            raise UsageError(f"{path}: W must be (C, {D}) with C > max label {int(y.max())}, got {W.shape}")
+        if "b" in arrays and arrays["b"].shape != (W.shape[0],):
+            raise UsageError(f"{path}: b must be ({W.shape[0]},), got {arrays['b'].shape}")
+    elif "b" in arrays:
+        raise UsageError(f"{path}: 'b' given without 'W'")
+    arrays["y"] = y.astype(np.int64)
+    return arrays
+
+
+def measure_file(path: Path, epsilon: float = 0.01) -> dict[str, float]:
+    from .metrics import measure
+    arrays = read_features(path)
+    layers = sorted(k for k in arrays if k.startswith("layer"))
+    y = torch.from_numpy(arrays["y"])
+    W = torch.from_numpy(arrays["W"]) if "W" in arrays else None
+    b = torch.from_numpy(arrays["b"]) if "b" in arrays else None
+    C = W.shape[0] if W is not None else int(y.max()) + 1
+    try:
+        return measure((torch.from_numpy(arrays[k]) for k in layers), y, W, b,
+                       num_classes=C, epsilon=epsilon)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    metrics = measure_file(args.features, args.epsilon)
+    text = json.dumps(metrics, indent=2, allow_nan=True)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

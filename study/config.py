@@ -1,0 +1,204 @@
+"""One frozen, typed configuration per trial (SCIENCE.md §1–4).
+
+A config is built from a plain dict (a search-space cell, `--set key=value` flags, MLflow
+params read back); an unknown key or a bad value raises `ConfigError` naming the key.
+Everything here is logged whole as MLflow params, so every knob of a trial is visible.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+BN_KINDS = ("affine", "nonaffine", "none")
+BN_PLACEMENTS = ("every", "last")
+DATASETS = ("teacher", "conic", "npz")
+CONIC_KINDS = ("auto", "hyperplanes", "directions")
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A trial config key or value a user can fix."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    # data (§2)
+    dataset: str = "teacher"
+    data_path: str = ""
+    n_samples: int = 10_000
+    input_dim: int = 16
+    num_classes: int = 4
+    data_seed: int = 0
+    teacher_depth: int = 3
+    teacher_width: int = 300
+    conic_kind: str = "auto"
+    # model (§1)
+    depth: int = 6
+    width: int = 300
+    bn: str = "affine"
+    bn_placement: str = "every"
+    bias: bool = False
+    # training (§3)
+    optimizer: str = "sgd"
+    lr: float = 0.0679
+    momentum: float = 0.9
+    lr_milestones: tuple[float, ...] = (1 / 3, 2 / 3)
+    lr_decay: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 300
+    seed: int = 0
+    # measurement (§4)
+    eval_every: int = 10
+    ncc_epsilon: float = 0.01
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("conic_kind", self.conic_kind, CONIC_KINDS)
+        _check_choice("bn", self.bn, BN_KINDS)
+        _check_choice("bn_placement", self.bn_placement, BN_PLACEMENTS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("device", self.device, DEVICES)
+        if self.dataset == "npz" and not self.data_path:
+            raise ConfigError("dataset=npz needs data_path: set data_path=/path/to/file.npz")
+        _check_min("n_samples", self.n_samples, 2)
+        _check_min("input_dim", self.input_dim, 1)
+        _check_min("num_classes", self.num_classes, 2)
+        _check_min("teacher_depth", self.teacher_depth, 1)
+        _check_min("teacher_width", self.teacher_width, 1)
+        _check_min("depth", self.depth, 2)
+        _check_min("width", self.width, 1)
+        _check_min("batch_size", self.batch_size, 2)
+        _check_min("epochs", self.epochs, 1)
+        _check_min("eval_every", self.eval_every, 1)
+        _check_min("seed", self.seed, 0)
+        _check_min("data_seed", self.data_seed, 0)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        for key in ("weight_decay", "momentum"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a number >= 0, got {value}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 <= self.ncc_epsilon < 1:
+            raise ConfigError(f"ncc_epsilon must be in [0, 1), got {self.ncc_epsilon}")
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ConfigError(
+                f"lr_milestones are fractions of training and must lie in (0, 1), "
+                f"got {list(self.lr_milestones)}")
+        if list(self.lr_milestones) != sorted(self.lr_milestones):
+            raise ConfigError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
+
+    # derived values are properties, not knobs
+    @property
+    def milestone_epochs(self) -> tuple[int, ...]:
+        """Epochs (0-based) at whose start the lr is multiplied by lr_decay."""
+        return tuple(max(1, round(m * self.epochs)) for m in self.lr_milestones)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate used during 0-based `epoch`."""
+        drops = sum(epoch >= m for m in self.milestone_epochs)
+        return self.lr * self.lr_decay ** drops
+
+    @property
+    def eval_epochs(self) -> tuple[int, ...]:
+        """1-based epochs after which the model is measured (always the last one)."""
+        epochs = set(range(self.eval_every, self.epochs + 1, self.eval_every))
+        epochs.add(self.epochs)
+        return tuple(sorted(epochs))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        """Build from a flat dict; values may be strings (CLI flags, MLflow params)."""
+        hints = get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown trial config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        kwargs = {key: coerce(key, value, hints[key]) for key, value in values.items()}
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_params(self) -> dict[str, str]:
+        """Flat string params for MLflow (milestones as a comma list)."""
+        out = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, (tuple, list)):
+                value = ",".join(f"{v:.6g}" for v in value)
+            out[key] = str(value)
+        return out
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrialConfig))
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert `value` to the declared type of `key`, or raise ConfigError naming it."""
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        # tuple[float, ...]
+        if isinstance(value, str):
+            items = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ValueError
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        name = getattr(hint, "__name__", None) or "list of numbers"
+        raise ConfigError(f"trial config key {key!r} expects {name}, got {value!r}") from None
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_min(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """`["epochs=5", "bn=none"]` -> dict; a pair without '=' raises ConfigError."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,5 @@
+"""Placeholder: the Ray Tune study runner (`nc-study run`)."""
+
+
+def add_run_parser(sub) -> None:
+    pass

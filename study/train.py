@@ -1,0 +1,125 @@
+"""The plain training loop of SCIENCE.md §3 on in-memory tensors: no Ray, no MLflow.
+
+`Trainer(cfg).run()` yields one dict of §5 metrics per evaluation; `state()` / `load_state()`
+let a caller checkpoint and resume (the shuffling RNG included, so a resumed trial continues
+exactly as the uninterrupted one would).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrialConfig
+from .data import Dataset, load_dataset
+from .metrics import measure
+from .models import MLP, build_model
+
+
+def pick_device(cfg: TrialConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    """One trial: data, model and optimizer built from a config."""
+
+    def __init__(self, cfg: TrialConfig, data: Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.device = pick_device(cfg)
+        data = data or load_dataset(cfg)
+        self.X = data.X.to(self.device)
+        self.y = data.y.to(self.device)
+        self.num_classes = data.num_classes
+        torch.manual_seed(cfg.seed)
+        self.model: MLP = build_model(cfg, self.X.shape[1], data.num_classes).to(self.device)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0                # epochs completed
+        self.status = "running"       # then converged / not_converged / diverged
+        self.seconds = {"train": 0.0, "measure": 0.0}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "shuffle": self.shuffle.get_state(), "epoch": self.epoch, "status": self.status}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.shuffle.set_state(state["shuffle"])
+        self.epoch, self.status = state["epoch"], state["status"]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Iterator[dict[str, float]]:
+        """Train the remaining epochs; yield metrics after each evaluation epoch."""
+        cfg = self.cfg
+        evals = set(cfg.eval_epochs)
+        while self.epoch < cfg.epochs and self.status == "running":
+            lr = cfg.lr_at(self.epoch)
+            t0 = time.perf_counter()
+            loss = self.train_epoch(lr)
+            self.seconds["train"] += time.perf_counter() - t0
+            self.epoch += 1
+            if not math.isfinite(loss):
+                self.status = "diverged"
+                yield {"epoch": float(self.epoch), "lr": lr, "diverged": 1.0}
+                return
+            if self.epoch in evals:
+                t0 = time.perf_counter()
+                metrics = self.evaluate()
+                self.seconds["measure"] += time.perf_counter() - t0
+                if not math.isfinite(metrics["train_loss"]):
+                    self.status = "diverged"
+                elif self.epoch == cfg.epochs:
+                    self.status = "converged" if metrics["train_acc"] == 1.0 else "not_converged"
+                yield {"epoch": float(self.epoch), "lr": lr, **metrics}
+
+    def train_epoch(self, lr: float) -> float:
+        """One pass over a fresh permutation; returns the mean batch loss (NaN if diverged)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        N, B = len(self.y), self.cfg.batch_size
+        perm = torch.randperm(N, generator=self.shuffle).to(self.device)
+        total = torch.zeros((), device=self.device)
+        steps = 0
+        for start in range(0, N, B):
+            idx = perm[start:start + B]
+            if len(idx) < 2:            # BatchNorm cannot train on a single sample
+                continue
+            loss = F.cross_entropy(self.model(self.X[idx]), self.y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach()
+            steps += 1
+        return (total / steps).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """All §5 measures on the full training set, BN in eval mode, one layer at a time."""
+        self.model.eval()
+        clf = self.model.classifier
+        return measure(self.model.hidden(self.X), self.y, clf.weight, clf.bias,
+                       num_classes=self.num_classes, depth=self.cfg.depth,
+                       epsilon=self.cfg.ncc_epsilon)
+
+
+def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum or Adam; weight decay is coupled L2 on every parameter."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def train(cfg: TrialConfig, data: Dataset | None = None) -> Iterator[dict[str, float]]:
+    """Shorthand: yield the evaluations of one fresh trial."""
+    yield from Trainer(cfg, data).run()
