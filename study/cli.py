@@ -13,12 +13,9 @@ import torch
 
 from .config import ConfigError, TrialConfig, parse_overrides
 from .data import DataError
+from .errors import UsageError
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad flag, file or value: one line, exit 2, nothing started."""
 
 
 def main(argv: list[str] | None = None) -> int:

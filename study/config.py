@@ -131,11 +131,12 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     def to_params(self) -> dict[str, str]:
-        """Flat string params for MLflow (milestones as a comma list)."""
+        """Flat string params for MLflow (milestones as a comma list); floats keep their
+        shortest exact repr, so `from_dict(to_params())` gives back the same config."""
         out = {}
         for key, value in self.to_dict().items():
             if isinstance(value, (tuple, list)):
-                value = ",".join(f"{v:.6g}" for v in value)
+                value = ",".join(repr(float(v)) for v in value)
             out[key] = str(value)
         return out
 

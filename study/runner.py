@@ -1,5 +1,270 @@
-"""Placeholder: the Ray Tune study runner (`nc-study run`)."""
+"""`nc-study run SPACE.yaml`: a study on Ray Tune, recorded in MLflow.
+
+Order of work: validate the file, the data, the tracking store and the Ray resources; create
+the MLflow experiment and parent run in the driver; then start (or resume) the Tuner with a
+callback that logs every report to MLflow. Nothing is started when a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import TrialConfig, parse_overrides
+from .data import load_dataset
+from .errors import UsageError
+from .spaces import SpaceError, Study, load_study
+from .tracking import KIND_TRIAL, TrackingError, check_uri, ensure_experiment, ensure_parent_run, \
+    find_runs, open_client, resolve_uri
+
+EXIT_FAILED_TRIALS = 1
+EXIT_INTERRUPTED = 130
 
 
 def add_run_parser(sub) -> None:
-    pass
+    p = sub.add_parser("run", help="run a study (search-space YAML) on Ray Tune, logged to MLflow",
+                       description="Run a study on Ray Tune and record it in MLflow. Running the same "
+                                   "command again resumes an interrupted study.")
+    p.add_argument("space", type=Path, help="search-space file, e.g. search_spaces/smoke.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a fixed trial field, e.g. --set epochs=5 (repeatable)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--storage-path", type=Path, default=None,
+                   help="where Ray keeps trial checkpoints and experiment state (default: ./ray_results)")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="override resources.cpu of the file")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="override resources.gpu of the file (fractions allowed, e.g. 0.25)")
+    p.add_argument("--max-concurrent-trials", type=int, default=0,
+                   help="cap on trials running at once (default: as many as the resources hold)")
+    p.add_argument("--dry-run", action="store_true", help="validate everything, list the trials, start nothing")
+    p.set_defaults(func=cmd_run)
+
+
+# ------------------------------------------------------------------------------ checks
+
+def prepare(args: argparse.Namespace) -> Study:
+    try:
+        study = load_study(args.space, parse_overrides(args.overrides))
+    except SpaceError as exc:
+        raise UsageError(str(exc)) from None
+    if args.cpus_per_trial is not None:
+        if args.cpus_per_trial <= 0:
+            raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+        study = _replace(study, cpu=args.cpus_per_trial)
+    if args.gpus_per_trial is not None:
+        if args.gpus_per_trial < 0:
+            raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+        study = _replace(study, gpu=args.gpus_per_trial)
+    if args.max_concurrent_trials < 0:
+        raise UsageError(f"--max-concurrent-trials must be >= 0, got {args.max_concurrent_trials}")
+    check_data(study)
+    return study
+
+
+def _replace(study: Study, **changes) -> Study:
+    return dataclasses.replace(study, **changes)
+
+
+DATA_KEYS = ("dataset", "data_path", "n_samples", "input_dim", "num_classes", "data_seed",
+             "teacher_depth", "teacher_width", "conic_kind")
+
+
+def check_data(study: Study) -> None:
+    """Load each distinct training set once in the driver: a missing or malformed file fails here."""
+    from .data import DataError
+    seen = set()
+    for cell in study.cells():
+        cfg = TrialConfig.from_dict({**study.fixed, **cell, **_search_corner(study)})
+        key = tuple(getattr(cfg, k) for k in DATA_KEYS)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_dataset(cfg)
+        except DataError as exc:
+            raise UsageError(f"{study.path}: {exc}") from None
+
+
+def _search_corner(study: Study) -> dict:
+    if not study.search:
+        return {}
+    return {k: args[0] for k, (dist, args) in study.search.space.items() if k in DATA_KEYS}
+
+
+def ray_address(args: argparse.Namespace) -> str | None:
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "", "local") else address
+
+
+def start_ray(address: str | None) -> None:
+    """Embedded local Ray by default; an explicit address joins that cluster (token auth)."""
+    import ray
+    if address is None:
+        os.environ.pop("RAY_ADDRESS", None)  # address="local" must not be overridden
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        return
+    has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                     or (Path.home() / ".ray" / "auth_token").is_file())
+    if not has_token:
+        raise UsageError(f"joining the Ray cluster at {address} needs its auth token: set RAY_AUTH_TOKEN "
+                         "(print it on the head node with `ray get-auth-token`) or RAY_AUTH_TOKEN_PATH")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+    except Exception as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}; "
+                         "check --address / RAY_ADDRESS and the token") from None
+
+
+def check_resources(study: Study) -> None:
+    """Refuse a per-trial request that no node of the cluster can hold (it would pend forever)."""
+    import ray
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = [r for r in nodes if r.get("CPU", 0) >= study.cpu and r.get("GPU", 0) >= study.gpu]
+    if fits:
+        return
+    total_gpu = sum(r.get("GPU", 0) for r in nodes)
+    if study.gpu > 0 and total_gpu == 0:
+        raise UsageError(f"{study.path}: resources.gpu={study.gpu:g} per trial but the Ray cluster has no GPU; "
+                         "set gpu: 0 (or --gpus-per-trial 0) or join a GPU cluster with --address")
+    best_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+    best_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+    raise UsageError(f"{study.path}: no Ray node holds one trial's resources (cpu={study.cpu:g}, gpu={study.gpu:g}); "
+                     f"the largest node has cpu={best_cpu:g}, gpu={best_gpu:g}: lower resources in the file "
+                     "or with --cpus-per-trial / --gpus-per-trial")
+
+
+# ------------------------------------------------------------------------------ Tune pieces
+
+def param_space(study: Study) -> dict:
+    from ray import tune
+    space: dict = dict(study.fixed)
+    if study.search is None:
+        space |= {k: tune.grid_search(v) for k, v in study.grid.items()}
+        return space
+    # OptunaSearch cannot take grid_search: grid axes become categorical dimensions.
+    space |= {k: tune.choice(v) for k, v in study.grid.items()}
+    make = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint,
+            "choice": lambda *values: tune.choice(list(values))}
+    space |= {k: make[dist](*args) for k, (dist, args) in study.search.space.items()}
+    return space
+
+
+# ------------------------------------------------------------------------------ the command
+
+def cmd_run(args: argparse.Namespace) -> int:
+    study = prepare(args)
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        check_uri(uri)
+    except TrackingError as exc:
+        raise UsageError(str(exc)) from None
+    storage = (args.storage_path or Path("ray_results")).expanduser().resolve()
+    if args.dry_run:
+        return dry_run(study, uri, storage)
+    address = ray_address(args)
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")       # resumable soon after a kill
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+    start_ray(address)
+    try:
+        check_resources(study)
+        client = open_client(uri)
+        try:
+            experiment_id = ensure_experiment(client, study.name, uri)
+            parent_id = ensure_parent_run(client, experiment_id, study)
+        except TrackingError as exc:
+            raise UsageError(str(exc)) from None
+        return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials)
+    finally:
+        ray.shutdown()
+
+
+def dry_run(study: Study, uri: str, storage: Path) -> int:
+    print(f"study {study.name}: {study.n_trials} trials, resources per trial cpu={study.cpu:g} gpu={study.gpu:g}")
+    print(f"  tracking {uri}; Ray storage {storage / study.name}")
+    if study.search:
+        print(f"  Optuna search on {study.search.metric} ({study.search.mode}), {study.search.num_samples} samples "
+              f"over {', '.join(list(study.search.space) + list(study.grid))}")
+    else:
+        for i, cell in enumerate(study.cells(), start=1):
+            print(f"  {i:>4}. " + (", ".join(f"{k}={v}" for k, v in cell.items()) or "fixed config"))
+    return 0
+
+
+def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage: Path,
+            max_concurrent: int) -> int:
+    from ray import tune
+    from .callback import MlflowTracker
+    from .trainable import run_trial
+
+    threads = max(1, int(study.cpu))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, checkpoint_every=study.checkpoint_every, threads=threads),
+        {"cpu": study.cpu, "gpu": study.gpu})
+    tracker = MlflowTracker(uri, experiment_id, parent_id, study)
+    exp_dir = storage / study.name
+    started = time.time()
+    resumed = tune.Tuner.can_restore(str(exp_dir))
+    if resumed:
+        fingerprint = (exp_dir / "nc_study_fingerprint").read_text().strip() \
+            if (exp_dir / "nc_study_fingerprint").is_file() else study.fingerprint()
+        if fingerprint != study.fingerprint():
+            raise UsageError(f"{exp_dir} holds an earlier run of a different definition of {study.name!r}; "
+                             f"rename the study in {study.path} or pass another --storage-path")
+        print(f"resuming study {study.name} from {exp_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        tuner._local_tuner.get_run_config().callbacks = [tracker]  # fresh tracker, not the pickled one
+    else:
+        search_alg = None
+        tune_kwargs = {}
+        if study.search:
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(metric=study.search.metric, mode=study.search.mode, seed=study.search.seed)
+            tune_kwargs = dict(metric=study.search.metric, mode=study.search.mode)
+        print(f"starting study {study.name}: {study.n_trials} trials "
+              f"(cpu={study.cpu:g}, gpu={study.gpu:g} per trial) -> {uri}", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(study),
+            tune_config=tune.TuneConfig(num_samples=study.search.num_samples if study.search else 1,
+                                        search_alg=search_alg, reuse_actors=True,
+                                        max_concurrent_trials=max_concurrent or None, **tune_kwargs),
+            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[tracker],
+                                      verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "nc_study_fingerprint").write_text(study.fingerprint() + "\n")
+    tuner.fit()
+    return summarize(study, uri, experiment_id, tracker, time.time() - started)
+
+
+def summarize(study: Study, uri: str, experiment_id: str, tracker, wall: float) -> int:
+    client = open_client(uri)
+    counts: dict[str, int] = {}
+    for run in find_runs(client, experiment_id, KIND_TRIAL):
+        status = run.data.tags.get("status", "running")
+        counts[status] = counts.get(status, 0) + 1
+    unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")]
+    finished = sum(counts.get(s, 0) for s in ("converged", "not_converged", "diverged", "error"))
+    from .callback import clock
+    print(f"\nstudy {study.name}: {counts.get('converged', 0)} converged, {counts.get('not_converged', 0)} not converged, "
+          f"{counts.get('diverged', 0)} diverged, {counts.get('error', 0)} failed "
+          f"of {study.n_trials} trials; wall time {clock(wall)}")
+    print(f"MLflow experiment {study.name!r} in {uri}")
+    print(f"browse it: mlflow ui --backend-store-uri {uri}")
+    if unfinished or finished < study.n_trials:
+        print(f"study {study.name} is not finished ({finished}/{study.n_trials} trials done); "
+              f"run the same command again to resume it", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED_TRIALS if counts.get("error", 0) else 0

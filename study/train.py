@@ -6,6 +6,7 @@ exactly as the uninterrupted one would).
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Iterator
@@ -47,8 +48,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpointing
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "shuffle": self.shuffle.get_state(), "epoch": self.epoch, "status": self.status}
+        """A snapshot: deep copies, so training on does not alter a checkpoint already taken
+        (state_dict() alone returns live references to the parameters and momenta)."""
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "shuffle": self.shuffle.get_state(), "epoch": self.epoch,
+                              "status": self.status})
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -1,0 +1,122 @@
+"""Ray Tune callback that mirrors a study's trials into MLflow, from the driver."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from .config import TrialConfig
+from .spaces import Study
+from .tracking import TrialRuns, open_client
+
+HEARTBEAT_S = 30.0
+
+
+def trial_key(config: dict) -> str:
+    """A trial's identity across resumes: a hash of its whole config."""
+    blob = json.dumps({k: config[k] for k in sorted(config)}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+class MlflowTracker(Callback):
+    """Ray Tune callback that mirrors every trial into one MLflow child run (see tracking.py).
+
+    Picklable (Ray stores it in tuner.pkl): the client and run maps are rebuilt on first use.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, parent_id: str, study: Study) -> None:
+        self.uri, self.experiment_id, self.parent_id = uri, experiment_id, parent_id
+        self.study_name, self.n_trials = study.name, study.n_trials
+        self.labels = list(study.grid) + (list(study.search.space) if study.search else [])
+        self._runs: TrialRuns | None = None
+        self.started = time.time()
+        self.last_beat = time.time()
+        self.last: dict[str, dict] = {}
+        self.trials: list = []
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_runs=None, trials=[], last={})
+        return state
+
+    @property
+    def runs(self) -> TrialRuns:
+        if self._runs is None:
+            self._runs = TrialRuns(open_client(self.uri), self.experiment_id, self.parent_id, self.study_name)
+        return self._runs
+
+    def _key(self, trial) -> str:
+        return trial_key(trial.config)
+
+    def _describe(self, trial) -> str:
+        return ", ".join(f"{k}={trial.config.get(k)}" for k in self.labels)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        params = TrialConfig.from_dict(trial.config).to_params()
+        self.runs.start(key, trial.trial_id, params, index=len(self.runs.run_ids) + 1)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = self._key(trial)
+        if key not in self.runs.run_ids:
+            self.on_trial_start(iteration, trials, trial)
+        self.runs.log(key, result)
+        self.last[key] = result
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        last = self.last.get(key) or trial.last_result or {}
+        status = last.get("status", "not_converged")
+        if status == "running":
+            status = "not_converged"
+        self.runs.finish(key, status, last)
+        self._done_line(trial, status, last)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        if key not in self.runs.run_ids:
+            self.on_trial_start(iteration, trials, trial)
+        self.runs.finish(key, "error", self.last.get(key), error=_error_text(trial))
+        self._done_line(trial, "error", {})
+
+    def on_step_end(self, iteration, trials, **info):
+        self.trials = trials
+        if time.time() - self.last_beat >= HEARTBEAT_S:
+            self.last_beat = time.time()
+            counts: dict[str, int] = {}
+            for t in trials:
+                counts[t.status] = counts.get(t.status, 0) + 1
+            running = [t for t in trials if t.status == "RUNNING"]
+            epochs = ", ".join(f"{int((t.last_result or {}).get('epoch', 0))}/{t.config.get('epochs', '?')}"
+                               for t in running[:4])
+            print(f"  … {clock(time.time() - self.started)}: "
+                  + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+                  + (f"; epochs of running trials: {epochs}" if epochs else ""), flush=True)
+
+    def _done_line(self, trial, status: str, last: dict) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in self.trials) + 1
+        score = last.get("nc_score")
+        acc = last.get("train_acc")
+        extra = (f" nc_score={score:+.3f}" if isinstance(score, float) else "") + \
+                (f" train_acc={acc:.4f}" if isinstance(acc, float) else "")
+        print(f"  [{min(done, self.n_trials):>3}/{self.n_trials}] {status:<13} {self._describe(trial)}{extra}"
+              f"  ({clock(time.time() - self.started)})", flush=True)
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and Path(path).is_file():
+            return Path(path).read_text()
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", "") or "trial raised an error")
+
+
+def clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,5 @@
+"""Errors a user can fix: each becomes one line on stderr and exit status 2."""
+
+
+class UsageError(Exception):
+    """A bad flag, file or value, caught before any work starts."""

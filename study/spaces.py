@@ -1,0 +1,253 @@
+"""Study definitions: a YAML search-space file, read with a safe loader and validated in full
+before Ray starts (unknown keys, bad values, empty grids, a key in both grid and search).
+
+    name: fig3_1                       # experiment name in MLflow, [A-Za-z0-9_-]
+    description: ...
+    trial: {dataset: teacher, depth: 6}    # fixed TrialConfig fields
+    grid: {bn: [affine, none], seed: [0, 1, 2]}   # full cartesian product
+    search:                            # optional Optuna search (grid keys become categorical)
+      algorithm: optuna
+      metric: nc_score
+      mode: max
+      num_samples: 40
+      space: {weight_decay: {loguniform: [1.0e-4, 1.0e-2]}}
+    resources: {cpu: 1, gpu: 0}        # per trial; gpu may be fractional
+    checkpoint_every: 3                # evaluations between trial checkpoints
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import FIELD_NAMES, ConfigError, TrialConfig
+
+TOP_KEYS = ("name", "description", "trial", "grid", "search", "resources", "checkpoint_every")
+SEARCH_KEYS = ("algorithm", "metric", "mode", "num_samples", "space", "seed")
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+ALGORITHMS = ("optuna",)
+
+
+class SpaceError(ValueError):
+    """A search-space file problem: names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Search:
+    metric: str
+    mode: str
+    num_samples: int
+    space: dict[str, tuple[str, list]]   # key -> (distribution, arguments)
+    algorithm: str = "optuna"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    description: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
+    search: Search | None = None
+    cpu: float = 1.0
+    gpu: float = 0.0
+    checkpoint_every: int = 3
+
+    @property
+    def n_cells(self) -> int:
+        n = 1
+        for values in self.grid.values():
+            n *= len(values)
+        return n
+
+    @property
+    def n_trials(self) -> int:
+        return self.search.num_samples if self.search else self.n_cells
+
+    def cells(self):
+        """Every grid cell as a dict of grid values (one empty cell without a grid)."""
+        keys = list(self.grid)
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            yield dict(zip(keys, combo))
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that decides which trials run (not resources)."""
+        search = None
+        if self.search:
+            search = [self.search.metric, self.search.mode, self.search.num_samples,
+                      sorted((k, v[0], v[1]) for k, v in self.search.space.items()), self.search.seed]
+        blob = json.dumps([self.name, sorted(self.fixed.items()), sorted(self.grid.items()), search],
+                          sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def load_study(path: str | Path, overrides: dict[str, str] | None = None) -> Study:
+    """Read and validate a study file; `overrides` (from --set) replace fixed fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"{path}: no such search-space file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise SpaceError(f"{path}: not valid YAML{line}; fix the syntax") from None
+    return parse_study(raw, path, overrides or {})
+
+
+def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
+    def fail(message: str) -> SpaceError:
+        return SpaceError(f"{path}: {message}")
+
+    if not isinstance(raw, dict):
+        raise fail("expected a mapping with keys name, trial, grid, ...")
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise fail(f"'name' must be a word of letters, digits, '_', '-' or '.', got {name!r}")
+    fixed = _mapping(raw.get("trial") or {}, "trial", fail)
+    grid = _mapping(raw.get("grid") or {}, "grid", fail)
+    for key in list(fixed) + list(grid):
+        if key not in FIELD_NAMES:
+            section = "trial" if key in fixed else "grid"
+            raise fail(f"{section}.{key}: not a trial config key; known keys: {', '.join(FIELD_NAMES)}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise fail(f"grid.{key}: must be a non-empty list of values, got {values!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise fail(f"grid.{key}: repeated values {values!r}; list each value once")
+        if key in fixed:
+            raise fail(f"{key!r} is both a fixed trial field and a grid axis; keep one")
+    for key, value in overrides.items():
+        if key not in FIELD_NAMES:
+            raise SpaceError(f"--set {key}: not a trial config key; known keys: {', '.join(FIELD_NAMES)}")
+        if key in grid:
+            raise SpaceError(f"--set {key}: {key!r} is a grid axis in {path}; edit the grid instead")
+    fixed = {**_resolve_paths(fixed, path.parent), **_resolve_paths(overrides, Path.cwd())}
+    grid = {k: [_resolve_path(v, path.parent) for v in vs] if k == "data_path" else vs
+            for k, vs in grid.items()}
+
+    search = _parse_search(raw.get("search"), grid, fixed, fail)
+    resources = _mapping(raw.get("resources") or {}, "resources", fail)
+    bad = [k for k in resources if k not in ("cpu", "gpu")]
+    if bad:
+        raise fail(f"resources.{bad[0]}: unknown; use cpu and gpu")
+    cpu, gpu = resources.get("cpu", 1), resources.get("gpu", 0)
+    if not _number(cpu) or cpu <= 0:
+        raise fail(f"resources.cpu must be a number > 0, got {cpu!r}")
+    if not _number(gpu) or gpu < 0:
+        raise fail(f"resources.gpu must be a number >= 0 (fractions allowed), got {gpu!r}")
+    every = raw.get("checkpoint_every", 3)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise fail(f"checkpoint_every must be a whole number >= 1, got {every!r}")
+    description = raw.get("description") or ""
+    study = Study(name=name, path=path, description=str(description).strip(), fixed=fixed,
+                  grid=grid, search=search, cpu=float(cpu), gpu=float(gpu), checkpoint_every=every)
+    _validate_trials(study, fail)
+    return study
+
+
+def _parse_search(raw: Any, grid: dict, fixed: dict, fail) -> Search | None:
+    if raw is None:
+        return None
+    raw = _mapping(raw, "search", fail)
+    unknown = [k for k in raw if k not in SEARCH_KEYS]
+    if unknown:
+        raise fail(f"search.{unknown[0]}: unknown key; allowed: {', '.join(SEARCH_KEYS)}")
+    algorithm = raw.get("algorithm", "optuna")
+    if algorithm not in ALGORITHMS:
+        raise fail(f"search.algorithm={algorithm!r} is not supported; use optuna")
+    metric, mode = raw.get("metric"), raw.get("mode", "max")
+    if not isinstance(metric, str) or not metric:
+        raise fail("search.metric: name the metric to optimise, e.g. nc_score")
+    if mode not in ("max", "min"):
+        raise fail(f"search.mode must be max or min, got {mode!r}")
+    num_samples = raw.get("num_samples")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise fail(f"search.num_samples must be a whole number >= 1, got {num_samples!r}")
+    space_raw = _mapping(raw.get("space") or {}, "search.space", fail)
+    if not space_raw:
+        raise fail("search.space is empty; give at least one key, e.g. weight_decay: {loguniform: [1.0e-4, 1.0e-2]}")
+    space = {}
+    for key, spec in space_raw.items():
+        where = f"search.space.{key}"
+        if key not in FIELD_NAMES:
+            raise fail(f"{where}: not a trial config key; known keys: {', '.join(FIELD_NAMES)}")
+        if key in grid:
+            raise fail(f"{key!r} is in both grid and search.space; keep it in one of them")
+        if key in fixed:
+            raise fail(f"{key!r} is both a fixed trial field and in search.space; keep one")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise fail(f"{where}: expected one of {{{'|'.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+        (dist, args), = spec.items()
+        if dist not in DISTRIBUTIONS:
+            raise fail(f"{where}: unknown distribution {dist!r}; use one of {', '.join(DISTRIBUTIONS)}")
+        if not isinstance(args, list) or not args:
+            raise fail(f"{where}.{dist}: expected a list, got {args!r}")
+        if dist != "choice":
+            if len(args) != 2 or not all(_number(a) for a in args) or not args[0] < args[1]:
+                raise fail(f"{where}.{dist}: expected [low, high] with low < high, got {args!r}")
+            if dist == "loguniform" and args[0] <= 0:
+                raise fail(f"{where}.loguniform: bounds must be > 0, got {args!r}")
+            if dist == "randint" and not all(isinstance(a, int) for a in args):
+                raise fail(f"{where}.randint: bounds must be whole numbers, got {args!r}")
+        space[key] = (dist, list(args))
+    seed = raw.get("seed", 0)
+    return Search(metric=metric, mode=mode, num_samples=num_samples, space=space,
+                  algorithm=algorithm, seed=int(seed))
+
+
+def _validate_trials(study: Study, fail) -> None:
+    """Build the config of every grid cell (and the search's corner values) so that a bad
+    value fails now, naming its key, rather than inside a trial."""
+    corners = [{}]
+    if study.search:
+        lows = {k: args[0] for k, (dist, args) in study.search.space.items()}
+        highs = {k: args[-1] if dist != "randint" else args[1] - 1
+                 for k, (dist, args) in study.search.space.items()}
+        corners = [lows, highs]
+    for cell in study.cells():
+        for corner in corners:
+            values = {**study.fixed, **cell, **corner}
+            try:
+                TrialConfig.from_dict(values)
+            except ConfigError as exc:
+                raise fail(f"{exc} (in trial {_describe(cell, corner)}); fix the value") from None
+
+
+def _describe(cell: dict, corner: dict) -> str:
+    items = {**cell, **corner}
+    return ", ".join(f"{k}={v}" for k, v in items.items()) or "fixed fields"
+
+
+def _resolve_paths(values: dict, base: Path) -> dict:
+    """data_path in a study file is relative to the file; from --set, to the working folder.
+    Made absolute because Ray runs each trial in a folder of its own."""
+    if "data_path" in values:
+        return {**values, "data_path": _resolve_path(values["data_path"], base)}
+    return values
+
+
+def _resolve_path(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value:
+        return str((base / Path(value).expanduser()).resolve())
+    return value
+
+
+def _mapping(value: Any, where: str, fail) -> dict:
+    if not isinstance(value, dict):
+        raise fail(f"{where}: expected a mapping of key: value, got {type(value).__name__}")
+    return dict(value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,225 @@
+"""MLflow side of a study (layout in docs/mlflow_layout.md).
+
+The driver opens the store and creates the experiment and the parent run before any trial
+starts (concurrent first creation of a SQLite store corrupts it); trials never talk to MLflow.
+Each Ray trial maps to one child run, found again after a resume by its `trial_key` tag, and
+each report is one `log_batch` call; steps already logged are skipped, so a trial replayed
+from its last checkpoint leaves one value per (metric, step).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+KIND_STUDY, KIND_TRIAL = "study", "trial"
+STATUSES = ("running", "converged", "not_converged", "diverged", "error")
+MAX_TAG = 5000
+# keys Ray adds to every result; they are not measurements
+RAY_KEYS = frozenset(("timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid",
+                      "time_since_restore", "iterations_since_restore", "done", "trial_id", "date",
+                      "hostname", "node_ip", "config", "checkpoint_dir_name", "experiment_tag",
+                      "should_checkpoint"))
+
+
+class TrackingError(RuntimeError):
+    """A tracking URI that cannot be reached or opened."""
+
+
+def resolve_uri(uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder
+    (made absolute, so trials and `mlflow ui` run from here agree)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).expanduser()
+        return "sqlite:///" + str(path.resolve())
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_uri(uri: str, must_exist: bool = False) -> None:
+    """Refuse, before any work, a store that cannot be opened or a server that does not answer."""
+    scheme = urlparse(uri).scheme
+    db = sqlite_path(uri)
+    if db is not None:
+        if must_exist and not db.is_file():
+            raise TrackingError(f"tracking store {db} does not exist; pass the --tracking-uri the study used")
+        if not db.parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: folder {db.parent} does not exist; create it or pick another path")
+        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            raise TrackingError(f"tracking store {db} is not readable and writable")
+        return
+    if scheme in ("http", "https"):
+        _ping_server(uri)
+        return
+    if scheme in ("", "file"):
+        raise TrackingError(f"tracking URI {uri!r}: MLflow 3 has no file store; use sqlite:///path/mlflow.db "
+                            "or http://host:port of an `mlflow server`")
+    try:  # other database URIs (postgresql://, mysql://): let MLflow try once
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingError(f"tracking URI {uri} cannot be opened: {str(exc).splitlines()[0]}") from None
+
+
+def _ping_server(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"tracking server {uri} does not answer ({reason}); start it with "
+                            f"`mlflow server --host 127.0.0.1 --port PORT` or fix --tracking-uri") from None
+
+
+def open_client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """The study's experiment id; created beside a SQLite store's file (artifacts in
+    `mlartifacts/` next to it) so `mlflow ui` in that folder finds everything."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {name!r} is deleted in {uri}; restore it in the MLflow UI "
+                                "or rename the study")
+        return experiment.experiment_id
+    db = sqlite_path(uri)
+    location = (db.parent / "mlartifacts" / name).as_uri() if db else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_runs(client: MlflowClient, experiment_id: str, kind: str, extra: str = "") -> list:
+    query = f"tags.`nc_study.kind` = '{kind}'" + (f" and {extra}" if extra else "")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
+    """The study's parent run (one per study, reused when the study resumes)."""
+    existing = find_runs(client, experiment_id, KIND_STUDY)
+    if existing:
+        run = existing[0]
+        recorded = run.data.tags.get("nc_study.fingerprint")
+        if recorded and recorded != study.fingerprint():
+            raise TrackingError(
+                f"experiment {study.name!r} already holds a study with a different definition "
+                f"(fingerprint {recorded}, now {study.fingerprint()}); give the changed study a new "
+                f"name: in {study.path} (recorded runs are left as they are)")
+        return run.info.run_id
+    run = client.create_run(experiment_id, run_name=study.name, tags={
+        "study": study.name, "nc_study.kind": KIND_STUDY, "nc_study.fingerprint": study.fingerprint(),
+        "mlflow.note.content": study.description})
+    params = {f"trial.{k}": str(v) for k, v in study.fixed.items()}
+    params |= {f"grid.{k}": ",".join(map(str, v)) for k, v in study.grid.items()}
+    if study.search:
+        params |= {f"search.{k}": f"{d}{a}" for k, (d, a) in study.search.space.items()}
+        params |= {"search.metric": study.search.metric, "search.mode": study.search.mode,
+                   "search.num_samples": str(study.search.num_samples)}
+    params |= {"resources.cpu": str(study.cpu), "resources.gpu": str(study.gpu)}
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    client.log_artifact(run.info.run_id, str(study.path))
+    return run.info.run_id
+
+
+class TrialRuns:
+    """Child runs of one study: create or find, log reports, close with a status."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study_name: str) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_id = parent_id
+        self.study_name = study_name
+        self.run_ids: dict[str, str] = {}      # trial_key -> run id
+        self.last_step: dict[str, int] = {}    # run id -> last epoch logged
+        for run in find_runs(client, experiment_id, KIND_TRIAL):
+            key = run.data.tags.get("trial_key")
+            if key:
+                self.run_ids[key] = run.info.run_id
+                self.last_step[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
+        self.finished = {key for key in self.run_ids if self._status(key) not in ("running", None)}
+
+    def _status(self, key: str) -> str | None:
+        return self.client.get_run(self.run_ids[key]).data.tags.get("status")
+
+    def start(self, key: str, trial_id: str, params: dict[str, str], index: int) -> str:
+        """The run of trial `key`: the existing one (resume) or a new child of the parent."""
+        run_id = self.run_ids.get(key)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"{self.study_name}_{index:04d}", tags={
+                "mlflow.parentRunId": self.parent_id, "study": self.study_name,
+                "nc_study.kind": KIND_TRIAL, "trial_key": key, "trial_id": trial_id, "status": "running"})
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            self.run_ids[key], self.last_step[run_id] = run_id, 0
+        else:
+            self.client.log_batch(run_id, tags=[RunTag("trial_id", trial_id), RunTag("status", "running")])
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def log(self, key: str, result: dict) -> bool:
+        """One batched call per report; a step already logged (a replay after resume) is skipped."""
+        run_id = self.run_ids[key]
+        step = int(result.get("epoch", 0))
+        if step <= self.last_step.get(run_id, 0):
+            return False
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self.client.log_batch(run_id, metrics=metrics)
+        self.last_step[run_id] = step
+        return True
+
+    def finish(self, key: str, status: str, last: dict | None, error: str = "") -> None:
+        run_id = self.run_ids[key]
+        tags = [RunTag("status", status)]
+        if error:
+            tags.append(RunTag("error", error[-MAX_TAG:]))
+        self.client.log_batch(run_id, tags=tags)
+        if last:
+            table = layer_table(last)
+            if table:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "layers.csv"
+                    path.write_text(table)
+                    self.client.log_artifact(run_id, str(path))
+        state = RunStatus.to_string(RunStatus.FAILED if status == "error" else RunStatus.FINISHED)
+        self.client.set_terminated(run_id, status=state)
+
+
+def layer_table(result: dict) -> str:
+    """CSV of the per-layer measures of one report: one row per hidden block."""
+    rows: dict[int, dict] = {}
+    for key, value in result.items():
+        if key.startswith("layer") and "/" in key:
+            block, name = key.split("/", 1)
+            rows.setdefault(int(block[5:]), {})[name] = value
+    if not rows:
+        return ""
+    names = list(next(iter(rows.values())))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["layer"] + names)
+    for layer in sorted(rows):
+        writer.writerow([layer] + [rows[layer].get(n, "") for n in names])
+    return out.getvalue()

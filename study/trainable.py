@@ -1,0 +1,40 @@
+"""The Ray Tune trainable: a thin function around `study.train.Trainer`.
+
+It builds the trial from its config, resumes from the last checkpoint if Ray hands one over,
+and `tune.report`s the SCIENCE.md §5 metrics at each evaluation, with a checkpoint every
+`checkpoint_every` evaluations. Data are generated (or read) inside the trial from the config:
+they are a cheap, deterministic function of it, cached per worker process.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from .config import TrialConfig
+from .train import Trainer
+
+STATE_FILE = "trainer.pt"
+
+
+def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1) -> None:
+    torch.set_num_threads(max(1, threads))
+    trainer = Trainer(TrialConfig.from_dict(config))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state(torch.load(Path(folder) / STATE_FILE, weights_only=False))
+    evaluations = 0
+    for metrics in trainer.run():
+        evaluations += 1
+        metrics["status"] = trainer.status
+        metrics["time_train_s"] = trainer.seconds["train"]
+        metrics["time_measure_s"] = trainer.seconds["measure"]
+        if trainer.status == "running" and evaluations % checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(trainer.state(), Path(folder) / STATE_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)

@@ -1,0 +1,205 @@
+"""`nc-study run` against real components: a local Ray and a SQLite MLflow store in a temp
+folder (and, in test_cluster.py, a `ray start` head plus an `mlflow server` on 127.0.0.1)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from study.config import FIELD_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+
+
+def nc_study(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def trial_runs(uri: str, name: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    return [r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags.get("nc_study.kind") == "trial"]
+
+
+def histories(uri: str, run_id: str, key: str) -> list[int]:
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """The shipped smoke study, run once for this module through the real CLI."""
+    folder = tmp_path_factory.mktemp("smoke")
+    done = nc_study("run", str(SMOKE), cwd=folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return folder, f"sqlite:///{folder}/mlflow.db", done
+
+
+def test_smoke_study_records_every_trial(smoke_study):
+    folder, uri, done = smoke_study
+    assert "study smoke: 3 converged, 3 not converged, 0 diverged, 0 failed of 6 trials" in done.stdout
+    assert f"mlflow ui --backend-store-uri {uri}" in done.stdout
+    runs = trial_runs(uri, "smoke")
+    assert len(runs) == 6
+    client = MlflowClient(uri)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["nc_study.kind"] == "study"
+    for run in runs:
+        assert set(FIELD_NAMES) <= set(run.data.params), set(FIELD_NAMES) - set(run.data.params)
+        assert run.data.params["epochs"] == "60" and run.data.params["depth"] == "4"
+        status = run.data.tags["status"]
+        assert status == ("converged" if run.data.metrics["train_acc"] == 1.0 else "not_converged")
+        assert status == ("converged" if run.data.params["bn"] == "affine" else "not_converged")
+        for key in ("nc_score", "layer01/intra_min", "layer03/ncc_acc", "loss_gap", "effective_depth"):
+            assert histories(uri, run.info.run_id, key) == [10, 20, 30, 40, 50, 60], key
+        gaps = [m.value for m in client.get_metric_history(run.info.run_id, "loss_gap")]
+        assert min(gaps) >= 0
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
+        assert run.info.status == "FINISHED"
+
+
+def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
+    folder, uri, _ = smoke_study
+    again = nc_study("run", str(SMOKE), cwd=folder)
+    assert again.returncode == 0, again.stderr
+    assert "resuming study smoke" in again.stdout
+    runs = trial_runs(uri, "smoke")
+    assert len(runs) == 6
+    assert all(histories(uri, r.info.run_id, "nc_score") == [10, 20, 30, 40, 50, 60] for r in runs)
+
+
+def test_sigkill_of_the_driver_then_resume(tmp_path):
+    """Kill the driver mid-study with SIGKILL; the same command resumes it: no trial lost,
+    none run twice, one MLflow run per trial with one value per epoch."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-m", "study", "run", str(SMOKE), "--set", "epochs=400", "--set", "eval_every=20"]
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "[  1/6]" not in (tmp_path / "first.log").read_text():
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        time.sleep(2)  # let the running trials report a few epochs, then kill hard
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        time.sleep(1)
+        _kill_session(driver.pid)  # Ray's own processes orphaned by the kill
+    before = trial_runs(uri, "smoke")
+    assert 1 <= sum(r.data.tags["status"] != "running" for r in before) < 6
+
+    again = nc_study("run", str(SMOKE), "--set", "epochs=400", "--set", "eval_every=20", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming study smoke" in again.stdout
+    runs = trial_runs(uri, "smoke")
+    assert len(runs) == 6
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in runs}
+    for run in runs:
+        assert run.data.tags["status"] in ("converged", "not_converged")
+        assert histories(uri, run.info.run_id, "nc_score") == list(range(20, 401, 20))
+
+
+def _kill_session(sid: int) -> None:
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            if os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ------------------------------------------------------------------------------ refused input
+
+BAD_FILES = {
+    "unknown top-level key": ("name: x\ntrial: {}\ngrid: {seed: [0]}\nbudget: 3\n", "unknown key 'budget'"),
+    "key the trial config lacks": ("name: x\ngrid: {dropout: [0.1]}\n", "grid.dropout: not a trial config key"),
+    "bad value": ("name: x\ntrial: {weight_decay: -0.1}\n", "weight_decay must be a number >= 0"),
+    "bad grid value": ("name: x\ngrid: {bn: [affine, batchnorm]}\n", "bn='batchnorm' is not one of"),
+    "empty grid": ("name: x\ngrid: {seed: []}\n", "grid.seed: must be a non-empty list"),
+    "grid and search": ("name: x\ngrid: {weight_decay: [0.001]}\nsearch: {metric: nc_score, num_samples: 2, "
+                        "space: {weight_decay: {loguniform: [1.0e-4, 1.0e-2]}}}\n",
+                        "'weight_decay' is in both grid and search.space"),
+    "unknown distribution": ("name: x\nsearch: {metric: nc_score, num_samples: 2, space: {lr: {gauss: [0, 1]}}}\n",
+                             "unknown distribution 'gauss'"),
+    "negative gpu": ("name: x\nresources: {cpu: 1, gpu: -1}\n", "resources.gpu must be a number >= 0"),
+    "missing data file": ("name: x\ntrial: {dataset: npz, data_path: nowhere.npz}\n", "no such data file"),
+    "not yaml": ("name: [x\n", "not valid YAML"),
+    "python tag": ("name: !!python/object/apply:os.system ['echo hacked']\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_search_space_is_refused_before_anything_starts(tmp_path, case):
+    text, message = BAD_FILES[case]
+    space = tmp_path / "bad.yaml"
+    space.write_text(text)
+    done = nc_study("run", str(space), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "bad.yaml" in lines[0], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no store, no Ray folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set", "epochs=0"], "epochs must be >= 1"),
+    (["--set", "nosuchkey=1"], "--set nosuchkey: not a trial config key"),
+    (["--set", "bn=none"], "--set bn: 'bn' is a grid axis"),
+    (["--gpus-per-trial", "1"], "the Ray cluster has no GPU"),
+    (["--cpus-per-trial", "64"], "no Ray node holds one trial's resources"),
+    (["--tracking-uri", "file:///tmp/mlruns"], "MLflow 3 has no file store"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
+    (["--tracking-uri", "sqlite:////no/such/folder/mlflow.db"], "folder /no/such/folder does not exist"),
+])
+def test_bad_flags_are_refused(tmp_path, flags, message):
+    done = nc_study("run", str(SMOKE), *flags, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_changed_definition_under_the_same_name_is_refused(smoke_study):
+    folder, uri, _ = smoke_study
+    done = nc_study("run", str(SMOKE), "--set", "epochs=61", cwd=folder)
+    assert done.returncode == 2
+    assert "different definition" in done.stderr
+    assert len(trial_runs(uri, "smoke")) == 6
+
+
+# ------------------------------------------------------------------------------ Optuna
+
+def test_optuna_search_samples_the_space(tmp_path):
+    space = tmp_path / "opt.yaml"
+    space.write_text(textwrap.dedent("""
+        name: opt
+        trial: {n_samples: 400, depth: 3, width: 32, epochs: 6, eval_every: 3}
+        grid: {bn: [affine, none]}
+        search:
+          algorithm: optuna
+          metric: nc_score
+          mode: max
+          num_samples: 4
+          space: {weight_decay: {loguniform: [1.0e-4, 1.0e-2]}, lr: {uniform: [0.01, 0.1]}}
+    """))
+    done = nc_study("run", str(space), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = trial_runs(f"sqlite:///{tmp_path}/mlflow.db", "opt")
+    assert len(runs) == 4
+    wds = [float(r.data.params["weight_decay"]) for r in runs]
+    lrs = [float(r.data.params["lr"]) for r in runs]
+    assert all(1e-4 <= w <= 1e-2 for w in wds) and len(set(wds)) == 4
+    assert all(0.01 <= v <= 0.1 for v in lrs)
+    assert {r.data.params["bn"] for r in runs} <= {"affine", "none"}
+    assert all(histories(f"sqlite:///{tmp_path}/mlflow.db", r.info.run_id, "nc_score") == [3, 6] for r in runs)
