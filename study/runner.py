@@ -18,7 +18,7 @@ from .data import load_dataset
 from .errors import UsageError
 from .spaces import SpaceError, Study, load_study
 from .tracking import KIND_TRIAL, TrackingError, check_uri, ensure_experiment, ensure_parent_run, \
-    find_runs, open_client, resolve_uri
+    browse_hint, find_runs, open_client, resolve_uri
 
 EXIT_FAILED_TRIALS = 1
 EXIT_INTERRUPTED = 130
@@ -102,19 +102,28 @@ def ray_address(args: argparse.Namespace) -> str | None:
     return None if address in (None, "", "local") else address
 
 
-def start_ray(address: str | None) -> None:
-    """Embedded local Ray by default; an explicit address joins that cluster (token auth)."""
-    import ray
+def prepare_ray_env(address: str | None) -> None:
+    """Token auth for an explicit cluster. Ray reads RAY_AUTH_MODE when it is imported, so
+    this runs before the first `import ray`."""
     if address is None:
         os.environ.pop("RAY_ADDRESS", None)  # address="local" must not be overridden
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         return
     has_token = bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                      or (Path.home() / ".ray" / "auth_token").is_file())
     if not has_token:
         raise UsageError(f"joining the Ray cluster at {address} needs its auth token: set RAY_AUTH_TOKEN "
                          "(print it on the head node with `ray get-auth-token`) or RAY_AUTH_TOKEN_PATH")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def start_ray(address: str | None) -> None:
+    """Embedded local Ray by default (a bare ray.init() would join any cluster running
+    here); an explicit address joins that cluster."""
+    import ray
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+        return
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=True)
     except Exception as exc:
@@ -173,6 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")       # resumable soon after a kill
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    prepare_ray_env(address)
     import ray
     start_ray(address)
     try:
@@ -262,7 +272,7 @@ def summarize(study: Study, uri: str, experiment_id: str, tracker, wall: float) 
           f"{counts.get('diverged', 0)} diverged, {counts.get('error', 0)} failed "
           f"of {study.n_trials} trials; wall time {clock(wall)}")
     print(f"MLflow experiment {study.name!r} in {uri}")
-    print(f"browse it: mlflow ui --backend-store-uri {uri}")
+    print(f"browse it: {browse_hint(uri)}")
     if unfinished or finished < study.n_trials:
         print(f"study {study.name} is not finished ({finished}/{study.n_trials} trials done); "
               f"run the same command again to resume it", file=sys.stderr)

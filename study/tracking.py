@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+# the client prints two links per run on a server store; the summary gives the one link
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -84,6 +87,13 @@ def _ping_server(uri: str) -> None:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(f"tracking server {uri} does not answer ({reason}); start it with "
                             f"`mlflow server --host 127.0.0.1 --port PORT` or fix --tracking-uri") from None
+
+
+def browse_hint(uri: str) -> str:
+    """How to look at the store: `mlflow ui` for a database, the address for a server."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def open_client(uri: str) -> MlflowClient:

@@ -7,6 +7,7 @@ they are a cheap, deterministic function of it, cached per worker process.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ STATE_FILE = "trainer.pt"
 
 
 def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1) -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     torch.set_num_threads(max(1, threads))
     trainer = Trainer(TrialConfig.from_dict(config))
     checkpoint = tune.get_checkpoint()

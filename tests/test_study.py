@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from study.cli import main as cli_main
 from study.config import FIELD_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,14 +143,14 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_search_space_is_refused_before_anything_starts(tmp_path, case):
+def test_bad_search_space_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys, case):
     text, message = BAD_FILES[case]
     space = tmp_path / "bad.yaml"
     space.write_text(text)
-    done = nc_study("run", str(space), cwd=tmp_path, timeout=60)
-    assert done.returncode == 2, done.stdout + done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "bad.yaml" in lines[0], done.stderr
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(space)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "bad.yaml" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no store, no Ray folder
 
 
@@ -157,17 +158,28 @@ def test_bad_search_space_is_refused_before_anything_starts(tmp_path, case):
     (["--set", "epochs=0"], "epochs must be >= 1"),
     (["--set", "nosuchkey=1"], "--set nosuchkey: not a trial config key"),
     (["--set", "bn=none"], "--set bn: 'bn' is a grid axis"),
-    (["--gpus-per-trial", "1"], "the Ray cluster has no GPU"),
-    (["--cpus-per-trial", "64"], "no Ray node holds one trial's resources"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
     (["--tracking-uri", "file:///tmp/mlruns"], "MLflow 3 has no file store"),
     (["--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
     (["--tracking-uri", "sqlite:////no/such/folder/mlflow.db"], "folder /no/such/folder does not exist"),
 ])
-def test_bad_flags_are_refused(tmp_path, flags, message):
+def test_bad_flags_are_refused(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(SMOKE), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus-per-trial", "1"], "the Ray cluster has no GPU"),
+    (["--cpus-per-trial", "64"], "no Ray node holds one trial's resources"),
+])
+def test_impossible_resources_are_refused_by_the_real_ray(tmp_path, flags, message):
     done = nc_study("run", str(SMOKE), *flags, cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr.strip().splitlines()[-1], done.stderr
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_changed_definition_under_the_same_name_is_refused(smoke_study):

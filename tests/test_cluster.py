@@ -1,0 +1,96 @@
+"""The cluster path for real: `ray start --head` with token auth and an `mlflow server`, both
+on 127.0.0.1, and the smoke study run against them with --address and --tracking-uri."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from test_study import SMOKE, histories, nc_study, trial_runs, _kill_session
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not come up in {timeout:.0f} s")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A token-protected Ray head and an MLflow server, each in a session of its own."""
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_port, mlflow_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
+         "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+        env=env, stdout=(tmp_path / "ray.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=(tmp_path / "mlflow.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        wait_for(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server")
+        wait_for(lambda: "Ray runtime started" in (tmp_path / "ray.log").read_text(), "ray head")
+        yield {"address": f"127.0.0.1:{ray_port}", "uri": uri, "token": token, "folder": tmp_path}
+    finally:
+        for proc in (head, server):
+            proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        for proc in (head, server):
+            _kill_session(proc.pid)
+
+
+def test_smoke_study_on_a_ray_cluster_with_an_mlflow_server(cluster):
+    folder, uri = cluster["folder"], cluster["uri"]
+    work = folder / "work"
+    work.mkdir()
+
+    # without the cluster's token the study is refused up front, nothing recorded
+    no_token = nc_study("run", str(SMOKE), "--address", cluster["address"], "--tracking-uri", uri, cwd=work,
+                        env={"HOME": str(work), "RAY_AUTH_TOKEN": "", "RAY_AUTH_MODE": ""})
+    assert no_token.returncode == 2, no_token.stdout + no_token.stderr
+    assert "needs its auth token" in no_token.stderr
+    assert MlflowClient(uri).get_experiment_by_name("smoke") is None
+
+    # a GPU request on this GPU-less cluster is refused, not left pending
+    gpu = nc_study("run", str(SMOKE), "--address", cluster["address"], "--tracking-uri", uri,
+                   "--gpus-per-trial", "0.5", cwd=work, env={"RAY_AUTH_TOKEN": cluster["token"]})
+    assert gpu.returncode == 2 and "has no GPU" in gpu.stderr, gpu.stdout + gpu.stderr
+
+    done = nc_study("run", str(SMOKE), "--address", cluster["address"], "--tracking-uri", uri, cwd=work,
+                    env={"RAY_AUTH_TOKEN": cluster["token"]})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"open {uri} in a browser" in done.stdout
+    runs = trial_runs(uri, "smoke")
+    assert len(runs) == 6
+    client = MlflowClient(uri)
+    for run in runs:
+        assert histories(uri, run.info.run_id, "nc_score") == [10, 20, 30, 40, 50, 60]
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
+    assert not (work / "mlflow.db").exists()  # everything went to the server
