@@ -215,3 +215,17 @@ def test_optuna_search_samples_the_space(tmp_path):
     assert all(0.01 <= v <= 0.1 for v in lrs)
     assert {r.data.params["bn"] for r in runs} <= {"affine", "none"}
     assert all(histories(f"sqlite:///{tmp_path}/mlflow.db", r.info.run_id, "nc_score") == [3, 6] for r in runs)
+
+
+@pytest.mark.parametrize("space", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_validates(tmp_path, monkeypatch, capsys, space):
+    """Each file under search_spaces/ passes full validation (data files included) and says
+    in its header what it reproduces, how to run it, how long it takes and what to expect."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(space), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"study {space.stem}: ")
+    header = space.read_text().split("\nname:")[0]
+    for word in ("Reproduces:", "Run:", "Time:", "Expect:"):
+        assert word in header, f"{space.name} header lacks {word}"
+    assert list(tmp_path.iterdir()) == []
