@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return dry_run(study, uri, storage)
     address = ray_address(args)
 
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")       # resumable soon after a kill
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "5"  # see trainable.MIN_CHECKPOINT_S
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     prepare_ray_env(address)
@@ -250,7 +250,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
                                         search_alg=search_alg, reuse_actors=True,
                                         max_concurrent_trials=max_concurrent or None, **tune_kwargs),
             run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[tracker],
-                                      verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -261,11 +261,15 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
 
 def summarize(study: Study, uri: str, experiment_id: str, tracker, wall: float) -> int:
     client = open_client(uri)
+    unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")]
     counts: dict[str, int] = {}
     for run in find_runs(client, experiment_id, KIND_TRIAL):
         status = run.data.tags.get("status", "running")
+        if status == "running":  # stopped mid-way: shown as killed in the UI until resumed
+            status = "interrupted"
+            client.set_tag(run.info.run_id, "status", status)
+            client.set_terminated(run.info.run_id, status="KILLED")
         counts[status] = counts.get(status, 0) + 1
-    unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")]
     finished = sum(counts.get(s, 0) for s in ("converged", "not_converged", "diverged", "error"))
     from .callback import clock
     print(f"\nstudy {study.name}: {counts.get('converged', 0)} converged, {counts.get('not_converged', 0)} not converged, "

@@ -167,10 +167,6 @@ class TrialRuns:
             if key:
                 self.run_ids[key] = run.info.run_id
                 self.last_step[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
-        self.finished = {key for key in self.run_ids if self._status(key) not in ("running", None)}
-
-    def _status(self, key: str) -> str | None:
-        return self.client.get_run(self.run_ids[key]).data.tags.get("status")
 
     def start(self, key: str, trial_id: str, params: dict[str, str], index: int) -> str:
         """The run of trial `key`: the existing one (resume) or a new child of the parent."""

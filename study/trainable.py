@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,11 @@ from .config import TrialConfig
 from .train import Trainer
 
 STATE_FILE = "trainer.pt"
+# Ray saves the experiment state (which names each trial's latest checkpoint) every
+# TUNE_GLOBAL_CHECKPOINT_S = 5 s and keeps 2 checkpoints per trial (runner.py). Spacing
+# checkpoints >= 10 s apart means the saved state never names a checkpoint already deleted,
+# so a driver killed at any moment resumes.
+MIN_CHECKPOINT_S = 10.0
 
 
 def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1) -> None:
@@ -28,15 +34,17 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1) -> None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state(torch.load(Path(folder) / STATE_FILE, weights_only=False))
-    evaluations = 0
+    since, saved_at = 0, time.monotonic()
     for metrics in trainer.run():
-        evaluations += 1
+        since += 1
         metrics["status"] = trainer.status
         metrics["time_train_s"] = trainer.seconds["train"]
         metrics["time_measure_s"] = trainer.seconds["measure"]
-        if trainer.status == "running" and evaluations % checkpoint_every == 0:
+        due = since >= checkpoint_every and time.monotonic() - saved_at >= MIN_CHECKPOINT_S
+        if trainer.status == "running" and due:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state(), Path(folder) / STATE_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            since, saved_at = 0, time.monotonic()
         else:
             tune.report(metrics)

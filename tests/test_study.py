@@ -80,36 +80,55 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
     assert all(histories(uri, r.info.run_id, "nc_score") == [10, 20, 30, 40, 50, 60] for r in runs)
 
 
-def test_sigkill_of_the_driver_then_resume(tmp_path):
-    """Kill the driver mid-study with SIGKILL; the same command resumes it: no trial lost,
-    none run twice, one MLflow run per trial with one value per epoch."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [sys.executable, "-m", "study", "run", str(SMOKE), "--set", "epochs=400", "--set", "eval_every=20"]
-    log = (tmp_path / "first.log").open("w")
-    driver = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_name: str) -> int:
+    """Start the study, wait until one trial has finished, send `sig` to the driver alone."""
+    log_path = tmp_path / log_name
+    driver = subprocess.Popen(args, cwd=tmp_path, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
         deadline = time.time() + 240
-        while "[  1/6]" not in (tmp_path / "first.log").read_text():
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()
+        while "/6] " not in log_path.read_text():
+            assert driver.poll() is None, log_path.read_text()
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(0.5)
-        time.sleep(2)  # let the running trials report a few epochs, then kill hard
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        time.sleep(2)  # let the running trials report a few epochs
+        driver.send_signal(sig)
+        return driver.wait(timeout=120)
     finally:
         time.sleep(1)
-        _kill_session(driver.pid)  # Ray's own processes orphaned by the kill
-    before = trial_runs(uri, "smoke")
-    assert 1 <= sum(r.data.tags["status"] != "running" for r in before) < 6
+        _kill_session(driver.pid)  # Ray processes orphaned by a SIGKILL
 
-    again = nc_study("run", str(SMOKE), "--set", "epochs=400", "--set", "eval_every=20", cwd=tmp_path)
+
+def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path):
+    """Ctrl-C, then SIGKILL of the driver, each mid-study; the same command resumes: no trial
+    lost, none run twice, one MLflow run per trial with one value per epoch."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    flags = ["--set", "epochs=400", "--set", "eval_every=20", "--set", "n_samples=3000"]  # ~25 s a trial
+    args = [sys.executable, "-m", "study", "run", str(SMOKE), *flags]
+
+    assert interrupt_after_first_trial(tmp_path, args, signal.SIGINT, "ctrl-c.log") == 130
+    log = (tmp_path / "ctrl-c.log").read_text()
+    assert "run the same command again to resume it" in log
+    stopped = trial_runs(uri, "smoke")
+    assert "interrupted" in {r.data.tags["status"] for r in stopped}
+    assert all(r.info.status == "KILLED" for r in stopped if r.data.tags["status"] == "interrupted")
+
+    interrupt_after_first_trial(tmp_path, args, signal.SIGKILL, "kill.log")
+    assert "resuming study smoke" in (tmp_path / "kill.log").read_text()
+    # trials were killed holding checkpoints, so the resume below restores from them
+    assert list((tmp_path / "ray_results" / "smoke").glob("*/checkpoint_*"))
+    before = trial_runs(uri, "smoke")
+    assert sum(r.data.tags["status"] in ("converged", "not_converged") for r in before) < 6
+
+    again = nc_study("run", str(SMOKE), *flags, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming study smoke" in again.stdout
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
-    assert {r.info.run_id for r in before} <= {r.info.run_id for r in runs}
+    assert {r.info.run_id for r in stopped} <= {r.info.run_id for r in before} <= {r.info.run_id for r in runs}
     for run in runs:
         assert run.data.tags["status"] in ("converged", "not_converged")
+        assert run.info.status == "FINISHED"
         assert histories(uri, run.info.run_id, "nc_score") == list(range(20, 401, 20))
 
 
