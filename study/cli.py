@@ -106,6 +106,8 @@ def read_features(path: Path) -> dict[str, np.ndarray]:
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer)
                            or (np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all())):
         raise UsageError(f"{path}: 'y' must be a 1-D array of integer labels, got dtype {y.dtype} shape {y.shape}")
+    if len(y) < 2:
+        raise UsageError(f"{path}: 'y' holds {len(y)} labels; need samples of at least 2 classes")
     if y.min() < 0:
         raise UsageError(f"{path}: 'y' has negative labels; use 0..C-1")
     for key in layers + [k for k in ("W", "b") if k in arrays]:

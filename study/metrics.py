@@ -1,7 +1,10 @@
 """Neural Collapse measurements (SCIENCE.md §4), as small pure functions on tensors.
 
-Features are accumulated once per layer into `ClassStats` (class sizes, class means,
-within-class residuals, in float64); every measure is then O(N·D·C) at most, never N × N.
+Features are accumulated once per layer into `ClassStats`: two sweeps over H in row chunks
+give per-class sufficient statistics (class sizes and means, class means of the unit
+vectors, within-class variances, the within-class covariance on the span of the centred
+class means) plus each sample's nearest class centre. Every measure is then a small float64
+function of those, never N × N; the bulk (N, D) work stays in the features' dtype.
 Symbols follow the papers: H (N, D) features, y (N,) labels, C classes, mu_c class means,
 mu_G the global mean, Sigma_W / Sigma_B within / between class covariances, W (C, D) the
 classifier. Classes absent from `y` are left out of every measure (C counts present ones).
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +26,28 @@ LAYER_KEYS = (COSINE_KEYS + tuple("raw_" + k for k in COSINE_KEYS)
               + ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "ncc_acc", "cdnv"))
 CLASSIFIER_KEYS = ("nc3", "nc4", "train_loss", "train_acc", "alpha", "beta", "loss_floor", "loss_gap")
 
+# Rows per sweep step on CPU: about 2 MiB of features, so a chunk's temporaries stay in
+# cache instead of allocating and streaming whole (N, D) arrays (1-4 MiB measured best on
+# the benchmark machine; smaller chunks pay per-op dispatch, larger ones miss cache).
+CHUNK_BYTES = 1 << 21
+
 
 @dataclass(frozen=True)
 class ClassStats:
-    """Per-class sufficient statistics of one layer's features.
-
-    Bulk (N, D) tensors keep the features' dtype (float32 in training: one pass each);
-    class-level quantities are float64.
-    """
-    H: torch.Tensor        # (N, D) features
-    y: torch.Tensor        # (N,) index into `classes`
-    Y: torch.Tensor        # (N, C) one-hot of y, features' dtype
-    classes: torch.Tensor  # (C,) original labels of the present classes
-    n: torch.Tensor        # (C,) class sizes, float64
-    mu_c: torch.Tensor     # (C, D) class means, float64
-    mu_G: torch.Tensor     # (D,) global (sample) mean, float64
-    R: torch.Tensor        # (N, D) within-class residuals h_i - mu_{y_i}
+    """Per-class sufficient statistics of one layer's features (float64 unless noted)."""
+    H: torch.Tensor          # (N, D) the features themselves (a reference, for the logits)
+    y: torch.Tensor          # (N,) index into `classes`
+    classes: torch.Tensor    # (C,) original labels of the present classes
+    n: torch.Tensor          # (C,) class sizes
+    mu_c: torch.Tensor       # (C, D) class means
+    mu_G: torch.Tensor       # (D,) global (sample) mean
+    u_bar: torch.Tensor      # (C, D) class means of u_i = (h_i - mu_G)/||h_i - mu_G||
+    u_bar_raw: torch.Tensor  # (C, D) class means of h_i/||h_i||
+    var_c: torch.Tensor      # (C,) Var_c = mean over class c of ||h_i - mu_c||^2
+    Q: torch.Tensor          # (D, r) orthonormal basis of a subspace holding every mu_c - mu_G
+    Sigma_W_Q: torch.Tensor  # (r, r) Q^T Sigma_W Q
+    ncc: torch.Tensor        # (N,) nearest-class-centre label, index into `classes`
+    sq_norm_mean: float      # (1/N) sum_i ||h_i||^2
 
     @property
     def C(self) -> int:
@@ -48,9 +57,22 @@ class ClassStats:
     def N(self) -> int:
         return len(self.y)
 
+    @property
+    def M(self) -> torch.Tensor:
+        """(C, D) centred class means m_c = mu_c - mu_G."""
+        return self.mu_c - self.mu_G
+
 
 def class_stats(H: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> ClassStats:
-    """Class sizes and means of H (N, D) under labels y (N,); absent classes dropped."""
+    """Sufficient statistics of H (N, D) under labels y (N,); absent classes dropped.
+
+    Sweep 1 sums h_i - h_0 per class (shifted by the first sample: exact for constant
+    features, better conditioned far from the origin) and h_i/||h_i||. Sweep 2 forms, chunk
+    by chunk, x_i = h_i - mu_G and r_i = h_i - mu_{y_i} and keeps only their class sums,
+    ||r_i||^2 and the projections Q^T r_i, which give Sigma_W on span(Q) and the
+    nearest-class-centre rule: argmin_c ||h_i - mu_c||^2 = argmax_c <x_i, m_c> - ||m_c||^2/2
+    with <x_i, m_c> = <Q^T r_i, Q^T m_c> + <m_{y_i}, m_c> (no cancellation far from 0).
+    """
     if H.ndim != 2 or y.ndim != 1 or len(H) != len(y):
         raise ValueError(f"features must be (N, D) and labels (N,), got {tuple(H.shape)} and {tuple(y.shape)}")
     H = H.detach()
@@ -63,13 +85,63 @@ def class_stats(H: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
         raise ValueError(f"need samples of at least 2 classes, got {len(classes)}")
     remap = torch.full((len(counts),), -1, dtype=torch.long, device=H.device)
     remap[classes] = torch.arange(len(classes), device=H.device)
-    y_idx = remap[y]
-    Y = F.one_hot(y_idx, len(classes)).to(H.dtype)            # (N, C)
+    y = remap[y]
+    C, (N, D) = len(classes), H.shape
+    f64 = dict(dtype=torch.float64, device=H.device)
     n = counts[classes].to(torch.float64)                     # (C,)
-    mu_c = (Y.T @ H).to(torch.float64) / n[:, None]           # (C, D)
-    mu_G = (n @ mu_c) / n.sum()                               # (D,)
-    R = H - mu_c.to(H.dtype)[y_idx]                           # (N, D)
-    return ClassStats(H, y_idx, Y, classes, n, mu_c, mu_G, R)
+
+    # sweep 1: class sums of h_i - h_0 and of h_i/||h_i||
+    h0 = H[0]
+    S = torch.zeros(2 * C, D, **f64)                          # (2C, D)
+    inv_sum = torch.zeros(C, **f64)                           # (C,) sum of 1/||h_i||
+    sq_sum = torch.zeros((), **f64)
+    for rows in _chunks(H):
+        Hc, yc = H[rows], y[rows]
+        norms = torch.linalg.vector_norm(Hc, dim=1)           # (B,)
+        inv = _inverse(norms)
+        Yc = F.one_hot(yc, C).to(H.dtype)                     # (B, C)
+        S += (torch.cat([Yc, Yc * inv[:, None]], dim=1).T @ (Hc - h0)).to(torch.float64)
+        inv_sum += torch.bincount(yc, weights=inv.to(torch.float64), minlength=C)
+        sq_sum += (norms.to(torch.float64) ** 2).sum()
+    h0 = h0.to(torch.float64)
+    mu_c = h0 + S[:C] / n[:, None]                            # (C, D)
+    mu_G = h0 + S[:C].sum(dim=0) / N                          # (D,)
+    u_bar_raw = (S[C:] + inv_sum[:, None] * h0) / n[:, None]  # (C, D)
+
+    # sweep 2: centred features and residuals, chunk by chunk
+    M = mu_c - mu_G                                           # (C, D)
+    Q = torch.linalg.qr(M.T).Q                                # (D, r), r = min(C, D)
+    MQ, MM, half = M @ Q, M @ M.T, 0.5 * (M ** 2).sum(dim=1)  # (C, r), (C, C), (C,)
+    mu_G_, M_, Q_ = mu_G.to(H.dtype), M.to(H.dtype), Q.to(H.dtype)
+    U = torch.zeros(C, D, **f64)                              # (C, D) class sums of u_i
+    var = torch.zeros(C, **f64)                               # (C,) class sums of ||r_i||^2
+    SW = torch.zeros(Q.shape[1], Q.shape[1], **f64)           # (r, r) sum of Q^T r_i r_i^T Q
+    ncc = torch.empty(N, dtype=torch.long, device=H.device)
+    for rows in _chunks(H):
+        yc = y[rows]
+        X = H[rows] - mu_G_                                   # (B, D) x_i
+        inv = _inverse(torch.linalg.vector_norm(X, dim=1))
+        U += ((F.one_hot(yc, C).to(H.dtype) * inv[:, None]).T @ X).to(torch.float64)
+        R = X.sub_(M_.index_select(0, yc))                    # (B, D) r_i, in place of x_i
+        var += torch.bincount(yc, weights=torch.linalg.vector_norm(R, dim=1).to(torch.float64) ** 2,
+                              minlength=C)
+        P = (R @ Q_).to(torch.float64)                        # (B, r) Q^T r_i
+        SW += P.T @ P
+        ncc[rows] = (P @ MQ.T + MM.index_select(0, yc) - half).argmax(dim=1)
+    return ClassStats(H, y, classes, n, mu_c, mu_G, U / n[:, None], u_bar_raw, var / n, Q, SW / N,
+                      ncc, (sq_sum / N).item())
+
+
+def _chunks(H: torch.Tensor) -> Iterator[slice]:
+    """Row slices of about CHUNK_BYTES each on CPU; one slice on a GPU."""
+    N, D = H.shape
+    step = N if H.device.type != "cpu" else max(1, CHUNK_BYTES // max(1, D * H.element_size()))
+    return (slice(start, start + step) for start in range(0, N, step))
+
+
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """1/||v||, and 0 for a zero row (its cosine with everything is 0)."""
+    return torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
 
 
 # ---------------------------------------------------------------- cosine measures (thesis)
@@ -82,11 +154,7 @@ def cosine_matrix(stats: ClassStats, center: bool = True) -> torch.Tensor:
     the diagonal is intra_c (pairs i, j over the class, i = j included), the rest inter.
     A zero row has cosine 0 with everything.
     """
-    X = stats.H - stats.mu_G.to(stats.H.dtype) if center else stats.H
-    norms = X.norm(dim=1)                                     # (N,)
-    inv = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(X.dtype).tiny), 0.0)
-    u_bar = (stats.Y * inv[:, None]).T @ X                    # (C, D) class sums of u_i
-    u_bar = u_bar.to(torch.float64) / stats.n[:, None]
+    u_bar = stats.u_bar if center else stats.u_bar_raw        # (C, D)
     return u_bar @ u_bar.T
 
 
@@ -115,20 +183,20 @@ def nc1(stats: ClassStats, rtol: float = 1e-10) -> float:
 
     Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T, Sigma_B = (1/C) sum_c
     (mu_c - mu_G)(mu_c - mu_G)^T. Sigma_B^+ keeps only the top C-1 eigenpairs (Sigma_B has
-    rank <= C-1 for balanced classes) above rtol x the largest, so the trace is
-    (1/C) sum_k lambda_k^-1 (1/N) sum_i <h_i - mu_{y_i}, v_k>^2 -- no D x D matrix is formed.
+    rank <= C-1 for balanced classes) above rtol x the largest. Those eigenvectors lie in
+    span(Q), so the trace only needs Q^T Sigma_W Q (r x r) -- no D x D matrix is formed.
     If Sigma_B vanishes: 0 when Sigma_W does too, else inf.
     """
-    M = (stats.mu_c - stats.mu_G) / math.sqrt(stats.C)        # (C, D): Sigma_B = M^T M
-    _, s, Vh = torch.linalg.svd(M, full_matrices=False)       # s descending
+    MQ = stats.M @ stats.Q / math.sqrt(stats.C)               # (C, r): Q^T Sigma_B Q = MQ^T MQ
+    _, s, Vh = torch.linalg.svd(MQ, full_matrices=False)      # s descending
     lam = s ** 2
     keep = min(stats.C - 1, len(lam))
-    lam, V = lam[:keep], Vh[:keep].T                          # (k,), (D, k)
+    lam, V = lam[:keep], Vh[:keep].T                          # (k,), (r, k) in Q's coordinates
     good = lam > rtol * lam[0] if keep and lam[0] > 0 else torch.zeros_like(lam, dtype=torch.bool)
     if not good.any():
-        return 0.0 if stats.R.abs().max().item() == 0 else math.inf
-    P = (stats.R @ V[:, good].to(stats.R.dtype)).to(torch.float64)  # (N, k) on B's eigenbasis
-    return ((P ** 2).mean(dim=0) / lam[good]).sum().item() / stats.C
+        return 0.0 if (stats.var_c == 0).all() else math.inf
+    V = V[:, good]
+    return ((V.T @ stats.Sigma_W_Q @ V).diagonal() / lam[good]).sum().item() / stats.C
 
 
 def nc2(stats: ClassStats) -> dict[str, float]:
@@ -162,10 +230,8 @@ def nc3(W: torch.Tensor, stats: ClassStats) -> float:
 
 def ncc_predict(stats: ClassStats) -> torch.Tensor:
     """(N,) nearest-class-centre label (index into stats.classes), Euclidean:
-    argmin_c ||h - mu_c||^2 = argmax_c <h, mu_c> - ||mu_c||^2 / 2."""
-    scores = stats.H @ stats.mu_c.T.to(stats.H.dtype)                    # (N, C)
-    scores = scores - 0.5 * (stats.mu_c ** 2).sum(dim=1).to(stats.H.dtype)
-    return scores.argmax(dim=1)
+    argmin_c ||h - mu_c||^2, computed in `class_stats`' second sweep."""
+    return stats.ncc
 
 
 def ncc_accuracy(stats: ClassStats, pred: torch.Tensor | None = None) -> float:
@@ -185,9 +251,9 @@ def cdnv(stats: ClassStats) -> float:
     """Class-distance normalised variance (Galanti et al. 2022): mean over c < c' of
     (Var_c + Var_c') / (2 ||mu_c - mu_c'||^2), Var_c = mean_{i in c} ||h_i - mu_c||^2.
     A pair with coincident means counts as inf."""
-    sq = (stats.R ** 2).sum(dim=1, keepdim=True)              # (N, 1)
-    var = (stats.Y.T @ sq).flatten().to(torch.float64) / stats.n          # (C,)
-    dist2 = torch.cdist(stats.mu_c, stats.mu_c) ** 2          # (C, C)
+    var = stats.var_c                                         # (C,)
+    diff = stats.mu_c[:, None, :] - stats.mu_c[None, :, :]    # (C, C, D); cdist's matmul
+    dist2 = (diff ** 2).sum(dim=2)                            # shortcut loses digits
     iu = torch.triu_indices(stats.C, stats.C, offset=1, device=dist2.device)
     num = var[iu[0]] + var[iu[1]]
     den = 2 * dist2[iu[0], iu[1]]
@@ -226,7 +292,7 @@ def classifier_metrics(stats: ClassStats, W: torch.Tensor, b: torch.Tensor | Non
     C_all = W64.shape[0]
     train_loss = F.cross_entropy(logits, y).item()
     net_pred = logits.argmax(dim=1)
-    alpha = math.sqrt((stats.H * stats.H).sum(dim=1).to(torch.float64).mean().item())
+    alpha = math.sqrt(stats.sq_norm_mean)
     beta = W64.norm().item() / math.sqrt(C_all)
     pi_max = (stats.n.max() / stats.N).item()
     floor = loss_floor(alpha, beta, C_all, pi_max)

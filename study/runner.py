@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
-from .data import load_dataset
 from .errors import UsageError
 from .spaces import SpaceError, Study, load_study
 from .tracking import KIND_TRIAL, TrackingError, check_uri, ensure_experiment, ensure_parent_run, \
@@ -71,30 +70,27 @@ def _replace(study: Study, **changes) -> Study:
     return dataclasses.replace(study, **changes)
 
 
-DATA_KEYS = ("dataset", "data_path", "n_samples", "input_dim", "num_classes", "data_seed",
-             "teacher_depth", "teacher_width", "conic_kind")
-
-
 def check_data(study: Study) -> None:
-    """Load each distinct training set once in the driver: a missing or malformed file fails here."""
-    from .data import DataError
+    """Read each distinct .npz once in the driver, so a missing or malformed file fails here;
+    synthetic data are generated in the trials (the conic/C condition is checked statically)."""
+    from .data import DataError, read_npz
     seen = set()
+    corner = {k: args[0] for k, (dist, args) in study.search.space.items()} if study.search else {}
     for cell in study.cells():
-        cfg = TrialConfig.from_dict({**study.fixed, **cell, **_search_corner(study)})
-        key = tuple(getattr(cfg, k) for k in DATA_KEYS)
-        if key in seen:
+        cfg = TrialConfig.from_dict({**study.fixed, **cell, **corner})
+        if cfg.device == "cuda" and study.gpu == 0:
+            raise UsageError(f"{study.path}: device=cuda but resources.gpu is 0, and Ray hides GPUs from trials "
+                             "that request none; set resources.gpu (fractions allowed) or device=auto")
+        if cfg.dataset == "conic" and cfg.conic_kind == "hyperplanes" and cfg.num_classes & (cfg.num_classes - 1):
+            raise UsageError(f"{study.path}: conic_kind=hyperplanes needs num_classes a power of 2, got "
+                             f"{cfg.num_classes}; use conic_kind=directions or auto")
+        if cfg.dataset != "npz" or (cfg.data_path, cfg.num_classes) in seen:
             continue
-        seen.add(key)
+        seen.add((cfg.data_path, cfg.num_classes))
         try:
-            load_dataset(cfg)
+            read_npz(cfg.data_path, cfg.num_classes)
         except DataError as exc:
             raise UsageError(f"{study.path}: {exc}") from None
-
-
-def _search_corner(study: Study) -> dict:
-    if not study.search:
-        return {}
-    return {k: args[0] for k, (dist, args) in study.search.space.items() if k in DATA_KEYS}
 
 
 def ray_address(args: argparse.Namespace) -> str | None:

@@ -212,9 +212,10 @@ def _validate_trials(study: Study, fail) -> None:
     corners = [{}]
     if study.search:
         lows = {k: args[0] for k, (dist, args) in study.search.space.items()}
-        highs = {k: args[-1] if dist != "randint" else args[1] - 1
-                 for k, (dist, args) in study.search.space.items()}
-        corners = [lows, highs]
+        corners = [lows]
+        for key, (dist, args) in study.search.space.items():
+            values = args if dist == "choice" else [args[1] - 1 if dist == "randint" else args[1]]
+            corners += [{**lows, key: v} for v in values]
     for cell in study.cells():
         for corner in corners:
             values = {**study.fixed, **cell, **corner}

@@ -154,6 +154,9 @@ BAD_FILES = {
                         "'weight_decay' is in both grid and search.space"),
     "unknown distribution": ("name: x\nsearch: {metric: nc_score, num_samples: 2, space: {lr: {gauss: [0, 1]}}}\n",
                              "unknown distribution 'gauss'"),
+    "bad choice in the middle": ("name: x\nsearch: {metric: nc_score, num_samples: 2, "
+                                 "space: {bn: {choice: [affine, batch, none]}}}\n", "bn='batch' is not one of"),
+    "cuda without a gpu": ("name: x\ntrial: {device: cuda}\n", "device=cuda but resources.gpu is 0"),
     "negative gpu": ("name: x\nresources: {cpu: 1, gpu: -1}\n", "resources.gpu must be a number >= 0"),
     "missing data file": ("name: x\ntrial: {dataset: npz, data_path: nowhere.npz}\n", "no such data file"),
     "not yaml": ("name: [x\n", "not valid YAML"),
@@ -248,3 +251,29 @@ def test_every_shipped_study_validates(tmp_path, monkeypatch, capsys, space):
     for word in ("Reproduces:", "Run:", "Time:", "Expect:"):
         assert word in header, f"{space.name} header lacks {word}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_diverged_and_failing_trials_do_not_stop_the_study(tmp_path):
+    """lr = 1e4 diverges (NaN loss); a teacher of width 1e12 cannot be allocated and raises
+    inside the trial. The other trials finish, each outcome is tagged, and the exit status
+    is 1 because some trials failed with errors."""
+    space = tmp_path / "rough.yaml"
+    space.write_text(textwrap.dedent("""
+        name: rough
+        trial: {n_samples: 300, depth: 3, width: 16, bn: none, epochs: 4, eval_every: 2}
+        grid: {teacher_width: [32, 1000000000000], lr: [0.05, 10000.0]}
+    """))
+    done = nc_study("run", str(space), cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "0 diverged" not in done.stdout and "2 failed of 4 trials" in done.stdout
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    outcome = {(r.data.params["teacher_width"], r.data.params["lr"]): r for r in trial_runs(uri, "rough")}
+    assert len(outcome) == 4
+    assert outcome[("32", "10000.0")].data.tags["status"] == "diverged"
+    assert outcome[("32", "10000.0")].data.metrics["diverged"] == 1.0
+    assert outcome[("32", "0.05")].data.tags["status"] in ("converged", "not_converged")
+    for lr in ("0.05", "10000.0"):
+        failed = outcome[("1000000000000", lr)]
+        assert failed.data.tags["status"] == "error"
+        assert "can't allocate memory" in failed.data.tags["error"]
+        assert failed.info.status == "FAILED"
