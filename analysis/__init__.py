@@ -1,0 +1,18 @@
+"""`nc-study analyze`: the thesis' conjectures tested on a study read back from MLflow.
+
+One module per question, each a pure function of the tidy frame (`frame`) plus thin parts
+that load runs (`load`) and write outputs (`report`, `figures`):
+
+    load      MLflow (SQLite fast path or MlflowClient) -> tidy frame, with a per-run cache
+    frame     the frame's schema and the selections the tests share
+    stats     permutation rank correlation, Jonckheere–Terpstra, bootstrap helpers
+    wd        Conjecture 3.1.1  NC improves with weight decay
+    depth     Conjecture 3.2.1  NC sharpens with depth
+    effdepth  Conjecture 3.2.2  effective depth falls as weight decay grows
+    theorem   Theorem 2.3.1     loss_gap >= 0, and its two scatter plots
+    figures   Fig 3.1, Fig 3.3, training curves, one plot per conjecture
+    report    analyze(): everything above -> report.md, conjectures.json, PNGs, MLflow artifacts
+    cli       the `analyze` subcommand
+    synthetic planted studies written to MLflow as a study would (tests, benchmark)
+    bench     `python -m analysis.bench`
+"""

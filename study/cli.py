@@ -8,12 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .config import ConfigError, TrialConfig, parse_overrides
-from .data import DataError
-from .errors import UsageError
+from .errors import DataError, UsageError
 
 EXIT_USAGE = 2
 
@@ -85,8 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ measure
 
-def read_features(path: Path) -> dict[str, np.ndarray]:
+def read_features(path: Path) -> dict:
     """Load and validate an exported-features .npz (see `nc-study measure --help`)."""
+    import numpy as np
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
@@ -112,11 +109,12 @@ def read_features(path: Path) -> dict[str, np.ndarray]:
         raise UsageError(f"{path}: 'y' has negative labels; use 0..C-1")
     for key in layers + [k for k in ("W", "b") if k in arrays]:
         a = arrays[key]
-        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
-            raise UsageError(f"{path}: array {key!r} holds NaN/inf or non-numbers")
+        if not _real(a) or not np.isfinite(a).all():
+            raise UsageError(f"{path}: array {key!r} holds NaN/inf or non-numbers (need real numbers)")
     for key in layers:
-        if arrays[key].ndim != 2 or len(arrays[key]) != len(y):
-            raise UsageError(f"{path}: {key} must be (N, D) with N = len(y) = {len(y)}, got {arrays[key].shape}")
+        if arrays[key].ndim != 2 or len(arrays[key]) != len(y) or arrays[key].shape[1] < 1:
+            raise UsageError(f"{path}: {key} must be (N, D) with N = len(y) = {len(y)} and D >= 1, "
+                             f"got {arrays[key].shape}")
     if "W" in arrays:
         W, D = arrays["W"], arrays[layers[-1]].shape[1]
         if W.ndim != 2 or W.shape[1] != D or W.shape[0] <= y.max():
@@ -129,7 +127,14 @@ def read_features(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _real(a) -> bool:
+    """Integer or floating point, not bool or complex (torch would drop an imaginary part)."""
+    import numpy as np
+    return np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+
+
 def measure_file(path: Path, epsilon: float = 0.01) -> dict[str, float]:
+    import torch
     from .metrics import measure
     arrays = read_features(path)
     layers = sorted(k for k in arrays if k.startswith("layer"))

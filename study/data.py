@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from .config import TrialConfig
+from .errors import DataError
 
 
-class DataError(ValueError):
-    """A data file or data parameter a user can fix."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,8 @@ def read_npz(path: str | Path, num_classes: int) -> tuple[np.ndarray, np.ndarray
     X, y = arrays["X"], arrays["y"]
     if X.ndim != 2 or y.ndim != 1 or len(X) != len(y) or len(y) < 2:
         raise DataError(f"{path}: X must be (N, d) and y (N,) with N >= 2, got X{X.shape} and y{y.shape}")
-    if not np.issubdtype(X.dtype, np.number) or not np.isfinite(X).all():
-        raise DataError(f"{path}: X must be finite numbers (found NaN/inf or a non-numeric dtype)")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)) or not np.isfinite(X).all():
+        raise DataError(f"{path}: X must be finite real numbers (found NaN/inf or dtype {X.dtype})")
     y = _integer_labels(path, y)
     if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}, found {y.min()}..{y.max()}; "

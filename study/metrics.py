@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +183,8 @@ def nc1(stats: ClassStats, rtol: float = 1e-10) -> float:
 
     Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T, Sigma_B = (1/C) sum_c
     (mu_c - mu_G)(mu_c - mu_G)^T. Sigma_B^+ keeps only the top C-1 eigenpairs (Sigma_B has
-    rank <= C-1 for balanced classes) above rtol x the largest. Those eigenvectors lie in
-    span(Q), so the trace only needs Q^T Sigma_W Q (r x r) -- no D x D matrix is formed.
+    rank <= C-1: sum_c n_c (mu_c - mu_G) = 0) above rtol x the largest. Those eigenvectors
+    lie in span(Q), so the trace only needs Q^T Sigma_W Q (r x r): no D x D matrix.
     If Sigma_B vanishes: 0 when Sigma_W does too, else inf.
     """
     MQ = stats.M @ stats.Q / math.sqrt(stats.C)               # (C, r): Q^T Sigma_B Q = MQ^T MQ
@@ -203,7 +203,7 @@ def nc2(stats: ClassStats) -> dict[str, float]:
     """Equinorm std_c||m_c||/mean_c||m_c||, equiangularity std_{c<c'} cos(m_c, m_c'), and
     mean_{c<c'} |cos(m_c, m_c') + 1/(C-1)|, with m_c = mu_c - mu_G (Papyan et al. 2020,
     Figs. 4-5). Standard deviations are over classes / pairs (ddof = 0)."""
-    M = stats.mu_c - stats.mu_G                               # (C, D)
+    M = stats.M                                               # (C, D)
     norms = M.norm(dim=1)
     mean_norm = norms.mean()
     equinorm = (norms.std(correction=0) / mean_norm).item() if mean_norm > 0 else 0.0
@@ -221,7 +221,7 @@ def nc3(W: torch.Tensor, stats: ClassStats) -> float:
     """NC3 = || W/||W||_F - M^T/||M||_F ||_F^2 with M (D, C) the centred class means
     (Papyan et al. 2020, Fig. 7); W (C_all, D) is restricted to the present classes."""
     W = W.detach().to(torch.float64)[stats.classes]           # (C, D)
-    M_T = stats.mu_c - stats.mu_G                             # (C, D)
+    M_T = stats.M                                             # (C, D)
     def unit(A: torch.Tensor) -> torch.Tensor:
         norm = A.norm()
         return A / norm if norm > 0 else A
@@ -252,8 +252,8 @@ def cdnv(stats: ClassStats) -> float:
     (Var_c + Var_c') / (2 ||mu_c - mu_c'||^2), Var_c = mean_{i in c} ||h_i - mu_c||^2.
     A pair with coincident means counts as inf."""
     var = stats.var_c                                         # (C,)
-    diff = stats.mu_c[:, None, :] - stats.mu_c[None, :, :]    # (C, C, D); cdist's matmul
-    dist2 = (diff ** 2).sum(dim=2)                            # shortcut loses digits
+    diff = stats.mu_c[:, None, :] - stats.mu_c[None, :, :]    # (C, C, D), explicit: cdist's
+    dist2 = (diff ** 2).sum(dim=2)                            # matmul shortcut loses digits
     iu = torch.triu_indices(stats.C, stats.C, offset=1, device=dist2.device)
     num = var[iu[0]] + var[iu[1]]
     den = 2 * dist2[iu[0], iu[1]]
@@ -326,7 +326,7 @@ def layer_key(l: int, name: str) -> str:
     return f"layer{l:02d}/{name}"
 
 
-def measure(features: Sequence[torch.Tensor] | "Iterable[torch.Tensor]", y: torch.Tensor,
+def measure(features: Iterable[torch.Tensor], y: torch.Tensor,
             W: torch.Tensor | None = None, b: torch.Tensor | None = None,
             num_classes: int | None = None, depth: int | None = None,
             epsilon: float = 0.01) -> dict[str, float]:

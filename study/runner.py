@@ -16,8 +16,6 @@ from pathlib import Path
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
 from .spaces import SpaceError, Study, load_study
-from .tracking import KIND_TRIAL, TrackingError, check_uri, ensure_experiment, ensure_parent_run, \
-    browse_hint, find_runs, open_client, resolve_uri
 
 EXIT_FAILED_TRIALS = 1
 EXIT_INTERRUPTED = 130
@@ -164,6 +162,7 @@ def param_space(study: Study) -> dict:
 # ------------------------------------------------------------------------------ the command
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .tracking import TrackingError, check_uri, ensure_experiment, ensure_parent_run, open_client, resolve_uri
     study = prepare(args)
     uri = resolve_uri(args.tracking_uri)
     try:
@@ -256,6 +255,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
 
 
 def summarize(study: Study, uri: str, experiment_id: str, tracker, wall: float) -> int:
+    from .tracking import KIND_TRIAL, browse_hint, find_runs, open_client
     client = open_client(uri)
     unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")]
     counts: dict[str, int] = {}

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import TrialConfig
+from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .metrics import measure
 from .models import MLP, build_model
@@ -22,7 +22,7 @@ from .models import MLP, build_model
 
 def pick_device(cfg: TrialConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

@@ -277,3 +277,24 @@ def test_diverged_and_failing_trials_do_not_stop_the_study(tmp_path):
         assert failed.data.tags["status"] == "error"
         assert "can't allocate memory" in failed.data.tags["error"]
         assert failed.info.status == "FAILED"
+
+
+def test_analyze_reads_the_real_smoke_study_back(smoke_study):
+    """The whole path: the study written by the real runner, analyzed from its SQLite store."""
+    folder, uri, _ = smoke_study
+    done = nc_study("analyze", "smoke", "--out", "report_out", cwd=folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = folder / "report_out"
+    assert "report: " in done.stdout and "report.md" in done.stdout
+    report = (out / "report.md").read_text()
+    assert "Conjecture 3.1.1" in report and "Theorem 2.3.1" in report
+    assert "holds: loss_gap >= 0 at all 18 evaluations" in report
+    import json
+    verdicts = json.loads((out / "conjectures.json").read_text())
+    assert verdicts  # one entry per test and group
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"fig3_1.png", "theorem_2_3_1.png", "nc_score_curves.png"} <= set(pngs)
+    client = MlflowClient(uri)
+    parent_id = trial_runs(uri, "smoke")[0].data.tags["mlflow.parentRunId"]
+    logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}
+    assert "analysis/report.md" in logged and "analysis/fig3_1.png" in logged

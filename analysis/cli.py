@@ -1,0 +1,56 @@
+"""`nc-study analyze EXPERIMENT [EXPERIMENT …] [--tracking-uri URI] [--out DIR]`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def add_analyze_parser(sub) -> None:
+    """Register `analyze` on the subparsers object of `nc-study`."""
+    p = sub.add_parser(
+        "analyze", help="test the thesis' conjectures on a finished study; write a report, JSON and figures",
+        description="Read the study's runs from MLflow, test Conjectures 3.1.1, 3.2.1, 3.2.2 and "
+                    "Theorem 2.3.1 (SCIENCE.md §6), write DIR/report.md, DIR/conjectures.json and PNGs, "
+                    "and log them under analysis/ on the study's parent run.")
+    p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="MLflow experiment name(s): the study name(s)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="output directory (default: reports/<first experiment>)")
+    p.add_argument("--epsilons", default="0.001,0.01,0.05", metavar="E1,E2,…",
+                   help="NCC error bounds of the effective depth for Conjecture 3.2.2 (default 0.001,0.01,0.05)")
+    p.add_argument("--cache-dir", type=Path, default=Path(".nc_cache"), metavar="DIR",
+                   help="where run histories are cached between runs (default .nc_cache)")
+    p.add_argument("--no-cache", action="store_true", help="re-read every run; read and write no cache")
+    p.add_argument("--no-log", action="store_true", help="do not log the outputs on the parent run")
+    p.set_defaults(func=cmd_analyze)
+
+
+def parse_epsilons(text: str) -> list[float]:
+    from analysis.load import usage_error
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise usage_error(f"--epsilons expects numbers separated by commas, got {text!r}") from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.report import analyze
+    start = time.perf_counter()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    out = args.out or Path("reports") / args.experiments[0]
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:5.1f}s] {message}", flush=True)
+
+    report = analyze(args.experiments, uri, out, parse_epsilons(args.epsilons),
+                     cache_dir=None if args.no_cache else args.cache_dir,
+                     log_to_mlflow=not args.no_log, progress=say,
+                     warn=lambda m: print(f"nc-study analyze: warning: {m}", file=sys.stderr, flush=True))
+    print(f"report: {report}  (with conjectures.json and figures in {report.parent}/)", flush=True)
+    return 0

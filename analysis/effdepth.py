@@ -1,0 +1,144 @@
+"""Conjecture 3.2.2 (thesis): depth minimisation improves with weight decay.
+
+ε-effective depth d_ε (thesis Def. 3.2.2) = the smallest hidden block l whose NCC error
+1 − ncc_acc_l ≤ ε at the final evaluation, or the depth L if there is none. The logged
+`effective_depth` uses the trial's own `ncc_epsilon`; here it is recomputed from the
+per-layer `ncc_acc` for each ε asked for. The conjecture: λ1 < λ2 ⇒ d_ε(λ1) ≥ d_ε(λ2).
+
+Per architecture group and ε, on converged trials (SCIENCE.md §6): Spearman ρ of d_ε
+against λ over trials with a permutation p-value (predicted ρ < 0); the violating pairs
+(λ1 < λ2 whose seed-mean depths rise, d̄(λ1) < d̄(λ2)); ε̂ = the largest such rise in
+blocks, max(0, max_{λ1<λ2} d̄(λ2) − d̄(λ1)), with a bootstrap CI over seeds; and how many
+trial pairs violate it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .frame import CONVERGED, exclusion_counts, final_layers, final_values, trials
+from .verdict import CONTRADICTED, INSUFFICIENT, SUPPORTED, excluded_note, interval, num, pval, trend_state
+
+TEST = "conjecture_3_2_2"
+EPSILONS = (0.001, 0.01, 0.05)
+MIN_TRIALS, MIN_LAMBDAS = 3, 2
+
+
+def effective_depth(ncc_acc: np.ndarray, depth: int, epsilon: float) -> int:
+    """Smallest 1-based block l with 1 − ncc_acc_l ≤ ε, else `depth` (same rule and float
+    tolerance as study.metrics.effective_depth)."""
+    hits = np.flatnonzero(1 - np.asarray(ncc_acc, float) <= epsilon + 1e-12)
+    return int(hits[0]) + 1 if len(hits) else int(depth)
+
+
+def per_trial(frame: pd.DataFrame, epsilons=EPSILONS) -> pd.DataFrame:
+    """One row per trial: key columns, `logged` (the logged final effective_depth), and
+    `d_<ε>` for each ε (NaN when the final per-layer ncc_acc is missing or incomplete)."""
+    curves = final_layers(frame, "ncc_acc")
+    table = trials(frame)
+    logged = final_values(frame, "effective_depth")[["run_id", "effective_depth"]]
+    table = table.merge(logged.rename(columns={"effective_depth": "logged"}), on="run_id", how="left")
+    for eps in epsilons:
+        table[depth_column(eps)] = [
+            float(effective_depth(curves[r], d, eps)) if r in curves and np.isfinite(curves[r]).all() else math.nan
+            for r, d in zip(table["run_id"], table["depth"])]
+    return table
+
+
+def depth_column(epsilon: float) -> str:
+    return f"d_{epsilon:g}"
+
+
+def violating_pairs(lambdas: np.ndarray, mean_depths: np.ndarray) -> list[tuple[int, int]]:
+    """Index pairs i < j (λ_i < λ_j) with d̄_i < d̄_j."""
+    return [(i, j) for i in range(len(lambdas)) for j in range(i + 1, len(lambdas))
+            if mean_depths[i] < mean_depths[j] - 1e-12]
+
+
+def test_group(rows: pd.DataFrame, epsilon: float, n_boot: int = stats.N_BOOT,
+               n_perm: int = stats.N_PERM, seed: int = 0) -> dict:
+    """Conjecture 3.2.2 at one ε on one group's `per_trial` rows."""
+    col = depth_column(epsilon)
+    ok = rows["status"] == CONVERGED
+    excluded = exclusion_counts(rows)
+    missing = ok & ~np.isfinite(rows[col].to_numpy(float))
+    if missing.any():
+        excluded["no complete per-layer ncc_acc"] = int(missing.sum())
+    used = rows[ok & ~missing].sort_values(["weight_decay", "seed"])
+    lam = used["weight_decay"].to_numpy(float)
+    d = used[col].to_numpy(float)
+    levels = np.unique(lam)
+    strata = [d[lam == level] for level in levels]
+    means = np.array([s.mean() for s in strata])
+    out = {"test": TEST, "epsilon": epsilon, "n_converged": int(len(used)),
+           "n_excluded": int(sum(excluded.values())), "excluded": excluded,
+           "epsilon_hat": None, "epsilon_hat_unit": "blocks (largest rise of the seed-mean depth as λ grows)",
+           "ci_low": None, "ci_high": None, "ci_level": 0.95,
+           "ci_of": "epsilon_hat: simultaneous bootstrap band over λ pairs, seeds resampled within each λ",
+           "statistic": None, "statistic_name": f"Spearman rho of d_{epsilon:g} vs λ (trials)", "p_value": None,
+           "set_by": [], "violating_pairs": [], "n_violating_trial_pairs": None, "n_trial_pairs": None,
+           "per_lambda": [{"weight_decay": float(level), "n": int(len(s)), "mean_depth": float(s.mean()),
+                           "min": float(s.min()), "max": float(s.max())} for level, s in zip(levels, strata)],
+           "logged_disagree": None}
+    if len(used) < MIN_TRIALS or len(levels) < MIN_LAMBDAS:
+        out["state"] = INSUFFICIENT
+        out["verdict"] = (f"too few converged trials: {len(used)} across {len(levels)} λ value(s)"
+                          f"{excluded_note(excluded)}; need >= {MIN_TRIALS} across >= {MIN_LAMBDAS}; no verdict")
+        return out
+    pairs = violating_pairs(levels, means)
+    rises = [means[j] - means[i] for i, j in pairs]
+    eps_hat = max(rises, default=0.0)
+    upper = np.triu_indices(len(levels), k=1)
+    theta = (means[None, :] - means[:, None])[upper]
+    low = high = None
+    if max(map(len, strata)) > 1:
+        boot = stats.resampled_means(strata, n_boot, seed)
+        low, high = stats.max_contrast_ci(theta, (boot[:, None, :] - boot[:, :, None])[:, upper[0], upper[1]])
+        low, high = max(0.0, low), max(0.0, high)
+    trend = stats.spearman_test(lam, d, n_perm, seed)
+    earlier = lam[:, None] < lam[None, :]
+    out |= {"epsilon_hat": float(eps_hat), "ci_low": low, "ci_high": high,
+            "statistic": trend.statistic, "p_value": trend.p_value,
+            "violating_pairs": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]),
+                                 "depth_1": float(means[i]), "depth_2": float(means[j])} for i, j in pairs],
+            "n_violating_trial_pairs": int(np.count_nonzero(earlier & (d[:, None] < d[None, :]))),
+            "n_trial_pairs": int(np.count_nonzero(earlier))}
+    out["set_by"] = [p for p, rise in zip(out["violating_pairs"], rises) if rise >= eps_hat - 1e-12]
+    if "ncc_epsilon" in used.columns:
+        same = np.isclose(used["ncc_epsilon"].to_numpy(float), epsilon)
+        if same.any():
+            logged = used["logged"].to_numpy(float)[same]
+            out["logged_disagree"] = int(np.count_nonzero(np.isfinite(logged) & (logged != d[same])))
+    out["state"] = trend_state(trend.statistic, trend.p_value, predicted_sign=-1)
+    out["verdict"] = verdict(out)
+    return out
+
+
+def verdict(r: dict) -> str:
+    trend = f"ρ = {num(r['statistic'])}, p = {pval(r['p_value'])}"
+    k = len(r["violating_pairs"])
+    pairs = "no violating λ pairs" if k == 0 else (
+        f"{k} violating λ pair{'s' if k > 1 else ''}, worst rise {num(r['epsilon_hat'])} "
+        f"block{'' if r['epsilon_hat'] == 1 else 's'} "
+        f"{interval(r['ci_low'], r['ci_high'])} at λ {r['set_by'][0]['lambda_1']:g} → {r['set_by'][0]['lambda_2']:g}")
+    if r["state"] == SUPPORTED:
+        return f"supported: effective depth falls as λ grows ({trend}); {pairs}"
+    if r["state"] == CONTRADICTED:
+        return f"contradicted: effective depth rises with λ ({trend}); {pairs}"
+    if r["statistic"] is None or math.isnan(r["statistic"]):
+        depths = sorted({p["mean_depth"] for p in r["per_lambda"]})
+        return (f"inconclusive: effective depth does not vary with λ (= {num(depths[0])}); {pairs}"
+                if len(depths) == 1 else f"inconclusive: no trend can be computed; {pairs}")
+    return f"inconclusive: no significant trend ({trend}); {pairs}"
+
+
+def conjecture_3_2_2(frame: pd.DataFrame, epsilons=EPSILONS, n_boot: int = stats.N_BOOT,
+                     n_perm: int = stats.N_PERM, seed: int = 0) -> tuple[list[dict], pd.DataFrame]:
+    """Per (group, ε) results and the per-trial depth table."""
+    table = per_trial(frame, epsilons)
+    results = [{"group": group, **test_group(rows, eps, n_boot, n_perm, seed)}
+               for group, rows in table.groupby("group", sort=True) for eps in epsilons]
+    return results, table

@@ -1,0 +1,243 @@
+"""The figures of an analysis: the thesis' Fig 3.1 and Fig 3.3, training curves, and one
+plot per conjecture. Each function takes tidy tables and returns a matplotlib `Figure`
+(built without pyplot, so no global state and no display is needed; PNGs via Agg).
+
+Only converged trials are drawn (the thesis discards the others), except in the training
+curves, where the status sets the line style. Seed spread is the min–max band around the
+seed mean.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.lines
+import matplotlib.ticker
+
+import numpy as np
+import pandas as pd
+from matplotlib import colors as mcolors
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .frame import CONVERGED
+
+PANEL = (4.0, 3.1)
+DPI = 90
+STATUS_STYLE = {"converged": "-", "not_converged": "--", "diverged": ":"}
+
+
+def grid(n: int, max_cols: int = 4, sharey: bool = False) -> tuple[Figure, list]:
+    """n panels in rows of at most `max_cols`. Fixed margins instead of a layout engine:
+    constrained/tight layout draws every figure twice and tripled the drawing time."""
+    cols = max(1, min(n, max_cols))
+    rows = max(1, math.ceil(n / cols))
+    width, height = max(PANEL[0] * cols, 7.0), PANEL[1] * rows + 0.35  # room for the title
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.7 / height, top=1 - 0.75 / height,
+                        wspace=0.22 if sharey else 0.42, hspace=0.62)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _log_x(ax) -> None:
+    # no minor ticks: on log axes they cost most of the drawing time and add nothing here
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "all"
+
+
+def _band(ax, x, values_by_x: list[np.ndarray], label: str, color=None, style: str = "-") -> None:
+    mean = np.array([np.mean(v) for v in values_by_x])
+    low = np.array([np.min(v) for v in values_by_x])
+    high = np.array([np.max(v) for v in values_by_x])
+    line, = ax.plot(x, mean, style, marker="o", ms=3, label=label, color=color)
+    if any(len(v) > 1 for v in values_by_x):
+        ax.fill_between(x, low, high, alpha=0.2, color=line.get_color(), lw=0)
+
+
+def _lambda_colors(lambdas) -> dict[float, tuple]:
+    lambdas = sorted(set(lambdas))
+    positive = [l for l in lambdas if l > 0]
+    norm = mcolors.LogNorm(min(positive), max(positive)) if len(positive) > 1 else None
+    cmap = matplotlib.colormaps["viridis"]
+    return {l: cmap(norm(l) if norm and l > 0 else 0.5) for l in lambdas}
+
+
+def fig3_1(finals: pd.DataFrame) -> Figure:
+    """Thesis Fig 3.1: final intra_min (solid) and inter_max (dashed) against λ (log
+    x-axis), one panel per bn kind, one colour per architecture group, seed min–max band.
+    `finals`: one row per trial with bn, group, status, weight_decay, intra_min, inter_max."""
+    rows = finals[(finals["status"] == CONVERGED) & (finals["weight_decay"] > 0)]
+    kinds = [k for k in ("affine", "nonaffine", "none") if k in set(rows["bn"])] + \
+            sorted(set(rows["bn"]) - {"affine", "nonaffine", "none"})
+    fig, axes = grid(max(len(kinds), 1), sharey=True)
+    for ax, kind in zip(axes, kinds):
+        sub = rows[rows["bn"] == kind]
+        groups = sorted(set(sub["group"]))
+        for i, group in enumerate(groups):
+            g = sub[sub["group"] == group]
+            lams = sorted(set(g["weight_decay"]))
+            color = f"C{i}"
+            rest = ", ".join(part for part in group.split(", ") if part != f"bn={kind}")
+            name = f" ({rest})" if len(groups) > 1 and rest else ""
+            for metric, style in (("intra_min", "-"), ("inter_max", "--")):
+                _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
+                      f"{metric}{name}", color, style)
+        _log_x(ax)
+        ax.set_title(f"bn = {kind}")
+        ax.set_xlabel("weight decay λ")
+        ax.axhline(0, color="0.8", lw=0.6)
+        ax.legend(fontsize=6)
+    if not kinds:
+        axes[0].text(0.5, 0.5, "no converged trials", ha="center", transform=axes[0].transAxes)
+    axes[0].set_ylabel("cosine (final, converged)")
+    fig.suptitle("Fig 3.1: min within-class and max between-class cosine against weight decay")
+    return fig
+
+
+def fig3_3(curves: dict[str, dict[str, np.ndarray]], models: pd.DataFrame, group: str) -> Figure:
+    """Thesis Fig 3.3 for one group: per-layer ncc_acc, intra_min and inter_max at the final
+    evaluation against the block index, one panel per λ, seed min–max band.
+    `curves[metric][run_id]` is the (L-1,) final curve; `models` has run_id, weight_decay."""
+    lams = sorted(set(models["weight_decay"]))
+    fig, axes = grid(max(len(lams), 1), sharey=True)
+    for ax, lam in zip(axes, lams):
+        ids = models.loc[models["weight_decay"] == lam, "run_id"]
+        for metric, color in (("ncc_acc", "C2"), ("intra_min", "C0"), ("inter_max", "C3")):
+            stack = [curves[metric][r] for r in ids if r in curves.get(metric, {})]
+            if not stack:
+                continue
+            n = min(len(c) for c in stack)
+            values = np.stack([c[:n] for c in stack])            # (seeds, L-1)
+            _band(ax, np.arange(1, n + 1), list(values.T), metric, color)
+        ax.set_title(f"λ = {lam:g}")
+        ax.set_xlabel("hidden block l")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.axhline(0, color="0.8", lw=0.6)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Fig 3.3 ({group}): per-layer collapse at the end of training")
+    return fig
+
+
+def training_curves(frame: pd.DataFrame, metric: str = "nc_score") -> Figure:
+    """`metric` (penultimate block) against epoch, one panel per group, colour = λ,
+    line style = status."""
+    rows = frame[(frame["layer"] == 0) & np.isfinite(frame[metric].to_numpy(float))]
+    groups = sorted(set(frame["group"]))
+    colors = _lambda_colors(frame["weight_decay"].unique())
+    fig, axes = grid(len(groups), sharey=True)
+    for ax, group in zip(axes, groups):
+        sub = rows[rows["group"] == group]
+        for (run_id, lam, status), run in sub.groupby(["run_id", "weight_decay", "status"], sort=False):
+            ax.plot(run["epoch"], run[metric], STATUS_STYLE.get(status, "-."), color=colors[lam], lw=0.8, alpha=0.8)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel(metric)
+    handles = [matplotlib.lines.Line2D([], [], color=c, label=f"λ = {l:g}") for l, c in colors.items()]
+    handles += [matplotlib.lines.Line2D([], [], color="k", ls=s, label=k) for k, s in STATUS_STYLE.items()]
+    axes[-1].legend(handles=handles, fontsize=6, ncol=2)
+    fig.suptitle(f"{metric} during training")
+    return fig
+
+
+def conjecture_3_1_1(scores: pd.DataFrame, results: list[dict], metric: str = "nc_score") -> Figure:
+    """Final `metric` against λ per group: seeds as dots, seed means as a line, the λ pair
+    setting ε̂ in red."""
+    by_group = {r["group"]: r for r in results}
+    groups = sorted(by_group)
+    fig, axes = grid(len(groups))
+    for ax, group in zip(axes, groups):
+        g = scores[(scores["group"] == group) & (scores["status"] == CONVERGED) & (scores["weight_decay"] > 0)]
+        ax.plot(g["weight_decay"], g[metric], "o", ms=3, alpha=0.5, color="C0")
+        means = g.groupby("weight_decay")[metric].mean()
+        ax.plot(means.index, means.values, "-", color="C0")
+        for pair in by_group[group].get("set_by", []):
+            ax.plot([pair["lambda_1"], pair["lambda_2"]], [pair["S_1"], pair["S_2"]], "-", color="C3", lw=2)
+        r = by_group[group]
+        ax.set_title(f"{group}\nε̂ = {_n(r.get('epsilon_hat'))}, ρ = {_n(r.get('statistic'))}", fontsize=8)
+        _log_x(ax)
+        ax.set_xlabel("weight decay λ")
+    axes[0].set_ylabel(f"final {metric} (converged)")
+    fig.suptitle("Conjecture 3.1.1: NC against weight decay (red: the pair that sets ε̂)")
+    return fig
+
+
+def conjecture_3_2_1(models: pd.DataFrame) -> Figure:
+    """Per-model ε̂ over consecutive blocks against λ, one panel per group."""
+    rows = models[(models["status"] == CONVERGED) & np.isfinite(models["epsilon_hat"].to_numpy(float))]
+    groups = sorted(set(models["group"]))
+    fig, axes = grid(len(groups), sharey=True)
+    for ax, group in zip(axes, groups):
+        g = rows[rows["group"] == group]
+        x = g["weight_decay"].to_numpy(float)
+        ax.plot(x, g["epsilon_hat"], "o", ms=3, alpha=0.6)
+        med = g.groupby("weight_decay")["epsilon_hat"].median()
+        ax.plot(med.index, med.values, "-", color="C1", label="median")
+        if (x > 0).all() and len(x):
+            _log_x(ax)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("weight decay λ")
+    axes[0].set_ylabel("ε̂ = max(0, max_l S_l − S_{l+1})")
+    fig.suptitle("Conjecture 3.2.1: largest drop of nc_score between consecutive blocks, per model")
+    return fig
+
+
+def conjecture_3_2_2(depths: pd.DataFrame, epsilons) -> Figure:
+    """Effective depth d_ε against λ for each ε: seed means (line) and trials (dots)."""
+    rows = depths[depths["status"] == CONVERGED]
+    groups = sorted(set(depths["group"]))
+    fig, axes = grid(len(groups), sharey=True)
+    for ax, group in zip(axes, groups):
+        g = rows[rows["group"] == group]
+        for i, eps in enumerate(epsilons):
+            col = f"d_{eps:g}"
+            ok = g[np.isfinite(g[col].to_numpy(float))]
+            jitter = 1 + 0.04 * (i - (len(epsilons) - 1) / 2)
+            ax.plot(ok["weight_decay"] * jitter, ok[col], "o", ms=3, alpha=0.4, color=f"C{i}")
+            means = ok.groupby("weight_decay")[col].mean()
+            ax.plot(means.index, means.values, "-", color=f"C{i}", label=f"ε = {eps:g}")
+        if len(g) and (g["weight_decay"] > 0).all():
+            _log_x(ax)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("weight decay λ")
+    axes[0].set_ylabel("ε-effective depth (block)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Conjecture 3.2.2: effective depth against weight decay")
+    return fig
+
+
+def theorem_scatter(evals: pd.DataFrame) -> Figure:
+    """Theorem 2.3.1: 1 − intra_min against sqrt(gap)/(αβ), and inter_max + 1/(C−1)
+    against gap^(1/6), over every checked evaluation (colour = λ)."""
+    fig, axes = grid(2)
+    colors = _lambda_colors(evals["weight_decay"].unique()) if len(evals) else {}
+    c = [colors[l] for l in evals["weight_decay"]]
+    for ax, (x, y, xl, yl) in zip(axes, (("x_intra", "y_intra", "sqrt(loss_gap) / (α β)", "1 − intra_min"),
+                                         ("x_inter", "y_inter", "loss_gap^(1/6)", "inter_max + 1/(C−1)"))):
+        ax.scatter(evals[x], evals[y], s=4, c=c if c else None, alpha=0.6, lw=0)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+    bad = evals[evals["loss_gap"] < 0]
+    if len(bad):
+        axes[0].set_title(f"{len(bad)} evaluations with loss_gap < 0 (plotted at gap 0)", color="C3", fontsize=9)
+    fig.suptitle("Theorem 2.3.1: collapse against the loss gap (every bias-free evaluation)")
+    return fig
+
+
+def _n(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"

@@ -1,0 +1,392 @@
+"""`analyze()`: load a study, run every test, write report.md, conjectures.json and the
+figures, and log them on the study's parent run (artifact path `analysis/`).
+
+`run_tests(frame)` is the pure part (tidy frame -> results and tables); `write_report`
+and `write_json` only format. Every number in a verdict comes from `conjectures.json`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import pickle
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from . import depth, effdepth, stats, theorem, wd
+from .frame import CONVERGED, final_layers, final_values, trials
+from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, usage_error
+from .verdict import ALPHA, clean, interval, num, pval, summary
+
+TESTS = (("conjecture_3_1_1", "Conjecture 3.1.1", "NC improves with weight decay"),
+         ("conjecture_3_2_1", "Conjecture 3.2.1", "NC sharpens with depth"),
+         ("conjecture_3_2_2", "Conjecture 3.2.2", "effective depth falls as weight decay grows"),
+         ("theorem_2_3_1", "Theorem 2.3.1", "loss_gap >= 0 at every evaluation"))
+SUMMARY_WORDS = {"conjecture_3_2_2": {"unit": "group × ε test"},
+                 "theorem_2_3_1": {"labels": {"supported": "holds", "contradicted": "VIOLATED"}}}
+
+
+def summary_line(key: str, results: list[dict]) -> str:
+    return summary([r["state"] for r in results], **SUMMARY_WORDS.get(key, {}))
+
+
+@dataclass
+class Analysis:
+    """Results per test (lists of per-group dicts) and the tables behind the figures."""
+    results: dict[str, list[dict]]
+    scores: pd.DataFrame          # per trial: final nc_score, intra_min, inter_max
+    models: pd.DataFrame          # per trial: 3.2.1 per-model ε̂ and curve
+    depths: pd.DataFrame          # per trial: effective depth per ε
+    evals: pd.DataFrame           # every checked evaluation (Theorem 2.3.1)
+    epsilons: tuple[float, ...]
+    settings: dict = field(default_factory=dict)
+
+
+def run_tests(frame: pd.DataFrame, epsilons: Sequence[float] = effdepth.EPSILONS, n_boot: int = stats.N_BOOT,
+              n_perm: int = stats.N_PERM, seed: int = 0) -> Analysis:
+    """Every test of SCIENCE.md §6 on a tidy frame."""
+    epsilons = tuple(float(e) for e in epsilons)
+    scores = wd.final_scores(frame, "nc_score")
+    for metric in ("intra_min", "inter_max"):
+        scores = scores.merge(final_values(frame, metric)[["run_id", metric]], on="run_id", how="left")
+    r311 = wd.conjecture_3_1_1(frame, "nc_score", n_boot, n_perm, seed)
+    r321, models = depth.conjecture_3_2_1(frame, "nc_score", n_boot, n_perm, seed)
+    r322, depths = effdepth.conjecture_3_2_2(frame, epsilons, n_boot, n_perm, seed)
+    r231, evals = theorem.theorem_2_3_1(frame)
+    return Analysis({"conjecture_3_1_1": r311, "conjecture_3_2_1": r321, "conjecture_3_2_2": r322,
+                     "theorem_2_3_1": r231}, scores, models, depths, evals, epsilons,
+                    {"alpha": ALPHA, "ci_level": 0.95, "n_boot": n_boot, "n_perm": n_perm, "seed": seed})
+
+
+# ------------------------------------------------------------------ outputs
+
+def write_figures(frame: pd.DataFrame, analysis: Analysis, out_dir: Path) -> list[Path]:
+    from . import figures
+    paths = [figures.save(figures.fig3_1(analysis.scores), out_dir / "fig3_1.png"),
+             figures.save(figures.training_curves(frame), out_dir / "nc_score_curves.png"),
+             figures.save(figures.conjecture_3_1_1(analysis.scores, analysis.results["conjecture_3_1_1"]),
+                          out_dir / "conjecture_3_1_1.png"),
+             figures.save(figures.conjecture_3_2_1(analysis.models), out_dir / "conjecture_3_2_1.png"),
+             figures.save(figures.conjecture_3_2_2(analysis.depths, analysis.epsilons), out_dir / "conjecture_3_2_2.png"),
+             figures.save(figures.theorem_scatter(analysis.evals), out_dir / "theorem_2_3_1.png")]
+    curves = {m: final_layers(frame, m) for m in ("ncc_acc", "intra_min", "inter_max")}
+    converged = analysis.models[analysis.models["status"] == CONVERGED]
+    for group, models in converged.groupby("group", sort=True):
+        if any(r in curves["ncc_acc"] for r in models["run_id"]):
+            fig = figures.fig3_3(curves, models, group)
+            paths.append(figures.save(fig, out_dir / f"fig3_3_{figures.slug(group)}.png"))
+    return paths
+
+
+def conjectures_json(study: Study, analysis: Analysis) -> dict:
+    table = trials(study.frame)
+    return clean({
+        "experiments": list(study.experiment_ids), "tracking_uri": study.tracking_uri,
+        "generated": _now(),
+        "n_trials": int(len(table)), "n_converged": int((table["status"] == CONVERGED).sum()),
+        "skipped_runs": study.skipped.to_dict("records"), "settings": analysis.settings,
+        "tests": {key: {"title": title, "claim": claim,
+                        "summary": summary_line(key, analysis.results[key]),
+                        "groups": analysis.results[key]}
+                  for key, title, claim in TESTS}})
+
+
+def _md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ci(r: dict) -> str:
+    return "—" if r["epsilon_hat"] is None else interval(r["ci_low"], r["ci_high"])
+
+
+def _excl(r: dict) -> str:
+    parts = [f"{v} {k}" for k, v in r["excluded"].items()]
+    return ", ".join(parts) if parts else "0"
+
+
+def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path) -> Path:
+    res = analysis.results
+    table = trials(study.frame)
+    groups = sorted(set(table["group"]))
+    L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", ""]
+    L.append(f"{len(table)} trials ({int((table['status'] == CONVERGED).sum())} converged) in "
+             f"{len(groups)} architecture group(s), read from `{study.tracking_uri}`. Only converged trials "
+             f"enter a test; the others are counted beside it. Significance level {ALPHA}, two-sided "
+             f"permutation p-values ({analysis.settings['n_perm']} permutations), "
+             f"{analysis.settings['n_boot']} bootstrap resamples, seed {analysis.settings['seed']}.")
+    L += ["", "## Verdicts", ""]
+    for key, title, claim in TESTS:
+        L.append(f"**{title}** ({claim}): {summary_line(key, res[key])}.")
+        L.append("")
+        for r in res[key]:
+            at = f", ε = {r['epsilon']:g}" if "epsilon" in r and key == "conjecture_3_2_2" else ""
+            L.append(f"- `{r['group']}`{at}: {r['verdict']}")
+        L.append("")
+    bad = theorem.violations(analysis.evals)
+    if len(bad):
+        L += [f"> **WARNING: loss_gap < 0 at {len(bad)} evaluation(s).** The loss floor of Theorem 2.3.1 "
+              f"holds for any bias-free model, so a measurement is wrong. See the Theorem 2.3.1 section.", ""]
+
+    L += ["## Data", ""]
+    statuses = sorted(set(table["status"]))
+    rows = [[f"`{g}`"] + [int(((table["group"] == g) & (table["status"] == s)).sum()) for s in statuses]
+            for g in groups]
+    L += [_md_table(["group"] + statuses, rows), ""]
+    if len(study.skipped):
+        L += [f"{len(study.skipped)} run(s) skipped (not usable as trials):", ""]
+        L += [f"- {r.trial} (`{r.run_id}`, {r.experiment}): {r.reason}" for r in study.skipped.itertuples()]
+        L.append("")
+
+    L += ["## Conjecture 3.1.1: NC improves with weight decay", "",
+          "S(λ) = final nc_score; for λ1 < λ2, S(λ2) − S(λ1) ≥ −ε log(λ2/λ1). ε̂ on per-λ seed means; "
+          "the CI is a simultaneous bootstrap band over λ pairs (seeds resampled within each λ); trend: "
+          "Spearman ρ of S against log λ over trials, and Jonckheere–Terpstra (z > 0: rises with λ).", ""]
+    rows = []
+    for r in res["conjecture_3_1_1"]:
+        pair = "; ".join(f"{p['lambda_1']:g} → {p['lambda_2']:g}" for p in r["set_by"]) or "—"
+        rows.append([f"`{r['group']}`", r["n_converged"], _excl(r), num(r["epsilon_hat"]), _ci(r), pair, num(r["statistic"]), pval(r["p_value"]),
+                     num(r["jonckheere_z"]), pval(r["jonckheere_p"])])
+    L += [_md_table(["group", "n", "excluded", "ε̂", "95% CI", "set by λ pair", "ρ", "p", "JT z", "JT p"], rows), ""]
+    lams = sorted({p["weight_decay"] for r in res["conjecture_3_1_1"] for p in r["per_lambda"]})
+    if lams:
+        rows = []
+        for r in res["conjecture_3_1_1"]:
+            by = {p["weight_decay"]: p for p in r["per_lambda"]}
+            rows.append([f"`{r['group']}`"] + [f"{by[l]['mean']:.3f} ({by[l]['n']})" if l in by else "—" for l in lams])
+        L += ["Seed-mean final nc_score (number of converged seeds):", "",
+              _md_table(["group"] + [f"λ={l:g}" for l in lams], rows), ""]
+    L += ["![Conjecture 3.1.1](conjecture_3_1_1.png)", "", "![Fig 3.1](fig3_1.png)", ""]
+
+    L += ["## Conjecture 3.2.1: NC sharpens with depth", "",
+          "Per converged model, ε̂ = max(0, max_l S_l − S_{l+1}) over consecutive hidden blocks (final "
+          "per-layer nc_score). Layer ρ: mean per-model Spearman ρ of S_l against l, p from shuffling the "
+          "block order within models. ε̂ vs λ: Spearman ρ of per-model ε̂ against λ.", ""]
+    rows = []
+    for r in res["conjecture_3_2_1"]:
+        d = r["distribution"] or {}
+        s = r["set_by"][0] if r["set_by"] else None
+        where = f"{s['trial']} block {s['block_from']} → {s['block_to']}" if s else "—"
+        share = f"{100 * r['share_nondecreasing']:.0f}%" if r["share_nondecreasing"] is not None else "n/a"
+        rows.append([f"`{r['group']}`", r["n_converged"], _excl(r), num(r["epsilon_hat"]), where,
+                     f"{num(d.get('median'))} {_ci(r)}",
+                     f"{num(d.get('q25'))}–{num(d.get('q75'))}" if d else "n/a", share, num(r["statistic"]), pval(r["p_value"]),
+                     num(r["lambda_rho"]), pval(r["lambda_p"])])
+    L += [_md_table(["group", "models", "excluded", "max ε̂", "set by", "median ε̂ [95% CI]", "IQR",
+                     "non-decreasing steps", "layer ρ", "p", "ε̂ vs λ ρ", "p"], rows), ""]
+    lams = sorted({p["weight_decay"] for r in res["conjecture_3_2_1"] for p in r["per_lambda"]})
+    if lams:
+        rows = []
+        for r in res["conjecture_3_2_1"]:
+            by = {p["weight_decay"]: p for p in r["per_lambda"]}
+            rows.append([f"`{r['group']}`"] + [f"{num(by[l]['median_epsilon_hat'])} / {num(by[l]['max_epsilon_hat'])}"
+                                               if l in by else "—" for l in lams])
+        L += ["Per-model ε̂ against λ (median / max over seeds):", "",
+              _md_table(["group"] + [f"λ={l:g}" for l in lams], rows), ""]
+    L += ["![Conjecture 3.2.1](conjecture_3_2_1.png)", ""]
+
+    L += ["## Conjecture 3.2.2: depth minimisation improves with weight decay", "",
+          "d_ε = smallest hidden block with 1 − ncc_acc ≤ ε at the final evaluation (else the depth L), "
+          "recomputed from the per-layer ncc_acc. Prediction: ρ(d_ε, λ) < 0 and no λ1 < λ2 with "
+          "d̄(λ1) < d̄(λ2). Worst rise: the largest such increase of the seed-mean depth, in blocks.", ""]
+    rows = []
+    for r in res["conjecture_3_2_2"]:
+        pairs = ", ".join(f"{p['lambda_1']:g}→{p['lambda_2']:g} ({p['depth_1']:.1f}→{p['depth_2']:.1f})"
+                          for p in r["violating_pairs"][:4]) or "none"
+        if len(r["violating_pairs"]) > 4:
+            pairs += f", … ({len(r['violating_pairs'])} in all)"
+        trial_pairs = (f"{r['n_violating_trial_pairs']}/{r['n_trial_pairs']}"
+                       if r["n_trial_pairs"] is not None else "n/a")
+        rows.append([f"`{r['group']}`", f"{r['epsilon']:g}", r["n_converged"], _excl(r), num(r["statistic"]),
+                     pval(r["p_value"]), pairs, f"{num(r['epsilon_hat'])} {_ci(r)}",
+                     trial_pairs, "—" if r["logged_disagree"] is None else r["logged_disagree"]])
+    L += [_md_table(["group", "ε", "n", "excluded", "ρ", "p", "violating λ pairs (mean depth)", "worst rise [95% CI]",
+                     "violating trial pairs", "logged effective_depth disagrees"], rows), ""]
+    L += ["![Conjecture 3.2.2](conjecture_3_2_2.png)", ""]
+
+    L += ["## Theorem 2.3.1: the loss floor", "",
+          "Every evaluation of every bias-free trial, converged or not, must have loss_gap ≥ 0 "
+          f"(violation: loss_gap < −{theorem.TOLERANCE:g}).", ""]
+    rows = [[f"`{r['group']}`", r["n_trials_checked"], r["n_evaluations"], num(r["statistic"], 3), r["n_violations"],
+             num(r["rho_intra"]), num(r["rho_inter"])] for r in res["theorem_2_3_1"]]
+    L += [_md_table(["group", "trials", "evaluations", "min loss_gap", "violations",
+                     "ρ(1−intra_min, √gap/αβ)", "ρ(inter_max+1/(C−1), gap^⅙)"], rows), ""]
+    if len(bad):
+        L += ["**Violations (loss_gap < 0):**", ""]
+        L += [f"- {r.trial} (`{r.run_id}`) epoch {int(r.epoch)}: loss_gap = {r.loss_gap:.4g}"
+              for r in bad.head(50).itertuples()]
+        if len(bad) > 50:
+            L.append(f"- … {len(bad) - 50} more in conjectures.json")
+        L.append("")
+    L += ["![Theorem 2.3.1](theorem_2_3_1.png)", ""]
+
+    L += ["## Figures", "", "![nc_score during training](nc_score_curves.png)", ""]
+    L += [f"![{p.stem}]({p.name})" for p in figures if p.name.startswith("fig3_3_")]
+    L.append("")
+    path.write_text("\n".join(L))
+    return path
+
+
+# ------------------------------------------------------------------ the whole path
+
+def check_epsilons(epsilons: Sequence[float]) -> tuple[float, ...]:
+    out = []
+    for eps in epsilons:
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps < 1):
+            raise usage_error(f"effective-depth epsilon {eps!r} must lie in [0, 1); e.g. --epsilons 0.001,0.01,0.05")
+        out.append(float(eps))
+    if not out:
+        raise usage_error("give at least one effective-depth epsilon, e.g. --epsilons 0.01")
+    return tuple(out)
+
+
+LAYER_METRICS = ("ncc_acc", "nc_score", "intra_min", "inter_max")   # the per-layer measures the tests read
+
+
+def log_artifacts(parents: dict, tracking_uri: str, files: list[Path], say: Callable[[str], None],
+                  warn: Callable[[str], None]) -> int:
+    """Log `files` (this analysis' outputs, nothing else in their folder) under `analysis/`
+    on each experiment's parent run; returns on how many runs. A local artifact location is
+    written through MLflow's artifact repository directly, which is what
+    `MlflowClient.log_artifact` does after looking the run up (and spares opening the
+    tracking store); any other location goes through the client."""
+    from urllib.parse import urlparse
+    logged = 0
+    for name, parent in parents.items():
+        if parent is None:
+            warn(f"experiment {name!r} has no parent run (tag nc_study.kind=study): outputs not logged to MLflow")
+            continue
+        try:
+            if parent.artifact_uri and urlparse(parent.artifact_uri).scheme in ("", "file"):
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+                repo = get_artifact_repository(parent.artifact_uri)
+                for path in files:
+                    repo.log_artifact(str(path), "analysis")
+            else:
+                from mlflow import MlflowClient
+                client = MlflowClient(tracking_uri=tracking_uri)
+                for path in files:
+                    client.log_artifact(parent.run_id, str(path), "analysis")
+        except Exception as exc:  # the report is written; say why MLflow did not take it
+            warn(f"could not log the analysis on parent run {parent.run_id} of {name!r}: {exc}")
+            continue
+        say(f"logged {len(files)} files as artifacts analysis/ on parent run {parent.run_id} ({name})")
+        logged += 1
+    return logged
+
+
+def _fingerprint(listing: Listing, tracking_uri: str, settings: dict) -> str:
+    """Identity of an analysis' inputs: the runs (as the per-run cache keys them), the
+    settings and this package's source, so any change re-computes."""
+    h = hashlib.sha1()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(source.read_bytes())
+    h.update(json.dumps([tracking_uri, settings], sort_keys=True, default=str).encode())
+    for r in listing.trials:
+        h.update(json.dumps([r.run_id, r.name, r.experiment, r.cache_key(listing.source.name),
+                             sorted(r.params.items())], default=str).encode())
+    return h.hexdigest()
+
+
+def _read_outputs(path: Path) -> dict[str, bytes] | None:
+    try:
+        with open(path, "rb") as fh:
+            files = pickle.load(fh)
+        return files if "conjectures.json" in files and "report.md" in files else None
+    except Exception:  # absent or unreadable: compute
+        return None
+
+
+def analyze(experiments: list[str], tracking_uri: str, out_dir: Path,
+            epsilons: Sequence[float] = effdepth.EPSILONS, cache_dir: Path | None = CACHE_DIR,
+            backend: str = "auto", n_boot: int = stats.N_BOOT, n_perm: int = stats.N_PERM, seed: int = 0,
+            log_to_mlflow: bool = True, progress: Callable[[str], None] | None = None,
+            warn: Callable[[str], None] | None = None) -> Path:
+    """Analyze `experiments` in the store at `tracking_uri`; write report.md, conjectures.json
+    and PNGs into `out_dir` and log them on the parent run(s). Returns the report path.
+    Bad input raises study.cli.UsageError before anything is written.
+
+    With a `cache_dir`, run histories are cached per run, and the outputs per set of inputs:
+    a re-run over unchanged runs with the same settings rewrites the stored outputs (with a
+    fresh `generated` time) instead of recomputing them."""
+    say = progress or (lambda message: None)
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    epsilons = check_epsilons(epsilons)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise usage_error(f"--out {out_dir} is a file; name a directory for the report")
+    listing = open_study(list(experiments), tracking_uri, backend)
+    settings = {"epsilons": epsilons, "n_boot": n_boot, "n_perm": n_perm, "seed": seed, "backend": backend}
+    stored = files = None
+    if cache_dir is not None:
+        stored = cache_root(cache_dir, listing.source) / "outputs" / f"{_fingerprint(listing, tracking_uri, settings)}.pkl"
+        files = _read_outputs(stored)
+    if files is not None:
+        listing.source.close()
+        say(f"{len(listing.trials)} trial runs unchanged since the last analysis: outputs from the cache")
+        written = _replay(files, out_dir, warn)
+    else:
+        written = _compute(listing, tracking_uri, out_dir, settings, cache_dir, say, warn)
+        if stored is not None:
+            _store_outputs(stored, written)
+    if log_to_mlflow:
+        log_artifacts(listing.parents, tracking_uri, written, say, warn)
+    return out_dir / "report.md"
+
+
+def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict, cache_dir: Path | None,
+             say: Callable[[str], None], warn: Callable[[str], None]) -> list[Path]:
+    """Read the runs, run the tests, write every output; returns the files written."""
+    study = read_study(listing, tracking_uri, cache_dir, LAYER_METRICS, progress=say)
+    say("running the tests")
+    analysis = run_tests(study.frame, settings["epsilons"], settings["n_boot"], settings["n_perm"], settings["seed"])
+    warnings = []
+    bad = theorem.violations(analysis.evals)
+    if len(bad):
+        worst = bad.iloc[0]
+        warnings.append(f"LOSS FLOOR VIOLATED: loss_gap < 0 at {len(bad)} evaluation(s), worst "
+                        f"{worst['loss_gap']:.4g} ({worst['trial']}, epoch {int(worst['epoch'])}); "
+                        f"a measurement is wrong (SCIENCE.md §4)")
+    for line in warnings:
+        warn(line)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"drawing figures into {out_dir}")
+    figures = write_figures(study.frame, analysis, out_dir)
+    result = conjectures_json(study, analysis) | {"warnings": warnings}
+    (out_dir / "conjectures.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    report = write_report(study, analysis, figures, out_dir / "report.md")
+    return [report, out_dir / "conjectures.json"] + figures
+
+
+def _replay(files: dict[str, bytes], out_dir: Path, warn: Callable[[str], None]) -> list[Path]:
+    """Write stored outputs again, with a fresh `generated` time; repeat their warnings."""
+    result = json.loads(files["conjectures.json"])
+    result["generated"] = _now()
+    files["conjectures.json"] = (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode()
+    for line in result.get("warnings", []):
+        warn(line)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out_dir / name).write_bytes(data)
+    return [out_dir / name for name in files]
+
+
+def _store_outputs(stored: Path, written: list[Path], keep: int = 8) -> None:
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stored.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump({p.name: p.read_bytes() for p in written}, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, stored)
+    for old in sorted(stored.parent.glob("*.pkl"), key=lambda f: f.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)      # keep the newest output sets only
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,264 @@
+"""The analysis against a real SQLite MLflow store written per docs/mlflow_layout.md:
+loading (both readers, cache, skipped runs), the whole `nc-study analyze` path, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from mlflow import MlflowClient                                      # noqa: E402
+from mlflow.entities import Metric                                   # noqa: E402
+
+from analysis.load import load_study, wide_history                   # noqa: E402
+from analysis.synthetic import planted_trials, write_study           # noqa: E402
+from study.cli import UsageError, main                               # noqa: E402
+
+LAMBDAS = (1e-4, 1e-3, 5e-3, 1e-2)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real store: study 'toy' (2 bn kinds x 4 λ x 2 seeds, depth 4, a diverged and a
+    not-converged corner), a junk run without params, an experiment without trials."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    trials = planted_trials(bns=("affine", "none"), lambdas=LAMBDAS, seeds=range(2), depth=4,
+                            epochs=20, eval_every=5, seed=1)
+    exp_id, parent, children = write_study(client, "toy", trials, artifact_location=f"{root}/artifacts")
+    junk = client.create_run(exp_id, run_name="toy_junk", tags={"mlflow.parentRunId": parent, "nc_study.kind": "trial"})
+    client.log_batch(junk.info.run_id, metrics=[Metric("something", 1.0, 0, 0)])
+    client.set_terminated(junk.info.run_id)
+    empty = client.create_experiment("lonely", artifact_location=f"{root}/artifacts_lonely")
+    client.create_run(empty, run_name="lonely", tags={"nc_study.kind": "study"})
+    return {"root": root, "uri": uri, "client": client, "trials": trials, "parent": parent,
+            "children": children, "junk": junk.info.run_id, "exp_id": exp_id}
+
+
+# ------------------------------------------------------------------ loading
+
+def test_wide_history_layers_nan_inf_and_duplicates():
+    keys = ["nc_score", "layer01/nc_score", "layer02/ncc_acc", "epoch", "train_loss", "nc_score", "system/cpu"]
+    steps = [5, 5, 5, 5, 10, 5, 5]
+    values = [0.1, 0.2, 0.9, 5.0, 1.7976931348623157e308, 0.3, 42.0]
+    w = wide_history(keys, steps, values)
+    assert list(w.columns[:2]) == ["epoch", "layer"] and "epoch" not in w.columns[2:]
+    assert "cpu" not in w.columns
+    row = w[(w.epoch == 5) & (w.layer == 0)].iloc[0]
+    assert row["nc_score"] == 0.3                       # the later duplicate wins
+    assert np.isinf(w[(w.epoch == 10) & (w.layer == 0)]["train_loss"]).all()
+    assert w[(w.epoch == 5) & (w.layer == 2)]["ncc_acc"].item() == 0.9
+    assert len(w) == 4                                  # (5,0) (5,1) (5,2) (10,0); empty rows dropped
+
+
+def test_load_frame_schema_and_skips(store, tmp_path):
+    study = load_study(["toy"], store["uri"], cache_dir=tmp_path / "cache")
+    f = study.frame
+    assert list(f.columns[:11]) == ["run_id", "experiment", "trial", "status", "group", "weight_decay",
+                                    "seed", "depth", "bn", "epoch", "layer"]
+    assert f["run_id"].nunique() == len(store["trials"])
+    assert f["weight_decay"].dtype == float and f["seed"].dtype == np.int64 and f["layer"].dtype == np.int64
+    assert set(f["group"]) == {"bn=affine", "bn=none"}
+    assert set(f["layer"]) == {0, 1, 2, 3}
+    assert {"nc_score", "ncc_acc", "loss_gap", "param_lr", "lr", "bias", "ncc_epsilon"} <= set(f.columns)
+    statuses = f.drop_duplicates("run_id")["status"].value_counts().to_dict()
+    assert statuses == {"converged": sum(t.status == "converged" for t in store["trials"]),
+                        "not_converged": sum(t.status == "not_converged" for t in store["trials"]),
+                        "diverged": sum(t.status == "diverged" for t in store["trials"])}
+    assert study.skipped["run_id"].tolist() == [store["junk"]]
+    assert "missing param" in study.skipped["reason"].item()
+    assert study.parents["toy"].run_id == store["parent"]
+    # metric values survive the trip: the final penultimate nc_score of the first trial
+    t0, rid = store["trials"][0], store["children"][0]
+    got = f[(f.run_id == rid) & (f.layer == 0)].sort_values("epoch")["nc_score"].to_numpy()
+    np.testing.assert_allclose(got, t0.metrics["nc_score"])
+    got3 = f[(f.run_id == rid) & (f.layer == 3)].sort_values("epoch")["ncc_acc"].to_numpy()
+    np.testing.assert_allclose(got3, t0.metrics["layer03/ncc_acc"])
+
+
+def test_sqlite_reader_matches_mlflow_client(store):
+    fast = load_study(["toy"], store["uri"], cache_dir=None).frame
+    slow = load_study(["toy"], store["uri"], cache_dir=None, backend="client", full_layers=True).frame
+    key = ["run_id", "epoch", "layer"]
+    fast, slow = fast.sort_values(key).reset_index(drop=True), slow.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(fast[sorted(fast.columns)], slow[sorted(slow.columns)], check_dtype=False)
+    # default client reader: per-layer rows only at the final evaluation, run level complete
+    lean = load_study(["toy"], store["uri"], cache_dir=None, backend="client").frame
+    assert len(lean[lean.layer == 0]) == len(fast[fast.layer == 0])
+    last = lean[lean.layer > 0].groupby("run_id")["epoch"].nunique()
+    assert (last == 1).all()
+
+
+def test_cache_skips_unchanged_runs_and_rereads_changed(store, tmp_path):
+    cache = tmp_path / "cache"
+    first = load_study(["toy"], store["uri"], cache_dir=cache)
+    assert (first.n_cached, first.n_queried) == (0, len(store["trials"]))
+    second = load_study(["toy"], store["uri"], cache_dir=cache)
+    assert (second.n_cached, second.n_queried) == (len(store["trials"]), 0)
+    pd.testing.assert_frame_equal(first.frame, second.frame)
+    # a changed run (a new evaluation) is read again, the rest come from the cache
+    client, rid = store["client"], store["children"][1]
+    client.log_batch(rid, metrics=[Metric("nc_score", 0.5, int(time.time() * 1000) + 10**6, 25)])
+    try:
+        third = load_study(["toy"], store["uri"], cache_dir=cache)
+        assert (third.n_cached, third.n_queried) == (len(store["trials"]) - 1, 1)
+        assert 25 in set(third.frame.loc[third.frame.run_id == rid, "epoch"])
+    finally:   # restore the store for the other tests
+        con = sqlite3.connect(store["uri"][len("sqlite:///"):])
+        con.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 25", (rid,))
+        con.execute("UPDATE latest_metrics SET step = 20, value = ? WHERE run_uuid = ? AND key = 'nc_score'",
+                    (float(store["trials"][1].metrics["nc_score"][-1]), rid))
+        con.commit()
+        con.close()
+
+
+# ------------------------------------------------------------------ the whole path
+
+def test_analyze_writes_report_json_figures_and_artifacts(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "rep"
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+    assert (tmp_path / ".nc_cache").is_dir()                       # default cache in the working folder
+    report = (out / "report.md").read_text()
+    assert report.index("## Verdicts") < report.index("## Conjecture 3.1.1")
+    for title in ("Conjecture 3.1.1", "Conjecture 3.2.1", "Conjecture 3.2.2", "Theorem 2.3.1"):
+        assert f"**{title}**" in report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"fig3_1.png", "nc_score_curves.png", "conjecture_3_1_1.png", "conjecture_3_2_1.png",
+            "conjecture_3_2_2.png", "theorem_2_3_1.png", "fig3_3_bn_affine.png"} <= set(pngs)
+    for name in pngs:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+        assert f"({name})" in report
+    result = json.loads((out / "conjectures.json").read_text())
+    assert set(result["tests"]) == {"conjecture_3_1_1", "conjecture_3_2_1", "conjecture_3_2_2", "theorem_2_3_1"}
+    g = {r["group"]: r for r in result["tests"]["conjecture_3_1_1"]["groups"]}
+    for r in g.values():
+        for key in ("epsilon_hat", "ci_low", "ci_high", "statistic", "p_value", "n_converged", "n_excluded", "set_by"):
+            assert key in r
+    affine, none = g["bn=affine"], g["bn=none"]
+    assert affine["statistic"] > 0 and none["statistic"] < 0       # planted: rises with BN, falls without
+    n_none = {s: sum(t.status == s for t in store["trials"] if t.cfg.bn == "none")
+              for s in ("converged", "not_converged", "diverged")}
+    assert none["n_converged"] == n_none["converged"]
+    assert none["excluded"] == {k: v for k, v in n_none.items() if k != "converged" and v}
+    assert result["tests"]["theorem_2_3_1"]["summary"].startswith("holds in 2 of 2 groups")
+    assert [r["run_id"] for r in result["skipped_runs"]] == [store["junk"]]
+    e322 = result["tests"]["conjecture_3_2_2"]["groups"]
+    assert sorted({r["epsilon"] for r in e322}) == [0.001, 0.01, 0.05]
+    assert all(r["logged_disagree"] in (0, None) for r in e322)   # recomputed depth = logged one at ε = 0.01
+    # the artifacts are on the parent run
+    listed = {os.path.basename(a.path) for a in store["client"].list_artifacts(store["parent"], "analysis")}
+    assert {"report.md", "conjectures.json", "fig3_1.png"} <= listed
+
+    # a re-run over unchanged runs takes its outputs from the cache, same report
+    again = tmp_path / "rep2"
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(again)]) == 0
+    assert "outputs from the cache" in capsys.readouterr().out
+    assert (again / "report.md").read_text() == report
+    assert sorted(p.name for p in again.glob("*.png")) == pngs
+
+
+def test_analyze_api_returns_report_path(store, tmp_path):
+    from analysis.report import analyze
+    path = analyze(["toy"], store["uri"], tmp_path / "o", epsilons=(0.01,), cache_dir=None,
+                   n_perm=199, n_boot=200, log_to_mlflow=False)
+    assert path == tmp_path / "o" / "report.md" and path.is_file()
+    result = json.loads((tmp_path / "o" / "conjectures.json").read_text())
+    assert [r["epsilon"] for r in result["tests"]["conjecture_3_2_2"]["groups"]] == [0.01, 0.01]
+
+
+# ------------------------------------------------------------------ bad input: clear error, nothing written
+
+def _nothing_written(tmp_path, capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".nc_cache").exists()
+    assert err.startswith("nc-study analyze: error: ") and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize("experiment, words", [("nope", "experiment 'nope' not found"),
+                                               ("lonely", "experiment 'lonely' has no trial runs")])
+def test_unknown_or_empty_experiment(store, tmp_path, monkeypatch, capsys, experiment, words):
+    monkeypatch.chdir(tmp_path)
+    err = _nothing_written(tmp_path, capsys, ["analyze", "toy", experiment, "--tracking-uri", store["uri"],
+                                              "--out", str(tmp_path / "out")])
+    assert words in err
+    assert "toy" in err or experiment == "lonely"
+
+
+def test_missing_sqlite_file_is_refused_not_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = _nothing_written(tmp_path, capsys, ["analyze", "toy", "--tracking-uri", f"sqlite:///{tmp_path}/none.db",
+                                              "--out", str(tmp_path / "out")])
+    assert "no such file" in err and not (tmp_path / "none.db").exists()
+    # the default URI (sqlite:///mlflow.db in the working folder) is refused the same way
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    err = _nothing_written(tmp_path, capsys, ["analyze", "toy", "--out", str(tmp_path / "out")])
+    assert "mlflow.db" in err and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unopenable_tracking_uris(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.db").write_text("not a database")
+    plain = tmp_path / "plain.db"
+    sqlite3.connect(plain).execute("CREATE TABLE t (x)").connection.close()
+    for uri, words in ((f"sqlite:///{tmp_path}/notes.db", "cannot be opened as SQLite"),
+                       (f"sqlite:///{plain}", "not an MLflow tracking database"),
+                       ("http://127.0.0.1:1", "cannot be reached"),
+                       (str(tmp_path / "no_dir"), "MLflow 3 keeps runs in a database"),
+                       (f"{tmp_path}/notes.db", "sqlite:///")):
+        err = _nothing_written(tmp_path, capsys, ["analyze", "toy", "--tracking-uri", uri,
+                                                  "--out", str(tmp_path / "out")])
+        assert words in err, err
+    assert (tmp_path / "notes.db").read_text() == "not a database"
+
+
+def test_bad_epsilon_and_usage_error_class(store, tmp_path):
+    from analysis.report import analyze
+    with pytest.raises(UsageError, match="epsilon"):
+        analyze(["toy"], store["uri"], tmp_path / "out", epsilons=(1.5,))
+    assert not (tmp_path / "out").exists()
+
+
+def test_violation_is_loud_and_missing_parent_is_reported(store, tmp_path, monkeypatch, capsys):
+    """A study with a negative loss_gap and whose parent run was deleted: the report and
+    stderr say so, the rest is still written."""
+    client = store["client"]
+    trials = planted_trials(bns=("affine",), lambdas=(1e-4, 1e-3), seeds=range(2), depth=3, epochs=10,
+                            eval_every=5, seed=2)
+    trials[1].metrics["loss_gap"] = trials[1].metrics["loss_gap"].copy()
+    trials[1].metrics["loss_gap"][0] = -0.05
+    _, parent, _ = write_study(client, "broken", trials, artifact_location=str(tmp_path / "art"))
+    client.delete_run(parent)
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "broken", "--tracking-uri", store["uri"], "--out", "rep"]) == 0
+    err = capsys.readouterr().err
+    assert "LOSS FLOOR VIOLATED: loss_gap < 0 at 1 evaluation(s), worst -0.05 (broken_1, epoch 5)" in err
+    assert "no parent run" in err
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "**WARNING: loss_gap < 0 at 1 evaluation(s).**" in report
+    assert "VIOLATED at 1 of 8 evaluations" in report
+    assert "- broken_1 (`" in report
+
+
+def test_log_artifacts_through_the_client(store, tmp_path):
+    """A parent run whose artifact location is not a local folder is logged via MlflowClient."""
+    from analysis.load import RunRecord
+    from analysis.report import log_artifacts
+    note = tmp_path / "note.md"
+    note.write_text("hello")
+    parent = RunRecord(store["parent"], "toy", "toy", None, {}, {}, 0, None, artifact_uri="")
+    assert log_artifacts({"toy": parent}, store["uri"], [note], print, print) == 1
+    listed = {os.path.basename(a.path) for a in store["client"].list_artifacts(store["parent"], "analysis")}
+    assert "note.md" in listed

@@ -1,0 +1,192 @@
+"""TrialConfig validation and round trips; the synthetic sets and the .npz loader."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from study import data
+from study.config import FIELD_NAMES, ConfigError, TrialConfig, parse_overrides
+from study.data import DataError, load_dataset, read_npz
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+AUTHORS_SETS = {"conic.npz": [2308, 2669, 2607, 2416], "mlp_3.npz": [2654, 2442, 2147, 2757]}
+
+
+# ------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("values, key", [
+    ({"nosuchkey": 1}, "nosuchkey"),
+    ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"weight_decay": "nan"}, "weight_decay"),
+    ({"depth": 1}, "depth"),
+    ({"bn": "batch"}, "bn"),
+    ({"bn_placement": "first"}, "bn_placement"),
+    ({"lr_milestones": "0.5,1.0"}, "lr_milestones"),
+    ({"lr_milestones": [0.0, 0.5]}, "lr_milestones"),
+    ({"lr_milestones": "0.6,0.3"}, "lr_milestones"),
+    ({"epochs": "ten"}, "epochs"),
+    ({"depth": 2.5}, "depth"),
+    ({"width": True}, "width"),
+    ({"bias": "maybe"}, "bias"),
+    ({"lr": "fast"}, "lr"),
+    ({"lr": 0}, "lr"),
+    ({"lr_milestones": 3}, "lr_milestones"),
+    ({"dataset": "npz"}, "data_path"),
+    ({"dataset": "cifar"}, "dataset"),
+    ({"num_classes": 1}, "num_classes"),
+    ({"ncc_epsilon": 1.5}, "ncc_epsilon"),
+    ({"lr_decay": 0}, "lr_decay"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+])
+def test_bad_config_names_the_key(values, key):
+    with pytest.raises(ConfigError, match=key):
+        TrialConfig.from_dict(values)
+
+
+def test_from_dict_accepts_strings():
+    cfg = TrialConfig.from_dict({"epochs": "5", "bias": "true", "lr_milestones": "0.25,0.5",
+                                 "lr": "0.1", "bn": "none", "weight_decay": "1e-3", "depth": "4.0"})
+    assert cfg.epochs == 5 and cfg.bias is True and cfg.lr_milestones == (0.25, 0.5)
+    assert cfg.lr == 0.1 and cfg.bn == "none" and cfg.weight_decay == 1e-3 and cfg.depth == 4
+    assert TrialConfig.from_dict({"bias": "False", "lr_milestones": "[0.5]"}).lr_milestones == (0.5,)
+    assert TrialConfig.from_dict({"lr_milestones": ""}).lr_milestones == ()
+
+
+@pytest.mark.parametrize("cfg", [
+    TrialConfig(),
+    TrialConfig(weight_decay=7e-3, lr=1 / 3, lr_milestones=(1 / 4, 1 / 2, 3 / 4), optimizer="adam",
+                dataset="npz", data_path="/tmp/x y.npz", bias=True, ncc_epsilon=0.1 / 3),
+])
+def test_to_params_is_flat_and_round_trips(cfg):
+    params = cfg.to_params()
+    assert list(params) == list(FIELD_NAMES)
+    assert all(isinstance(v, str) for v in params.values())
+    assert TrialConfig.from_dict(params) == cfg
+    assert TrialConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_derived_values():
+    cfg = TrialConfig(epochs=30, eval_every=7, lr=1.0, lr_milestones=(1 / 3, 2 / 3), lr_decay=0.1)
+    assert cfg.milestone_epochs == (10, 20)
+    assert [cfg.lr_at(e) for e in (0, 9, 10, 19, 20, 29)] == pytest.approx([1, 1, .1, .1, .01, .01])
+    assert cfg.eval_epochs == (7, 14, 21, 28, 30)
+    assert cfg.replace(depth=3).depth == 3
+    with pytest.raises(ConfigError, match="typo"):
+        cfg.replace(typo=3)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["epochs=5", " bn = none "]) == {"epochs": "5", "bn": "none"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+# ------------------------------------------------------------------ synthetic data
+
+def fresh(fn, *args):
+    """Bypass the per-process cache so determinism is really tested."""
+    return fn.__wrapped__(*args)
+
+
+def test_teacher_is_a_function_of_data_seed():
+    a = fresh(data._teacher, 500, 16, 4, 0, 3, 50)
+    b = fresh(data._teacher, 500, 16, 4, 0, 3, 50)
+    c = fresh(data._teacher, 500, 16, 4, 1, 3, 50)
+    assert torch.equal(a.X, b.X) and torch.equal(a.y, b.y)
+    assert not torch.equal(a.X, c.X) and not torch.equal(a.y, c.y)
+    assert a.X.dtype == torch.float32 and a.y.dtype == torch.int64
+    assert min(a.class_counts) > 0.1 * 500      # centred teacher logits: no tiny class
+
+
+def test_teacher_through_config():
+    cfg = TrialConfig(n_samples=300, input_dim=5, num_classes=3, teacher_width=20)
+    ds = load_dataset(cfg)
+    assert ds.X.shape == (300, 5) and ds.num_classes == 3 and set(ds.y.tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("C", [2, 3, 4, 5, 8])
+def test_conic_any_number_of_classes(C):
+    a = fresh(data._conic, 2000, 16, C, 0, "auto")
+    b = fresh(data._conic, 2000, 16, C, 0, "auto")
+    c = fresh(data._conic, 2000, 16, C, 1, "auto")
+    assert torch.equal(a.X, b.X) and torch.equal(a.y, b.y)
+    assert not torch.equal(a.y, c.y)
+    assert sorted(set(a.y.tolist())) == list(range(C))
+
+
+def test_conic_labels_are_cones():
+    """Scaling an input by a positive factor keeps its class (vertex at the origin)."""
+    for kind in ("hyperplanes", "directions"):
+        ds = fresh(data._conic, 1000, 8, 4, 3, kind)
+        again = fresh(data._conic, 1000, 8, 4, 3, kind)
+        assert torch.equal(ds.y, again.y)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1000, 8, generator=g)
+    B = torch.randn(4, 8, generator=g)
+    assert torch.equal(fresh(data._conic, 1000, 8, 4, 3, "directions").y, (X @ B.T).argmax(dim=1))
+    assert torch.equal((2.5 * X @ B.T).argmax(dim=1), (X @ B.T).argmax(dim=1))
+
+
+def test_conic_three_classes_uses_directions():
+    auto = fresh(data._conic, 600, 16, 3, 0, "auto")
+    directions = fresh(data._conic, 600, 16, 3, 0, "directions")
+    assert torch.equal(auto.y, directions.y)
+    with pytest.raises(DataError, match="power of 2"):
+        fresh(data._conic, 600, 16, 3, 0, "hyperplanes")
+
+
+# ------------------------------------------------------------------ npz files
+
+@pytest.mark.parametrize("name", sorted(AUTHORS_SETS))
+def test_authors_sets_load(name):
+    cfg = TrialConfig(dataset="npz", data_path=str(DATASETS / name))
+    ds = load_dataset(cfg)
+    assert ds.X.shape == (10_000, 16) and ds.X.dtype == torch.float32
+    assert ds.class_counts == AUTHORS_SETS[name]
+
+
+def write(tmp_path: Path, **arrays) -> Path:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+X_OK = np.random.default_rng(0).normal(size=(20, 3))
+Y_OK = np.arange(20) % 4
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"X": X_OK}, "missing array 'y'"),
+    ({"y": Y_OK}, "missing array 'X'"),
+    ({"X": X_OK[:, 0], "y": Y_OK}, "X must be"),
+    ({"X": X_OK, "y": Y_OK[:-1]}, "X must be"),
+    ({"X": X_OK, "y": Y_OK[:, None]}, "X must be"),
+    ({"X": np.where(np.eye(20, 3) > 0, np.nan, X_OK), "y": Y_OK}, "NaN"),
+    ({"X": X_OK, "y": Y_OK + 0.5}, "integer"),
+    ({"X": X_OK, "y": np.where(Y_OK == 0, -1, Y_OK)}, "0..3"),
+    ({"X": X_OK, "y": np.where(Y_OK == 0, 4, Y_OK)}, "0..3"),
+    ({"X": X_OK, "y": np.where(Y_OK == 2, 1, Y_OK)}, "class 2 has no samples"),
+    ({"X": X_OK.astype(str), "y": Y_OK}, "real numbers"),
+    ({"X": X_OK + 1j, "y": Y_OK}, "real numbers"),
+    ({"X": X_OK > 0, "y": Y_OK}, "real numbers"),
+])
+def test_bad_npz_is_refused(tmp_path, arrays, message):
+    path = write(tmp_path, **arrays)
+    with pytest.raises(DataError, match=message) as info:
+        read_npz(path, 4)
+    assert str(path) in str(info.value)
+
+
+def test_npz_float_labels_and_missing_file(tmp_path):
+    X, y = read_npz(write(tmp_path, X=X_OK, y=Y_OK.astype(np.float64)), 4)
+    assert X.dtype == np.float32 and y.dtype == np.int64 and (y == Y_OK).all()
+    with pytest.raises(DataError, match="no such data file"):
+        read_npz(tmp_path / "absent.npz", 4)
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable"):
+        read_npz(tmp_path / "junk.npz", 4)
+    assert not math.isnan(float(X.sum()))

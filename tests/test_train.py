@@ -1,0 +1,192 @@
+"""The bare training loop on real (small) trainings: the loss-floor invariant, determinism,
+checkpoint/resume, status, and a smoke run on the authors' conic set."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from study import bench
+from study.config import ConfigError, TrialConfig
+from study.data import Dataset
+from study.metrics import LAYER_KEYS, layer_key
+from study.models import MLP, build_model
+from study.train import Trainer
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+SMALL = dict(n_samples=1000, width=64, depth=4, epochs=6, eval_every=1, device="cpu",
+             teacher_width=64)
+
+
+def small(**changes) -> TrialConfig:
+    return TrialConfig.from_dict({**SMALL, **changes})
+
+
+# ------------------------------------------------------------------ the model
+
+@pytest.mark.parametrize("bn, placement, n_bn", [("affine", "every", 3), ("nonaffine", "every", 3),
+                                                 ("affine", "last", 1), ("none", "every", 0)])
+def test_model_family(bn, placement, n_bn):
+    model = MLP(16, 4, depth=4, width=32, bn=bn, bn_placement=placement)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bns) == n_bn and len(model.blocks) == 3
+    assert all(m.affine == (bn == "affine") for m in bns)
+    if placement == "last" and n_bn:
+        assert isinstance(model.blocks[-1][-1], torch.nn.BatchNorm1d)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model.eval()
+    x = torch.randn(5, 16)
+    hidden = list(model.hidden(x))
+    assert len(hidden) == 3 and hidden[-1].shape == (5, 32)
+    assert torch.allclose(model.classifier(hidden[-1]), model(x))
+    assert all(m.bias is not None for m in build_model(small(bias=True), 16, 4).modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+# ------------------------------------------------------------------ the loss-floor invariant
+
+@pytest.mark.parametrize("bn", ["affine", "nonaffine", "none"])
+@pytest.mark.parametrize("placement", ["every", "last"])
+def test_loss_gap_nonnegative_at_every_evaluation(bn, placement):
+    cfg = small(bn=bn, bn_placement=placement, weight_decay=5e-3, lr=0.05, epochs=8, dataset="conic")
+    trainer = Trainer(cfg)
+    evals = list(trainer.run())
+    assert [e["epoch"] for e in evals] == list(range(1, 9))
+    for e in evals:
+        assert e["loss_gap"] >= 0, e
+        assert e["loss_floor"] == pytest.approx(math.log1p(3 * math.exp(
+            -4 / 3 * e["alpha"] * e["beta"] * math.sqrt(4 * max(trainer_counts(trainer)) / 1000))))
+        assert all(math.isfinite(e[layer_key(l, k)]) for l in (1, 2, 3) for k in LAYER_KEYS
+                   if k not in ("nc1", "cdnv"))
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"]       # it really trained
+    if bn != "none":                 # without BN a bias-free depth-4 net learns slowly (§6)
+        assert evals[-1]["train_acc"] > 0.9
+
+
+def trainer_counts(trainer: Trainer) -> list[int]:
+    return torch.bincount(trainer.y, minlength=trainer.num_classes).tolist()
+
+
+def test_evaluation_matches_a_manual_forward():
+    """train_loss/acc of evaluate() are the eval-mode model's on the full training set."""
+    trainer = Trainer(small(epochs=2))
+    list(trainer.run())
+    out = trainer.evaluate()
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(trainer.X).double()
+    assert out["train_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, trainer.y).item(), rel=1e-5)
+    assert out["train_acc"] == (logits.argmax(1) == trainer.y).double().mean().item()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.evaluate() == out                   # evaluation changes nothing
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+# ------------------------------------------------------------------ determinism, resume
+
+def test_same_seed_same_metrics():
+    cfg = small(epochs=3)
+    assert list(Trainer(cfg).run()) == list(Trainer(cfg).run())
+    assert list(Trainer(cfg).run()) != list(Trainer(cfg.replace(seed=1)).run())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_from_checkpoint_matches_uninterrupted(optimizer):
+    cfg = small(epochs=6, eval_every=2, lr_milestones="0.5", optimizer=optimizer,
+                lr=0.05 if optimizer == "sgd" else 1e-3)
+    straight = list(Trainer(cfg).run())
+
+    first = Trainer(cfg)
+    head = []
+    for metrics in first.run():
+        head.append(metrics)
+        if metrics["epoch"] == 4:
+            break
+    buffer = io.BytesIO()
+    torch.save(first.state(), buffer)
+    buffer.seek(0)
+    resumed = Trainer(cfg)
+    resumed.load_state(torch.load(buffer, weights_only=False))
+    tail = list(resumed.run())
+    assert head + tail == straight
+    assert resumed.epoch == 6 and resumed.status in ("converged", "not_converged")
+
+
+def test_state_is_a_snapshot():
+    """Training on after state() must not change the checkpoint already taken."""
+    cfg = small(epochs=4, eval_every=2)
+    straight = list(Trainer(cfg).run())
+    first = Trainer(cfg)
+    runner = first.run()
+    next(runner)                          # epoch 2
+    snapshot = first.state()
+    list(runner)                          # first goes on to epoch 4
+    resumed = Trainer(cfg)
+    resumed.load_state(snapshot)
+    assert list(resumed.run()) == straight[1:]
+
+
+# ------------------------------------------------------------------ status
+
+def test_converged_and_diverged_status():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 4, generator=g)
+    X[:, 0] += torch.sign(X[:, 0])                  # separable with a wide margin
+    easy = Dataset(X, (X[:, 0] > 0).long(), 2)
+    trainer = Trainer(small(epochs=30, eval_every=30, num_classes=2, input_dim=4, lr=0.05), easy)
+    last = list(trainer.run())[-1]
+    assert last["train_acc"] == 1.0 and trainer.status == "converged"
+
+    trainer = Trainer(small(epochs=5, bn="none", lr=1e6))
+    out = list(trainer.run())
+    assert trainer.status == "diverged"
+    assert out[-1]["diverged"] == 1.0 and out[-1]["epoch"] == trainer.epoch < 5
+
+
+def test_not_converged_status():
+    trainer = Trainer(small(epochs=1))
+    list(trainer.run())
+    assert trainer.status == "not_converged"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="device=cuda"):
+        Trainer(small(device="cuda"))
+
+
+# ------------------------------------------------------------------ the benchmark, in smoke size
+
+def test_bench_parts_run_small():
+    """study.bench's pieces on a tiny trainer: finite figures, and its chunked N x N
+    brute force agrees with study.metrics."""
+    trainer = Trainer(small(n_samples=600, width=32, depth=3, epochs=1))
+    trainer.train_epoch(0.05)
+    a = bench.bench_evaluation(trainer, repeats=1)
+    assert a["ratio"] > 1 and a["forward_s"] > 0
+    b = bench.bench_metrics(trainer, repeats=1)
+    assert b["max_abs_diff"] < 1e-5 and b["speedup_cosines"] > 0
+    c = bench.bench_training(trainer, repeats=1)
+    assert c["gflop_per_epoch"] == pytest.approx(
+        3 * 2 * 600 * (16 * 32 + 32 * 32 + 32 * 4) / 1e9)
+    assert 0 < c["efficiency"]
+    assert bench.epoch_batches(257, 128) == [128, 128]          # a batch of one is skipped
+    assert bench.peak_rss() > 0
+
+
+# ------------------------------------------------------------------ smoke on the authors' data
+
+def test_smoke_training_on_conic_npz():
+    cfg = TrialConfig(dataset="npz", data_path=str(DATASETS / "conic.npz"), depth=4, width=64,
+                      epochs=4, eval_every=2, device="cpu")
+    trainer = Trainer(cfg)
+    assert len(trainer.y) == 10_000
+    evals = list(trainer.run())
+    assert [e["epoch"] for e in evals] == [2.0, 4.0]
+    assert evals[-1]["train_acc"] > 0.8 and evals[-1]["train_acc"] >= evals[0]["train_acc"] - 0.02
+    assert all(e["loss_gap"] >= 0 for e in evals)
+    assert trainer.status in ("converged", "not_converged")
