@@ -19,6 +19,7 @@ from .spaces import SpaceError, Study, load_study
 
 EXIT_FAILED_TRIALS = 1
 EXIT_INTERRUPTED = 130
+STATE_PERIOD_S = 5.0  # how often Ray saves the experiment state, unless TUNE_GLOBAL_CHECKPOINT_S says
 
 
 def add_run_parser(sub) -> None:
@@ -174,7 +175,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return dry_run(study, uri, storage)
     address = ray_address(args)
 
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "5"  # see trainable.MIN_CHECKPOINT_S
+    state_period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "")
+    try:
+        state_period = float(state_period) if state_period not in ("", "auto") else STATE_PERIOD_S
+    except ValueError:
+        raise UsageError(f"TUNE_GLOBAL_CHECKPOINT_S={state_period!r} is not a number of seconds") from None
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(state_period)  # see trainable.run_trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     prepare_ray_env(address)
@@ -188,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             parent_id = ensure_parent_run(client, experiment_id, study)
         except TrackingError as exc:
             raise UsageError(str(exc)) from None
-        return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials)
+        return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials, state_period)
     finally:
         ray.shutdown()
 
@@ -206,14 +212,15 @@ def dry_run(study: Study, uri: str, storage: Path) -> int:
 
 
 def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage: Path,
-            max_concurrent: int) -> int:
+            max_concurrent: int, state_period: float = STATE_PERIOD_S) -> int:
     from ray import tune
     from .callback import MlflowTracker
     from .trainable import run_trial
 
     threads = max(1, int(study.cpu))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, checkpoint_every=study.checkpoint_every, threads=threads),
+        tune.with_parameters(run_trial, checkpoint_every=study.checkpoint_every, threads=threads,
+                             min_checkpoint_s=2 * state_period + 0.5),
         {"cpu": study.cpu, "gpu": study.gpu})
     tracker = MlflowTracker(uri, experiment_id, parent_id, study)
     exp_dir = storage / study.name

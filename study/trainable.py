@@ -19,14 +19,16 @@ from .config import TrialConfig
 from .train import Trainer
 
 STATE_FILE = "trainer.pt"
-# Ray saves the experiment state (which names each trial's latest checkpoint) every
-# TUNE_GLOBAL_CHECKPOINT_S = 5 s and keeps 2 checkpoints per trial (runner.py). Spacing
-# checkpoints >= 10 s apart means the saved state never names a checkpoint already deleted,
-# so a driver killed at any moment resumes.
-MIN_CHECKPOINT_S = 10.0
 
 
-def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1) -> None:
+def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_checkpoint_s: float = 10.0) -> None:
+    """Train one trial, reporting each evaluation; checkpoint every `checkpoint_every`
+    evaluations but never sooner than `min_checkpoint_s` after the last checkpoint.
+
+    Ray saves the experiment state (which names each trial's latest checkpoint) every
+    TUNE_GLOBAL_CHECKPOINT_S seconds and keeps 2 checkpoints per trial; with checkpoints
+    more than two state periods apart, the saved state never names a checkpoint already
+    deleted, so a driver killed at any moment resumes (runner.py sets both)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     torch.set_num_threads(max(1, threads))
     trainer = Trainer(TrialConfig.from_dict(config))
@@ -40,7 +42,7 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1) -> None
         metrics["status"] = trainer.status
         metrics["time_train_s"] = trainer.seconds["train"]
         metrics["time_measure_s"] = trainer.seconds["measure"]
-        due = since >= checkpoint_every and time.monotonic() - saved_at >= MIN_CHECKPOINT_S
+        due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
         if trainer.status == "running" and due:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state(), Path(folder) / STATE_FILE)

@@ -99,11 +99,12 @@ def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_n
         _kill_session(driver.pid)  # Ray processes orphaned by a SIGKILL
 
 
-def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path):
+def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
     """Ctrl-C, then SIGKILL of the driver, each mid-study; the same command resumes: no trial
     lost, none run twice, one MLflow run per trial with one value per epoch."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    flags = ["--set", "epochs=400", "--set", "eval_every=20", "--set", "n_samples=3000"]  # ~25 s a trial
+    flags = ["--set", "epochs=400", "--set", "eval_every=20", "--set", "n_samples=3000"]  # ~10-25 s a trial
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")  # checkpoints >= 2.5 s apart (trainable.run_trial)
     args = [sys.executable, "-m", "study", "run", str(SMOKE), *flags]
 
     assert interrupt_after_first_trial(tmp_path, args, signal.SIGINT, "ctrl-c.log") == 130
