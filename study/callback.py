@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -21,10 +23,48 @@ def trial_key(config: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+class Writer:
+    """One background thread that applies MLflow calls in order.
+
+    Tune hands a trial its next step only after the callbacks have seen its result, so a
+    store write on the driver's loop would stall the trial; queued, it overlaps training."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._loop, name="mlflow-writer", daemon=True).start()
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        self.queue.put((fn, args))
+
+    def flush(self) -> None:
+        self.queue.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"logging to MLflow failed: {error}") from error
+
+    def _loop(self) -> None:
+        while True:
+            fn, args = self.queue.get()
+            try:
+                if self.error is None:
+                    fn(*args)
+            except BaseException as exc:  # surfaced on the driver's next submit/flush
+                self.error = exc
+            finally:
+                self.queue.task_done()
+
+
 class MlflowTracker(Callback):
     """Ray Tune callback that mirrors every trial into one MLflow child run (see tracking.py).
 
-    Picklable (Ray stores it in tuner.pkl): the client and run maps are rebuilt on first use.
+    Picklable (Ray stores it in tuner.pkl): the client, run maps and writer thread are
+    rebuilt on first use. Runs are created synchronously; reports and closing go through
+    the writer, in order.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_id: str, study: Study) -> None:
@@ -32,6 +72,7 @@ class MlflowTracker(Callback):
         self.study_name, self.n_trials = study.name, study.n_trials
         self.labels = list(study.grid) + (list(study.search.space) if study.search else [])
         self._runs: TrialRuns | None = None
+        self._writer: Writer | None = None
         self.started = time.time()
         self.last_beat = time.time()
         self.last: dict[str, dict] = {}
@@ -39,8 +80,22 @@ class MlflowTracker(Callback):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_runs=None, trials=[], last={})
+        state.update(_runs=None, _writer=None, trials=[], last={})
         return state
+
+    @property
+    def writer(self) -> Writer:
+        if self._writer is None:
+            self._writer = Writer()
+        return self._writer
+
+    def flush(self) -> None:
+        """Wait until everything reported so far is in MLflow."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
 
     @property
     def runs(self) -> TrialRuns:
@@ -63,7 +118,7 @@ class MlflowTracker(Callback):
         key = self._key(trial)
         if key not in self.runs.run_ids:
             self.on_trial_start(iteration, trials, trial)
-        self.runs.log(key, result)
+        self.writer.submit(self.runs.log, key, result)
         self.last[key] = result
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -72,14 +127,14 @@ class MlflowTracker(Callback):
         status = last.get("status", "not_converged")
         if status == "running":
             status = "not_converged"
-        self.runs.finish(key, status, last)
+        self.writer.submit(self.runs.finish, key, status, last)
         self._done_line(trial, status, last)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key = self._key(trial)
         if key not in self.runs.run_ids:
             self.on_trial_start(iteration, trials, trial)
-        self.runs.finish(key, "error", self.last.get(key), error=_error_text(trial))
+        self.writer.submit(self.runs.finish, key, "error", self.last.get(key), _error_text(trial))
         self._done_line(trial, "error", {})
 
     def on_step_end(self, iteration, trials, **info):

@@ -258,6 +258,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / "nc_study_fingerprint").write_text(study.fingerprint() + "\n")
     tuner.fit()
+    tracker.flush()
     return summarize(study, uri, experiment_id, tracker, time.time() - started)
 
 

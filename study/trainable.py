@@ -37,11 +37,13 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
         with checkpoint.as_directory() as folder:
             trainer.load_state(torch.load(Path(folder) / STATE_FILE, weights_only=False))
     since, saved_at = 0, time.monotonic()
+    started = time.perf_counter()
     for metrics in trainer.run():
         since += 1
         metrics["status"] = trainer.status
         metrics["time_train_s"] = trainer.seconds["train"]
         metrics["time_measure_s"] = trainer.seconds["measure"]
+        metrics["time_wall_s"] = time.perf_counter() - started   # since this (re)start of the trial
         due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
         if trainer.status == "running" and due:
             with tempfile.TemporaryDirectory() as folder:
