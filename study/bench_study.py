@@ -25,8 +25,6 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from .config import TrialConfig
-from .train import Trainer
 
 HEAVY = dict(dataset="teacher", depth=6, width=300, n_samples=10_000, epochs=8, eval_every=1)
 TINY = dict(dataset="teacher", depth=3, width=16, n_samples=200, epochs=4, eval_every=1, batch_size=64)
