@@ -299,3 +299,19 @@ def test_analyze_reads_the_real_smoke_study_back(smoke_study):
     parent_id = trial_runs(uri, "smoke")[0].data.tags["mlflow.parentRunId"]
     logged = {a.path for a in client.list_artifacts(parent_id, "analysis")}
     assert "analysis/report.md" in logged and "analysis/fig3_1.png" in logged
+
+
+def test_segment_total_adds_up_clocks_restarted_by_resumes():
+    from study.timing import segment_total
+    assert segment_total([1.0, 2.0, 3.0]) == 3.0
+    assert segment_total([1.0, 2.0, 0.5, 1.5]) == 3.5          # resumed after 2.0 s
+    assert segment_total([]) == 0.0
+
+
+def test_timing_of_the_real_smoke_study(smoke_study):
+    folder, uri, _ = smoke_study
+    from study.timing import study_timing
+    timing = study_timing(uri, "smoke", slots=2)
+    assert timing.trials == 6
+    assert 0 < timing.train_s + timing.measure_s <= timing.wall_s <= 2 * timing.span_s
+    assert "trials per hour" in timing.lines()[0]

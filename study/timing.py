@@ -1,0 +1,92 @@
+"""Where a study's time went, from what its trials logged to MLflow.
+
+    python -m study.timing EXPERIMENT [--tracking-uri URI] [--slots N]
+
+Each report of a trial carries `time_train_s`, `time_measure_s` (the training loop's own
+clocks) and `time_wall_s` (the trial's wall clock since it started or resumed). A resumed
+trial restarts those clocks, so each is summed over its segments (a drop in the history
+starts a new one). The study's span runs from the first trial's start to the last one's
+end; with `slots` trials able to run at once, slots × span is the capacity, and what the
+trials did not use of it is start-up, scheduling and idle time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from .tracking import KIND_TRIAL, find_runs, open_client, resolve_uri
+
+CLOCKS = ("time_train_s", "time_measure_s", "time_wall_s")
+
+
+def segment_total(values: list[float]) -> float:
+    """Total of a clock that restarts from zero on resume: the sum of each segment's last value."""
+    total, last = 0.0, 0.0
+    for value in values:
+        if value < last:
+            total += last
+        last = value
+    return total + last
+
+
+@dataclass(frozen=True)
+class Timing:
+    trials: int
+    span_s: float
+    train_s: float
+    measure_s: float
+    wall_s: float
+    slots: int
+
+    @property
+    def per_hour(self) -> float:
+        return self.trials / (self.span_s / 3600) if self.span_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        capacity = self.slots * self.span_s
+        other = self.wall_s - self.train_s - self.measure_s
+        outside = capacity - self.wall_s
+        share = lambda x, of: f"{100 * x / of:.1f} %" if of > 0 else "n/a"  # noqa: E731
+        return [
+            f"trials finished: {self.trials}; span {self.span_s / 3600:.2f} h; {self.per_hour:.1f} trials per hour",
+            f"inside trials ({self.wall_s / 3600:.2f} trial-hours): training {share(self.train_s, self.wall_s)}, "
+            f"measurement {share(self.measure_s, self.wall_s)}, reporting and checkpoints {share(other, self.wall_s)}",
+            f"of {self.slots} slots × span ({capacity / 3600:.2f} slot-hours): inside trials "
+            f"{share(self.wall_s, capacity)}; start-up, scheduling and idle {share(outside, capacity)}",
+        ]
+
+
+def study_timing(uri: str, experiment: str, slots: int) -> Timing:
+    client = open_client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"no experiment {experiment!r} in {uri}")
+    runs = [r for r in find_runs(client, found.experiment_id, KIND_TRIAL)
+            if r.data.tags.get("status") in ("converged", "not_converged", "diverged")]
+    if not runs:
+        raise SystemExit(f"experiment {experiment!r} has no finished trials")
+    totals = dict.fromkeys(CLOCKS, 0.0)
+    for run in runs:
+        for key in CLOCKS:
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            totals[key] += segment_total([m.value for m in history])
+    span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
+    return Timing(len(runs), span, totals["time_train_s"], totals["time_measure_s"], totals["time_wall_s"], slots)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--slots", type=int, default=os.cpu_count(),
+                        help="trials that could run at once (default: this machine's cores)")
+    args = parser.parse_args(argv)
+    timing = study_timing(resolve_uri(args.tracking_uri), args.experiment, args.slots)
+    print("\n".join(timing.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
