@@ -78,6 +78,20 @@ def _lambda_colors(lambdas) -> dict[float, tuple]:
     return {l: cmap(norm(l) if norm and l > 0 else 0.5) for l in lambdas}
 
 
+def _mark_failures(ax, finals: pd.DataFrame) -> None:
+    """A red × at the top of the panel for each λ with trials that did not converge or
+    diverged, with their count: the thesis' 'training fails' shows as a gap in the lines."""
+    failed = finals[finals["status"].isin(["not_converged", "diverged"]) & (finals["weight_decay"] > 0)]
+    if failed.empty:
+        return
+    counts = failed.groupby("weight_decay").size()
+    top = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    ax.plot(counts.index, [0.95] * len(counts), "x", color="C3", ms=6, transform=top,
+            label="not converged (count)")
+    for lam, n in counts.items():
+        ax.text(lam, 0.86, str(n), color="C3", fontsize=7, ha="center", va="top", transform=top)
+
+
 def fig3_1(finals: pd.DataFrame) -> Figure:
     """Thesis Fig 3.1: final intra_min (solid) and inter_max (dashed) against λ (log
     x-axis), one panel per bn kind, one colour per architecture group, seed min–max band.
@@ -98,6 +112,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
             for metric, style in (("intra_min", "-"), ("inter_max", "--")):
                 _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
                       f"{metric}{name}", color, style)
+        _mark_failures(ax, finals[finals["bn"] == kind])
         _log_x(ax)
         ax.set_title(f"bn = {kind}")
         ax.set_xlabel("weight decay λ")
