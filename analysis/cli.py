@@ -24,6 +24,9 @@ def add_analyze_parser(sub) -> None:
                    help="output directory (default: reports/<first experiment>)")
     p.add_argument("--epsilons", default="0.001,0.01,0.05", metavar="E1,E2,…",
                    help="NCC error bounds of the effective depth for Conjecture 3.2.2 (default 0.001,0.01,0.05)")
+    p.add_argument("--min-train-acc", type=float, default=1.0, metavar="A",
+                   help="count a trial as converged when its final training accuracy is at least A "
+                        "(default 1: the thesis' rule; e.g. 0.999 to see how much the strict rule decides)")
     p.add_argument("--cache-dir", type=Path, default=Path(".nc_cache"), metavar="DIR",
                    help="where run histories are cached between runs (default .nc_cache)")
     p.add_argument("--no-cache", action="store_true", help="re-read every run; read and write no cache")
@@ -50,7 +53,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     report = analyze(args.experiments, uri, out, parse_epsilons(args.epsilons),
                      cache_dir=None if args.no_cache else args.cache_dir,
-                     log_to_mlflow=not args.no_log, progress=say,
+                     log_to_mlflow=not args.no_log, progress=say, min_train_acc=args.min_train_acc,
                      warn=lambda m: print(f"nc-study analyze: warning: {m}", file=sys.stderr, flush=True))
     print(f"report: {report}  (with conjectures.json and figures in {report.parent}/)", flush=True)
     return 0

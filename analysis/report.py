@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from . import depth, effdepth, stats, theorem, wd
-from .frame import CONVERGED, final_layers, final_values, trials
+from .frame import CONVERGED, final_layers, final_values, relax_convergence, trials
 from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, usage_error
 from .verdict import ALPHA, clean, interval, num, pval, summary
 
@@ -112,6 +112,14 @@ def _excl(r: dict) -> str:
     return ", ".join(parts) if parts else "0"
 
 
+def _rule(settings: dict) -> str:
+    acc = settings.get("min_train_acc", 1.0)
+    if acc >= 1.0:
+        return "Converged: final training accuracy 100 % (the thesis' rule)."
+    return (f"**Converged here means final training accuracy ≥ {acc * 100:g} %**, not the thesis' 100 % "
+            f"(a sensitivity check, `--min-train-acc {acc:g}`).")
+
+
 def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path) -> Path:
     res = analysis.results
     table = trials(study.frame)
@@ -119,7 +127,7 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", ""]
     L.append(f"{len(table)} trials ({int((table['status'] == CONVERGED).sum())} converged) in "
              f"{len(groups)} architecture group(s), read from `{study.tracking_uri}`. Only converged trials "
-             f"enter a test; the others are counted beside it. Significance level {ALPHA}, two-sided "
+             f"enter a test; the others are counted beside it. {_rule(analysis.settings)} Significance level {ALPHA}, two-sided "
              f"permutation p-values ({analysis.settings['n_perm']} permutations), "
              f"{analysis.settings['n_boot']} bootstrap resamples, seed {analysis.settings['seed']}.")
     L += ["", "## Verdicts", ""]
@@ -236,6 +244,13 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
 
 # ------------------------------------------------------------------ the whole path
 
+def check_min_train_acc(value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
+        raise usage_error(f"--min-train-acc {value!r} must lie in (0, 1]; 1 is the thesis' rule (100 % "
+                          f"training accuracy), e.g. --min-train-acc 0.999 for a sensitivity check")
+    return float(value)
+
+
 def check_epsilons(epsilons: Sequence[float]) -> tuple[float, ...]:
     out = []
     for eps in epsilons:
@@ -308,7 +323,7 @@ def analyze(experiments: list[str], tracking_uri: str, out_dir: Path,
             epsilons: Sequence[float] = effdepth.EPSILONS, cache_dir: Path | None = CACHE_DIR,
             backend: str = "auto", n_boot: int = stats.N_BOOT, n_perm: int = stats.N_PERM, seed: int = 0,
             log_to_mlflow: bool = True, progress: Callable[[str], None] | None = None,
-            warn: Callable[[str], None] | None = None) -> Path:
+            warn: Callable[[str], None] | None = None, min_train_acc: float = 1.0) -> Path:
     """Analyze `experiments` in the store at `tracking_uri`; write report.md, conjectures.json
     and PNGs into `out_dir` and log them on the parent run(s). Returns the report path.
     Bad input raises study.cli.UsageError before anything is written.
@@ -320,10 +335,12 @@ def analyze(experiments: list[str], tracking_uri: str, out_dir: Path,
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     epsilons = check_epsilons(epsilons)
+    min_train_acc = check_min_train_acc(min_train_acc)
     if out_dir.exists() and not out_dir.is_dir():
         raise usage_error(f"--out {out_dir} is a file; name a directory for the report")
     listing = open_study(list(experiments), tracking_uri, backend)
-    settings = {"epsilons": epsilons, "n_boot": n_boot, "n_perm": n_perm, "seed": seed, "backend": backend}
+    settings = {"epsilons": epsilons, "n_boot": n_boot, "n_perm": n_perm, "seed": seed, "backend": backend,
+                "min_train_acc": min_train_acc}
     stored = files = None
     if cache_dir is not None:
         stored = cache_root(cache_dir, listing.source) / "outputs" / f"{_fingerprint(listing, tracking_uri, settings)}.pkl"
@@ -345,8 +362,10 @@ def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict,
              say: Callable[[str], None], warn: Callable[[str], None]) -> list[Path]:
     """Read the runs, run the tests, write every output; returns the files written."""
     study = read_study(listing, tracking_uri, cache_dir, LAYER_METRICS, progress=say)
+    study.frame = relax_convergence(study.frame, settings["min_train_acc"])
     say("running the tests")
     analysis = run_tests(study.frame, settings["epsilons"], settings["n_boot"], settings["n_perm"], settings["seed"])
+    analysis.settings = dict(analysis.settings, min_train_acc=settings["min_train_acc"])
     warnings = []
     bad = theorem.violations(analysis.evals)
     if len(bad):

@@ -262,3 +262,37 @@ def test_log_artifacts_through_the_client(store, tmp_path):
     assert log_artifacts({"toy": parent}, store["uri"], [note], print, print) == 1
     listed = {os.path.basename(a.path) for a in store["client"].list_artifacts(store["parent"], "analysis")}
     assert "note.md" in listed
+
+
+# ------------------------------------------------------------------ the convergence rule
+
+def test_min_train_acc_relaxes_only_near_misses(store, tmp_path, capsys):
+    """--min-train-acc A counts not_converged trials with final train_acc >= A as converged
+    (the planted near misses end at 0.985); diverged trials stay out; A = 1 is the thesis."""
+    from analysis.frame import relax_convergence, trials as trial_rows
+    frame = load_study(["toy"], store["uri"], cache_dir=None).frame
+    n = {s: sum(t.status == s for t in store["trials"]) for s in ("converged", "not_converged", "diverged")}
+    assert n["not_converged"] > 0 and n["diverged"] > 0
+    for acc, converged in ((1.0, n["converged"]), (0.99, n["converged"]),
+                           (0.985, n["converged"] + n["not_converged"])):
+        statuses = trial_rows(relax_convergence(frame, acc))["status"].value_counts().to_dict()
+        assert statuses.get("converged", 0) == converged
+        assert statuses.get("diverged", 0) == n["diverged"]
+    assert relax_convergence(frame, 0.9).attrs["metrics"] == frame.attrs["metrics"]
+
+    out = tmp_path / "relaxed"
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(out), "--no-log",
+                 "--no-cache", "--min-train-acc", "0.98"]) == 0
+    result = json.loads((out / "conjectures.json").read_text())
+    assert result["n_converged"] == n["converged"] + n["not_converged"]
+    assert result["settings"]["min_train_acc"] == 0.98
+    assert "final training accuracy ≥ 98 %" in (out / "report.md").read_text()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_bad_min_train_acc_is_refused(store, tmp_path, monkeypatch, capsys, value):
+    monkeypatch.chdir(tmp_path)
+    err = _nothing_written(tmp_path, capsys, ["analyze", "toy", "--tracking-uri", store["uri"],
+                                              "--out", str(tmp_path / "out"), "--min-train-acc", value])
+    assert "--min-train-acc" in err and "(0, 1]" in err
