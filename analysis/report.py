@@ -120,6 +120,26 @@ def _rule(settings: dict) -> str:
             f"(a sensitivity check, `--min-train-acc {acc:g}`).")
 
 
+def _accuracy_table(frame: pd.DataFrame, groups: list[str]) -> list[str]:
+    """Lines of the table of final training accuracy per group × λ: the lowest over seeds
+    and converged/trials, which is where 'training fails for large λ' shows."""
+    acc = final_values(frame, "train_acc")
+    if acc.empty:
+        return []
+    lams = sorted(set(acc["weight_decay"]))
+    rows = []
+    for g in groups:
+        row = [f"`{g}`"]
+        for lam in lams:
+            cell = acc[(acc["group"] == g) & (acc["weight_decay"] == lam)]
+            low = math.floor(1e4 * cell["train_acc"].min()) / 100 if len(cell) else 0.0  # 99.996 % is not 100.00 %
+            row.append("—" if cell.empty else f"{low:.2f} % "
+                       f"({int((cell['status'] == CONVERGED).sum())}/{len(cell)})")
+        rows.append(row)
+    return ["Final training accuracy, lowest over seeds (converged / trials):", "",
+            _md_table(["group"] + [f"λ={l:g}" for l in lams], rows), ""]
+
+
 def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path) -> Path:
     res = analysis.results
     table = trials(study.frame)
@@ -148,6 +168,7 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     rows = [[f"`{g}`"] + [int(((table["group"] == g) & (table["status"] == s)).sum()) for s in statuses]
             for g in groups]
     L += [_md_table(["group"] + statuses, rows), ""]
+    L += _accuracy_table(study.frame, groups)
     if len(study.skipped):
         L += [f"{len(study.skipped)} run(s) skipped (not usable as trials):", ""]
         L += [f"- {r.trial} (`{r.run_id}`, {r.experiment}): {r.reason}" for r in study.skipped.itertuples()]

@@ -287,6 +287,15 @@ def test_min_train_acc_relaxes_only_near_misses(store, tmp_path, capsys):
     assert result["n_converged"] == n["converged"] + n["not_converged"]
     assert result["settings"]["min_train_acc"] == 0.98
     assert "final training accuracy ≥ 98 %" in (out / "report.md").read_text()
+
+    # the report's accuracy table: lowest final train_acc over seeds, converged / trials
+    strict = tmp_path / "strict"
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(strict), "--no-log", "--no-cache"]) == 0
+    lines = (strict / "report.md").read_text().splitlines()
+    head = lines.index("Final training accuracy, lowest over seeds (converged / trials):")
+    header, none_row = lines[head + 2], next(l for l in lines[head:] if l.startswith("| `bn=none`"))
+    cells = dict(zip(header.strip("|").split(" | ")[1:], none_row.strip("| ").split(" | ")[1:]))
+    assert cells["λ=0.005"] == "98.50 % (0/2)" and cells["λ=0.0001"].endswith("/2)")
     capsys.readouterr()
 
 
