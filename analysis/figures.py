@@ -86,10 +86,10 @@ def _mark_failures(ax, finals: pd.DataFrame) -> None:
         return
     counts = failed.groupby("weight_decay").size()
     top = ax.get_xaxis_transform()  # x in data, y in axes fraction
-    ax.plot(counts.index, [0.95] * len(counts), "x", color="C3", ms=6, transform=top,
+    ax.plot(counts.index, [0.96] * len(counts), "x", color="C3", ms=6, transform=top,
             label="not converged (count)")
     for lam, n in counts.items():
-        ax.text(lam, 0.86, str(n), color="C3", fontsize=7, ha="center", va="top", transform=top)
+        ax.text(lam, 0.915, str(n), color="C3", fontsize=7, ha="center", va="top", transform=top)
 
 
 def fig3_1(finals: pd.DataFrame) -> Figure:
@@ -120,6 +120,9 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
         ax.legend(fontsize=6)
     if not kinds:
         axes[0].text(0.5, 0.5, "no converged trials", ha="center", transform=axes[0].transAxes)
+    elif any(t.get_text() for ax in axes for t in ax.texts):
+        low, high = axes[0].get_ylim()  # shared: room above the data for the failure marks
+        axes[0].set_ylim(low, high + 0.2 * (high - low))
     axes[0].set_ylabel("cosine (final, converged)")
     fig.suptitle("Fig 3.1: min within-class and max between-class cosine against weight decay")
     return fig
