@@ -6,8 +6,11 @@ Each report of a trial carries `time_train_s`, `time_measure_s` (the training lo
 clocks) and `time_wall_s` (the trial's wall clock since it started or resumed). A resumed
 trial restarts those clocks, so each is summed over its segments (a drop in the history
 starts a new one). The study's span runs from the first trial's start to the last one's
-end; with `slots` trials able to run at once, slots × span is the capacity, and what the
-trials did not use of it is start-up, scheduling and idle time.
+end. Its running time leaves out the stretches of 2 minutes or more when no trial ran at
+all (the study was stopped, then resumed): each trial segment runs from its first report's
+time minus its wall clock there to its last report. With `slots` trials able to run at once, slots ×
+running time is the capacity, and what the trials did not use of it is start-up,
+scheduling and idle time.
 """
 from __future__ import annotations
 
@@ -19,6 +22,34 @@ from dataclasses import dataclass
 from .tracking import KIND_TRIAL, find_runs, open_client, resolve_uri
 
 CLOCKS = ("time_train_s", "time_measure_s", "time_wall_s")
+STOPPED_GAP_S = 120.0   # no trial running for this long: the study was stopped, not slow
+
+
+def segments(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, end) in seconds of each segment of one trial, from its (timestamp_s, wall clock)
+    reports in step order; a drop of the clock starts a new segment."""
+    out, first, last = [], None, None
+    for stamp, clock in points:
+        if last is not None and clock < last[1]:
+            out.append((first[0] - first[1], last[0]))
+            first = None
+        first = first or (stamp, clock)
+        last = (stamp, clock)
+    if first is not None:
+        out.append((first[0] - first[1], last[0]))
+    return out
+
+
+def stopped_time(intervals: list[tuple[float, float]], min_gap_s: float = STOPPED_GAP_S) -> float:
+    """Total length of the gaps of at least `min_gap_s` between the (start, end) intervals:
+    stretches when no trial ran at all. Shorter gaps are the study's own start-up and
+    scheduling and stay counted."""
+    total, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is not None and start - reach >= min_gap_s:
+            total += start - reach
+        reach = end if reach is None else max(reach, end)
+    return total
 
 
 def segment_total(values: list[float]) -> float:
@@ -35,6 +66,7 @@ def segment_total(values: list[float]) -> float:
 class Timing:
     trials: int
     span_s: float
+    running_s: float
     train_s: float
     measure_s: float
     wall_s: float
@@ -42,18 +74,21 @@ class Timing:
 
     @property
     def per_hour(self) -> float:
-        return self.trials / (self.span_s / 3600) if self.span_s > 0 else 0.0
+        return self.trials / (self.running_s / 3600) if self.running_s > 0 else 0.0
 
     def lines(self) -> list[str]:
-        capacity = self.slots * self.span_s
+        capacity = self.slots * self.running_s
+        stopped = self.span_s - self.running_s
         other = self.wall_s - self.train_s - self.measure_s
         outside = capacity - self.wall_s
         share = lambda x, of: f"{100 * x / of:.1f} %" if of > 0 else "n/a"  # noqa: E731
         return [
-            f"trials finished: {self.trials}; span {self.span_s / 3600:.2f} h; {self.per_hour:.1f} trials per hour",
+            f"trials finished: {self.trials}; running {self.running_s / 3600:.2f} h "
+            f"(span {self.span_s / 3600:.2f} h, of which {stopped / 3600:.2f} h with no trial running); "
+            f"{self.per_hour:.1f} trials per hour",
             f"inside trials ({self.wall_s / 3600:.2f} trial-hours): training {share(self.train_s, self.wall_s)}, "
             f"measurement {share(self.measure_s, self.wall_s)}, reporting and checkpoints {share(other, self.wall_s)}",
-            f"of {self.slots} slots × span ({capacity / 3600:.2f} slot-hours): inside trials "
+            f"of {self.slots} slots × running time ({capacity / 3600:.2f} slot-hours): inside trials "
             f"{share(self.wall_s, capacity)}; start-up, scheduling and idle {share(outside, capacity)}",
         ]
 
@@ -68,12 +103,17 @@ def study_timing(uri: str, experiment: str, slots: int) -> Timing:
     if not runs:
         raise SystemExit(f"experiment {experiment!r} has no finished trials")
     totals = dict.fromkeys(CLOCKS, 0.0)
+    active = []
     for run in runs:
         for key in CLOCKS:
             history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
             totals[key] += segment_total([m.value for m in history])
+            if key == "time_wall_s":
+                active += segments([(m.timestamp / 1000, m.value) for m in history])
     span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
-    return Timing(len(runs), span, totals["time_train_s"], totals["time_measure_s"], totals["time_wall_s"], slots)
+    running = span - stopped_time(active)
+    return Timing(len(runs), span, running, totals["time_train_s"], totals["time_measure_s"],
+                  totals["time_wall_s"], slots)
 
 
 def main(argv: list[str] | None = None) -> int:

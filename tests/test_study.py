@@ -308,10 +308,22 @@ def test_segment_total_adds_up_clocks_restarted_by_resumes():
     assert segment_total([]) == 0.0
 
 
+def test_running_time_leaves_out_stretches_with_no_trial():
+    from study.timing import segments, stopped_time
+    # reports (timestamp, wall clock): started at 100, reported at 110 and 120; resumed at 500
+    assert segments([(110, 10), (120, 20), (505, 5), (515, 15)]) == [(100, 120), (500, 515)]
+    assert segments([]) == []
+    intervals = [(100, 120), (500, 515), (110, 130), (510, 512), (140, 150)]
+    assert stopped_time(intervals, min_gap_s=120) == 500 - 150       # the 10 s gap is start-up, not a stop
+    assert stopped_time(intervals, min_gap_s=5) == 10 + 350
+    assert stopped_time([(0, 10), (10, 20)], min_gap_s=0) == 0
+
+
 def test_timing_of_the_real_smoke_study(smoke_study):
     folder, uri, _ = smoke_study
     from study.timing import study_timing
     timing = study_timing(uri, "smoke", slots=2)
     assert timing.trials == 6
-    assert 0 < timing.train_s + timing.measure_s <= timing.wall_s <= 2 * timing.span_s
+    assert 0 < timing.train_s + timing.measure_s <= timing.wall_s <= 2 * timing.running_s
+    assert timing.running_s == timing.span_s  # one uninterrupted run: nothing left out
     assert "trials per hour" in timing.lines()[0]
