@@ -78,18 +78,20 @@ def _lambda_colors(lambdas) -> dict[float, tuple]:
     return {l: cmap(norm(l) if norm and l > 0 else 0.5) for l in lambdas}
 
 
-def _mark_failures(ax, finals: pd.DataFrame) -> None:
+def _mark_failures(ax, finals: pd.DataFrame) -> bool:
     """A red × at the top of the panel for each λ with trials that did not converge or
-    diverged, with their count: the thesis' 'training fails' shows as a gap in the lines."""
+    diverged, with their count: the thesis' 'training fails' shows as a gap in the lines.
+    Returns whether it marked any."""
     failed = finals[finals["status"].isin(["not_converged", "diverged"]) & (finals["weight_decay"] > 0)]
     if failed.empty:
-        return
+        return False
     counts = failed.groupby("weight_decay").size()
     top = ax.get_xaxis_transform()  # x in data, y in axes fraction
     ax.plot(counts.index, [0.96] * len(counts), "x", color="C3", ms=6, transform=top,
             label="not converged (count)")
     for lam, n in counts.items():
         ax.text(lam, 0.915, str(n), color="C3", fontsize=7, ha="center", va="top", transform=top)
+    return True
 
 
 def fig3_1(finals: pd.DataFrame) -> Figure:
@@ -100,6 +102,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
     kinds = [k for k in ("affine", "nonaffine", "none") if k in set(rows["bn"])] + \
             sorted(set(rows["bn"]) - {"affine", "nonaffine", "none"})
     fig, axes = grid(max(len(kinds), 1), sharey=True)
+    marked = False
     for ax, kind in zip(axes, kinds):
         sub = rows[rows["bn"] == kind]
         groups = sorted(set(sub["group"]))
@@ -112,7 +115,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
             for metric, style in (("intra_min", "-"), ("inter_max", "--")):
                 _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
                       f"{metric}{name}", color, style)
-        _mark_failures(ax, finals[finals["bn"] == kind])
+        marked |= _mark_failures(ax, finals[finals["bn"] == kind])
         _log_x(ax)
         ax.set_title(f"bn = {kind}")
         ax.set_xlabel("weight decay λ")
@@ -120,7 +123,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
         ax.legend(fontsize=6)
     if not kinds:
         axes[0].text(0.5, 0.5, "no converged trials", ha="center", transform=axes[0].transAxes)
-    elif any(t.get_text() for ax in axes for t in ax.texts):
+    elif marked:
         low, high = axes[0].get_ylim()  # shared: room above the data for the failure marks
         axes[0].set_ylim(low, high + 0.2 * (high - low))
     axes[0].set_ylabel("cosine (final, converged)")

@@ -132,9 +132,11 @@ def _accuracy_table(frame: pd.DataFrame, groups: list[str]) -> list[str]:
         row = [f"`{g}`"]
         for lam in lams:
             cell = acc[(acc["group"] == g) & (acc["weight_decay"] == lam)]
-            low = math.floor(1e4 * cell["train_acc"].min()) / 100 if len(cell) else 0.0  # 99.996 % is not 100.00 %
-            row.append("—" if cell.empty else f"{low:.2f} % "
-                       f"({int((cell['status'] == CONVERGED).sum())}/{len(cell)})")
+            if cell.empty:
+                row.append("—")
+                continue
+            low = math.floor(1e4 * cell["train_acc"].min()) / 100  # 99.996 % is not 100.00 %
+            row.append(f"{low:.2f} % ({int((cell['status'] == CONVERGED).sum())}/{len(cell)})")
         rows.append(row)
     return ["Final training accuracy, lowest over seeds (converged / trials):", "",
             _md_table(["group"] + [f"λ={l:g}" for l in lams], rows), ""]
