@@ -35,7 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -387,7 +387,19 @@ def group_labels(params: list[dict[str, object]]) -> list[str]:
     varying = [k for k in keys if len({str(p.get(k)) for p in params}) > 1]
     if not varying:
         return ["all"] * len(params)
-    return [", ".join(f"{k}={_show(p.get(k))}" for k in varying) for p in params]
+    shown = {k: _short_paths({p[k] for p in params if p.get(k) is not None}) if k.endswith("_path") else {}
+             for k in varying}
+    return [", ".join(f"{k}={shown[k].get(p.get(k)) or _show(p.get(k))}" for k in varying) for p in params]
+
+
+def _short_paths(paths: set[str]) -> dict[str, str]:
+    """Each path by its fewest trailing components that still tell the paths apart."""
+    parts = {path: PurePath(path).parts for path in paths}
+    for n in range(1, max(map(len, parts.values())) + 1):
+        tails = {path: "/".join(p[-n:]) for path, p in parts.items()}
+        if len(set(tails.values())) == len(tails):
+            return tails
+    return {path: path for path in paths}
 
 
 def _show(value: object) -> str:

@@ -104,3 +104,13 @@ def test_group_labels_name_only_the_params_that_differ():
     assert group_labels(params) == ["depth=6, bn=affine", "depth=6, bn=none", "depth=15, bn=none"]  # TrialConfig order
     assert group_labels(params[:1]) == ["all"]
     assert group_labels([{"bn": "a", "seed": 0}, {"bn": "a", "seed": 1}]) == ["all", "all"]
+
+
+def test_group_labels_show_data_paths_by_their_shortest_distinct_tail():
+    params = [{"data_path": "/work/shared/datasets/conic.npz", "bn": "affine"},
+              {"data_path": "/work/shared/datasets/mlp_3.npz", "bn": "affine"},
+              {"data_path": "/work/shared/datasets/mlp_3.npz", "bn": "none"}]
+    assert group_labels(params) == ["data_path=conic.npz, bn=affine", "data_path=mlp_3.npz, bn=affine",
+                                    "data_path=mlp_3.npz, bn=none"]
+    same_name = [{"data_path": "/a/run1/x.npz"}, {"data_path": "/a/run2/x.npz"}, {"data_path": None}]
+    assert group_labels(same_name) == ["data_path=run1/x.npz", "data_path=run2/x.npz", "data_path=-"]
