@@ -28,17 +28,20 @@ from .frame import CONVERGED
 
 PANEL = (4.0, 3.1)
 DPI = 90
+LEGEND_ROW = 0.2  # inches per row of a figure legend
 STATUS_STYLE = {"converged": "-", "not_converged": "--", "diverged": ":"}
 
 
-def grid(n: int, max_cols: int = 4, sharey: bool = False) -> tuple[Figure, list]:
-    """n panels in rows of at most `max_cols`. Fixed margins instead of a layout engine:
-    constrained/tight layout draws every figure twice and tripled the drawing time."""
+def grid(n: int, max_cols: int = 4, sharey: bool = False, legend_rows: int = 0) -> tuple[Figure, list]:
+    """n panels in rows of at most `max_cols`, with room below them for `legend_rows` rows
+    of a figure legend. Fixed margins instead of a layout engine: constrained/tight layout
+    draws every figure twice and tripled the drawing time."""
     cols = max(1, min(n, max_cols))
     rows = max(1, math.ceil(n / cols))
-    width, height = max(PANEL[0] * cols, 7.0), PANEL[1] * rows + 0.35  # room for the title
+    below = 0.7 + LEGEND_ROW * legend_rows
+    width, height = max(PANEL[0] * cols, 7.0), PANEL[1] * rows + 0.35 + below - 0.7  # room for the title
     fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.7 / height, top=1 - 0.75 / height,
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=below / height, top=1 - 0.75 / height,
                         wspace=0.22 if sharey else 0.42, hspace=0.62)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey).ravel().tolist()
     for ax in axes[n:]:
@@ -101,26 +104,35 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
     rows = finals[(finals["status"] == CONVERGED) & (finals["weight_decay"] > 0)]
     kinds = [k for k in ("affine", "nonaffine", "none") if k in set(rows["bn"])] + \
             sorted(set(rows["bn"]) - {"affine", "nonaffine", "none"})
-    fig, axes = grid(max(len(kinds), 1), sharey=True)
+    # the group without its bn part: the same colour for the same rest in every panel
+    rest = {(kind, group): ", ".join(part for part in group.split(", ") if part != f"bn={kind}")
+            for kind, group in zip(finals["bn"], finals["group"])}
+    rests = sorted(set(rest.values()))
+    entries = 2 * len(rests) + 1  # intra_min and inter_max per rest, and the failure mark
+    # one row if a single group; else a column per group (intra_min over inter_max) while they fit
+    ncol = entries if len(rests) == 1 else math.ceil(entries / 2) if len(rests) <= 4 else 4
+    fig, axes = grid(max(len(kinds), 1), sharey=True, legend_rows=math.ceil(entries / ncol))
     marked = False
     for ax, kind in zip(axes, kinds):
         sub = rows[rows["bn"] == kind]
-        groups = sorted(set(sub["group"]))
-        for i, group in enumerate(groups):
+        for group in sorted(set(sub["group"])):
             g = sub[sub["group"] == group]
             lams = sorted(set(g["weight_decay"]))
-            color = f"C{i}"
-            rest = ", ".join(part for part in group.split(", ") if part != f"bn={kind}")
-            name = f" ({rest})" if len(groups) > 1 and rest else ""
+            name = f" ({rest[kind, group]})" if len(rests) > 1 and rest[kind, group] else ""
             for metric, style in (("intra_min", "-"), ("inter_max", "--")):
                 _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
-                      f"{metric}{name}", color, style)
+                      f"{metric}{name}", f"C{rests.index(rest[kind, group])}", style)
         marked |= _mark_failures(ax, finals[finals["bn"] == kind])
         _log_x(ax)
         ax.set_title(f"bn = {kind}")
         ax.set_xlabel("weight decay λ")
         ax.axhline(0, color="0.8", lw=0.6)
-        ax.legend(fontsize=6)
+    legend = {}  # one figure legend below the panels, so that none hides a line
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     if not kinds:
         axes[0].text(0.5, 0.5, "no converged trials", ha="center", transform=axes[0].transAxes)
     elif marked:
