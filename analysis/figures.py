@@ -38,8 +38,8 @@ def grid(n: int, max_cols: int = 4, sharey: bool = False, legend_rows: int = 0) 
     draws every figure twice and tripled the drawing time."""
     cols = max(1, min(n, max_cols))
     rows = max(1, math.ceil(n / cols))
-    below = 0.7 + LEGEND_ROW * legend_rows
-    width, height = max(PANEL[0] * cols, 7.0), PANEL[1] * rows + 0.35 + below - 0.7  # room for the title
+    below = 0.7 + LEGEND_ROW * legend_rows  # x labels, then the legend
+    width, height = max(PANEL[0] * cols, 7.0), PANEL[1] * rows + 0.35 + LEGEND_ROW * legend_rows  # + the title
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=below / height, top=1 - 0.75 / height,
                         wspace=0.22 if sharey else 0.42, hspace=0.62)
@@ -108,6 +108,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
     rest = {(kind, group): ", ".join(part for part in group.split(", ") if part != f"bn={kind}")
             for kind, group in zip(finals["bn"], finals["group"])}
     rests = sorted(set(rest.values()))
+    colour = {r: f"C{i}" for i, r in enumerate(rests)}
     entries = 2 * len(rests) + 1  # intra_min and inter_max per rest, and the failure mark
     # one row if a single group; else a column per group (intra_min over inter_max) while they fit
     ncol = entries if len(rests) == 1 else math.ceil(entries / 2) if len(rests) <= 4 else 4
@@ -121,7 +122,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
             name = f" ({rest[kind, group]})" if len(rests) > 1 and rest[kind, group] else ""
             for metric, style in (("intra_min", "-"), ("inter_max", "--")):
                 _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
-                      f"{metric}{name}", f"C{rests.index(rest[kind, group])}", style)
+                      f"{metric}{name}", colour[rest[kind, group]], style)
         marked |= _mark_failures(ax, finals[finals["bn"] == kind])
         _log_x(ax)
         ax.set_title(f"bn = {kind}")
