@@ -27,6 +27,10 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--min-train-acc", type=float, default=1.0, metavar="A",
                    help="count a trial as converged when its final training accuracy is at least A "
                         "(default 1: the thesis' rule; e.g. 0.999 to see how much the strict rule decides)")
+    p.add_argument("--tau", action="append", default=[], metavar="[CONJ=]T",
+                   help="tolerance of a conjecture's ε, fixed before looking at the data: --tau 0.1 sets "
+                        "Conjecture 3.1.1's, --tau 3.2.1=0.05 or --tau 3.2.2=0.5 the others' (repeatable; "
+                        "defaults 0.1, 0.05, 0.5: the report says why)")
     p.add_argument("--cache-dir", type=Path, default=Path(".nc_cache"), metavar="DIR",
                    help="where run histories are cached between runs (default .nc_cache)")
     p.add_argument("--no-cache", action="store_true", help="re-read every run; read and write no cache")
@@ -42,6 +46,20 @@ def parse_epsilons(text: str) -> list[float]:
         raise usage_error(f"--epsilons expects numbers separated by commas, got {text!r}") from None
 
 
+def parse_taus(values: list[str]) -> dict[str, float]:
+    """['0.1', '3.2.2=0.5'] -> {'conjecture_3_1_1': 0.1, 'conjecture_3_2_2': 0.5}."""
+    from analysis.load import usage_error
+    out = {}
+    for text in values:
+        name, _, value = text.rpartition("=")
+        key = "conjecture_" + (name or "3.1.1").strip().replace(".", "_")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise usage_error(f"--tau expects a number or CONJECTURE=NUMBER (e.g. --tau 3.2.2=0.5), got {text!r}") from None
+    return out
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.report import analyze
     start = time.perf_counter()
@@ -52,7 +70,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - start:5.1f}s] {message}", flush=True)
 
     report = analyze(args.experiments, uri, out, parse_epsilons(args.epsilons),
-                     cache_dir=None if args.no_cache else args.cache_dir,
+                     cache_dir=None if args.no_cache else args.cache_dir, taus=parse_taus(args.tau),
                      log_to_mlflow=not args.no_log, progress=say, min_train_acc=args.min_train_acc,
                      warn=lambda m: print(f"nc-study analyze: warning: {m}", file=sys.stderr, flush=True))
     print(f"report: {report}  (with conjectures.json and figures in {report.parent}/)", flush=True)

@@ -5,11 +5,14 @@ S_{l+1} − S_l ≥ −ε for consecutive blocks. Per converged model (SCIENCE.m
 
     ε̂ = max(0, max_l (S_l − S_{l+1}))          and the block pair l → l+1 that sets it
 
-Per architecture group: the distribution of the per-model ε̂ (its maximum is the smallest ε
-for which the conjecture holds in every model; a bootstrap CI over models is given for the
-median), the share of non-decreasing steps, the trend of S with the block index (mean
-per-model Spearman ρ; permutation p-value shuffling block order within each model;
-predicted ρ > 0) and how ε̂ moves with λ (Spearman ρ of ε̂ against λ over models).
+Per architecture group the estimand is ε = max over λ and blocks l of the expected drop
+E[S_l − S_{l+1}] over seeds; ε̂ is its value on the seed means, with a simultaneous
+(Bonferroni t, per-step pooled within-λ SD) interval, a noise floor and a verdict against τ
+(`bounds.step_bound`). Beside it: the distribution of the per-model ε̂ (its maximum,
+`max_model_epsilon_hat`, is the smallest ε for which the conjecture holds in every model),
+the share of non-decreasing steps, the trend of S with the block index (mean per-model
+Spearman ρ; permutation p-value shuffling block order within each model; predicted ρ > 0)
+and how ε̂ moves with λ (Spearman ρ of per-model ε̂ against λ over models).
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import bounds, stats
 from .frame import CONVERGED, exclusion_counts, final_layers, trials
-from .verdict import CONTRADICTED, INSUFFICIENT, SUPPORTED, excluded_note, interval, num, pval, trend_state
+from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_1"
 MIN_MODELS, MIN_LAMBDA_MODELS = 1, 3
@@ -81,7 +84,7 @@ def per_model(frame: pd.DataFrame, metric: str = "nc_score") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_group(models: pd.DataFrame, metric: str = "nc_score", n_boot: int = stats.N_BOOT,
+def test_group(models: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["conjecture_3_2_1"],
                n_perm: int = stats.N_PERM, seed: int = 0) -> dict:
     """Conjecture 3.2.1 on one group's `per_model` rows."""
     ok = models["status"] == CONVERGED
@@ -92,8 +95,12 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", n_boot: int = sta
     used = models[ok & ~incomplete]
     out = {"test": TEST, "metric": metric, "n_converged": int(len(used)),
            "n_excluded": int(sum(excluded.values())), "excluded": excluded,
-           "epsilon_hat": None, "ci_low": None, "ci_high": None, "ci_level": 0.95,
-           "ci_of": "median per-model epsilon_hat, bootstrap over models",
+           "epsilon_hat": None, "max_model_epsilon_hat": None, "ci_low": None, "ci_high": None,
+           "ci_level": bounds.LEVEL,
+           "ci_of": ("epsilon = max over λ and block steps of the seed-mean drop S_l − S_{l+1}: Bonferroni "
+                     "t-intervals over every (λ, step), per-step pooled within-λ SD; [max of lower ends, "
+                     "max of upper ends], clipped at 0"),
+           "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"mean per-model Spearman rho of {metric} vs block index",
            "p_value": None, "lambda_rho": None, "lambda_p": None, "share_nondecreasing": None,
            "distribution": None, "set_by": [], "per_lambda": []}
@@ -107,19 +114,21 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", n_boot: int = sta
     out["distribution"] = {"min": q[0], "q25": q[1], "median": q[2], "q75": q[3], "max": q[4],
                            "mean": float(eps.mean())}
     worst = used.iloc[int(np.argmax(eps))]
-    out["epsilon_hat"] = float(eps.max())
+    out["max_model_epsilon_hat"] = float(eps.max())
     if worst["block"] is not None and not pd.isna(worst["block"]):
         b = int(worst["block"])
         out["set_by"] = [{"trial": worst["trial"], "run_id": worst["run_id"], "weight_decay": float(worst["weight_decay"]),
                           "seed": int(worst["seed"]), "block_from": b, "block_to": b + 1,
                           "S_from": float(worst["curve"][b - 1]), "S_to": float(worst["curve"][b])}]
-    out["ci_low"], out["ci_high"] = stats.percentile_ci(stats.bootstrap(eps, lambda x: np.median(x, axis=1), n_boot, seed))
     curves = np.stack(used["curve"].to_list())
     steps = curves[:, 1:] - curves[:, :-1]
     out["share_nondecreasing"] = float(np.mean(steps >= 0))
     trend = layer_trend_test(curves, n_perm, seed)
     out["statistic"], out["p_value"] = trend.statistic, trend.p_value
     lam = used["weight_decay"].to_numpy(float)
+    drops = [curves[lam == level, :-1] - curves[lam == level, 1:] for level in np.unique(lam)]
+    out["epsilon_hat"] = max(0.0, float(max(d.mean(axis=0).max() for d in drops)))
+    out |= bounds.step_bound(drops, tau, seed=seed)
     if len(used) >= MIN_LAMBDA_MODELS and len(np.unique(lam)) >= 2:
         by_lambda = stats.spearman_test(lam, eps, n_perm, seed)
         out["lambda_rho"], out["lambda_p"] = by_lambda.statistic, by_lambda.p_value
@@ -128,27 +137,26 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", n_boot: int = sta
                           "max_epsilon_hat": float(eps[lam == level].max()),
                           "share_nondecreasing": float(np.mean(steps[lam == level] >= 0))}
                          for level in np.unique(lam)]
-    out["state"] = trend_state(trend.statistic, trend.p_value, predicted_sign=+1)
-    out["verdict"] = verdict(out)
+    out["state"] = "pending"
     return out
 
 
 def verdict(r: dict) -> str:
-    trend = f"mean layer ρ = {num(r['statistic'])}, p = {pval(r['p_value'])}"
     d = r["distribution"]
-    eps = (f"ε̂ = {num(r['epsilon_hat'])} (max over {r['n_converged']} models; median {num(d['median'])} "
-           f"{interval(r['ci_low'], r['ci_high'])}), {100 * r['share_nondecreasing']:.0f}% of steps non-decreasing")
-    if r["state"] == SUPPORTED:
-        return f"supported: {r['metric']} rises with depth ({trend}); {eps}"
-    if r["state"] == CONTRADICTED:
-        return f"contradicted: {r['metric']} falls with depth ({trend}); {eps}"
-    return f"inconclusive: no significant trend across blocks ({trend}); {eps}"
+    eps = bound_text(r, " per block step")
+    models = (f"per model: max ε̂ {num(r['max_model_epsilon_hat'])}, median {num(d['median'])} over "
+              f"{r['n_converged']} models, {100 * r['share_nondecreasing']:.0f}% of steps non-decreasing")
+    lams = sorted(p["weight_decay"] for p in r["per_lambda"])
+    trend = (f"trend across blocks {r['trend']}: mean layer ρ = {num(r['statistic'])}, "
+             f"{p_is(r['p_value_adjusted'], 'p_adj')}")
+    head = {"consistent": "consistent: ε < τ", "violated": "violated: ε > τ", "inconclusive": "inconclusive against τ"}
+    return f"{head[r['state']]}: {eps}; λ {lams[0]:g}–{lams[-1]:g}; {models}; {trend}"
 
 
-def conjecture_3_2_1(frame: pd.DataFrame, metric: str = "nc_score", n_boot: int = stats.N_BOOT,
+def conjecture_3_2_1(frame: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["conjecture_3_2_1"],
                      n_perm: int = stats.N_PERM, seed: int = 0) -> tuple[list[dict], pd.DataFrame]:
-    """Per-group results and the per-model table (see module docstring)."""
+    """Per-group results, Holm-adjusted over groups, and the per-model table."""
     models = per_model(frame, metric)
-    results = [{"group": group, **test_group(rows, metric, n_boot, n_perm, seed)}
+    results = [{"group": group, **test_group(rows, metric, tau, n_perm, seed)}
                for group, rows in models.groupby("group", sort=True)]
-    return results, models
+    return finalize(results, predicted_sign=+1, describe=verdict), models

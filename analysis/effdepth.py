@@ -8,8 +8,10 @@ per-layer `ncc_acc` for each ε asked for. The conjecture: λ1 < λ2 ⇒ d_ε(λ
 Per architecture group and ε, on converged trials (SCIENCE.md §6): Spearman ρ of d_ε
 against λ over trials with a permutation p-value (predicted ρ < 0); the violating pairs
 (λ1 < λ2 whose seed-mean depths rise, d̄(λ1) < d̄(λ2)); ε̂ = the largest such rise in
-blocks, max(0, max_{λ1<λ2} d̄(λ2) − d̄(λ1)), with a bootstrap CI over seeds; and how many
-trial pairs violate it.
+blocks, max(0, max_{λ1<λ2} d̄(λ2) − d̄(λ1)), with a max-t simultaneous interval from the pooled
+within-λ SD, a noise floor and a verdict against τ (`bounds.pair_bound`); and how many trial
+pairs violate it. The trend is a separate finding; p-values are Holm-adjusted over every
+group × ε test.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import bounds, stats
 from .frame import CONVERGED, exclusion_counts, final_layers, final_values, trials
-from .verdict import CONTRADICTED, INSUFFICIENT, SUPPORTED, excluded_note, interval, num, pval, trend_state
+from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_2"
 EPSILONS = (0.001, 0.01, 0.05)
@@ -58,7 +60,7 @@ def violating_pairs(lambdas: np.ndarray, mean_depths: np.ndarray) -> list[tuple[
             if mean_depths[i] < mean_depths[j] - 1e-12]
 
 
-def test_group(rows: pd.DataFrame, epsilon: float, n_boot: int = stats.N_BOOT,
+def test_group(rows: pd.DataFrame, epsilon: float, tau: float = TAUS["conjecture_3_2_2"],
                n_perm: int = stats.N_PERM, seed: int = 0) -> dict:
     """Conjecture 3.2.2 at one ε on one group's `per_trial` rows."""
     col = depth_column(epsilon)
@@ -76,8 +78,11 @@ def test_group(rows: pd.DataFrame, epsilon: float, n_boot: int = stats.N_BOOT,
     out = {"test": TEST, "epsilon": epsilon, "n_converged": int(len(used)),
            "n_excluded": int(sum(excluded.values())), "excluded": excluded,
            "epsilon_hat": None, "epsilon_hat_unit": "blocks (largest rise of the seed-mean depth as λ grows)",
-           "ci_low": None, "ci_high": None, "ci_level": 0.95,
-           "ci_of": "epsilon_hat: simultaneous bootstrap band over λ pairs, seeds resampled within each λ",
+           "ci_low": None, "ci_high": None, "ci_level": bounds.LEVEL,
+           "ci_of": ("epsilon (largest rise of the mean effective depth, blocks): max-t simultaneous "
+                     "t-intervals, pooled within-λ SD, for every λ pair's rise; [max of lower ends, max of "
+                     "upper ends], clipped at 0"),
+           "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of d_{epsilon:g} vs λ (trials)", "p_value": None,
            "set_by": [], "violating_pairs": [], "n_violating_trial_pairs": None, "n_trial_pairs": None,
            "per_lambda": [{"weight_decay": float(level), "n": int(len(s)), "mean_depth": float(s.mean()),
@@ -91,17 +96,10 @@ def test_group(rows: pd.DataFrame, epsilon: float, n_boot: int = stats.N_BOOT,
     pairs = violating_pairs(levels, means)
     rises = [means[j] - means[i] for i, j in pairs]
     eps_hat = max(rises, default=0.0)
-    upper = np.triu_indices(len(levels), k=1)
-    theta = (means[None, :] - means[:, None])[upper]
-    low = high = None
-    if max(map(len, strata)) > 1:
-        boot = stats.resampled_means(strata, n_boot, seed)
-        low, high = stats.max_contrast_ci(theta, (boot[:, None, :] - boot[:, :, None])[:, upper[0], upper[1]])
-        low, high = max(0.0, low), max(0.0, high)
     trend = stats.spearman_test(lam, d, n_perm, seed)
     earlier = lam[:, None] < lam[None, :]
-    out |= {"epsilon_hat": float(eps_hat), "ci_low": low, "ci_high": high,
-            "statistic": trend.statistic, "p_value": trend.p_value,
+    out |= bounds.pair_bound(strata, np.full((len(levels), len(levels)), -1.0), tau, seed=seed)
+    out |= {"epsilon_hat": float(eps_hat), "statistic": trend.statistic, "p_value": trend.p_value,
             "violating_pairs": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]),
                                  "depth_1": float(means[i]), "depth_2": float(means[j])} for i, j in pairs],
             "n_violating_trial_pairs": int(np.count_nonzero(earlier & (d[:, None] < d[None, :]))),
@@ -112,33 +110,25 @@ def test_group(rows: pd.DataFrame, epsilon: float, n_boot: int = stats.N_BOOT,
         if same.any():
             logged = used["logged"].to_numpy(float)[same]
             out["logged_disagree"] = int(np.count_nonzero(np.isfinite(logged) & (logged != d[same])))
-    out["state"] = trend_state(trend.statistic, trend.p_value, predicted_sign=-1)
-    out["verdict"] = verdict(out)
+    out["state"] = "pending"
     return out
 
 
 def verdict(r: dict) -> str:
-    trend = f"ρ = {num(r['statistic'])}, p = {pval(r['p_value'])}"
+    trend = f"trend {r['trend']}: ρ = {num(r['statistic'])}, {p_is(r['p_value_adjusted'], 'p_adj')}"
     k = len(r["violating_pairs"])
-    pairs = "no violating λ pairs" if k == 0 else (
-        f"{k} violating λ pair{'s' if k > 1 else ''}, worst rise {num(r['epsilon_hat'])} "
-        f"block{'' if r['epsilon_hat'] == 1 else 's'} "
-        f"{interval(r['ci_low'], r['ci_high'])} at λ {r['set_by'][0]['lambda_1']:g} → {r['set_by'][0]['lambda_2']:g}")
-    if r["state"] == SUPPORTED:
-        return f"supported: effective depth falls as λ grows ({trend}); {pairs}"
-    if r["state"] == CONTRADICTED:
-        return f"contradicted: effective depth rises with λ ({trend}); {pairs}"
-    if r["statistic"] is None or math.isnan(r["statistic"]):
-        depths = sorted({p["mean_depth"] for p in r["per_lambda"]})
-        return (f"inconclusive: effective depth does not vary with λ (= {num(depths[0])}); {pairs}"
-                if len(depths) == 1 else f"inconclusive: no trend can be computed; {pairs}")
-    return f"inconclusive: no significant trend ({trend}); {pairs}"
+    pairs = "no violating λ pair" if k == 0 else (
+        f"{k} violating λ pair{'s' if k > 1 else ''}, worst at λ {r['set_by'][0]['lambda_1']:g} → "
+        f"{r['set_by'][0]['lambda_2']:g}")
+    lams = sorted(p["weight_decay"] for p in r["per_lambda"])
+    head = {"consistent": "consistent: ε < τ", "violated": "violated: ε > τ", "inconclusive": "inconclusive against τ"}
+    return f"{head[r['state']]}: {bound_text(r, ' blocks')}; {pairs}; λ {lams[0]:g}–{lams[-1]:g}; {trend}"
 
 
-def conjecture_3_2_2(frame: pd.DataFrame, epsilons=EPSILONS, n_boot: int = stats.N_BOOT,
+def conjecture_3_2_2(frame: pd.DataFrame, epsilons=EPSILONS, tau: float = TAUS["conjecture_3_2_2"],
                      n_perm: int = stats.N_PERM, seed: int = 0) -> tuple[list[dict], pd.DataFrame]:
-    """Per (group, ε) results and the per-trial depth table."""
+    """Per (group, ε) results, Holm-adjusted over all of them, and the per-trial depth table."""
     table = per_trial(frame, epsilons)
-    results = [{"group": group, **test_group(rows, eps, n_boot, n_perm, seed)}
+    results = [{"group": group, **test_group(rows, eps, tau, n_perm, seed)}
                for group, rows in table.groupby("group", sort=True) for eps in epsilons]
-    return results, table
+    return finalize(results, predicted_sign=-1, describe=verdict), table

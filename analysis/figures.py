@@ -203,7 +203,9 @@ def conjecture_3_1_1(scores: pd.DataFrame, results: list[dict], metric: str = "n
         for pair in by_group[group].get("set_by", []):
             ax.plot([pair["lambda_1"], pair["lambda_2"]], [pair["S_1"], pair["S_2"]], "-", color="C3", lw=2)
         r = by_group[group]
-        ax.set_title(f"{group}\nε̂ = {_n(r.get('epsilon_hat'))}, ρ = {_n(r.get('statistic'))}", fontsize=8)
+        ci = (f" [{_n(r['ci_low'])}, {_n(r['ci_high'])}]" if r.get("ci_low") is not None else "")
+        ax.set_title(f"{group}: {r.get('state')}\nε̂ = {_n(r.get('epsilon_hat'))}{ci}, τ = {_n(r.get('tau'))}, "
+                     f"ρ = {_n(r.get('statistic'))}", fontsize=8)
         _log_x(ax)
         ax.set_xlabel("weight decay λ")
     axes[0].set_ylabel(f"final {metric} (converged)")
@@ -256,21 +258,58 @@ def conjecture_3_2_2(depths: pd.DataFrame, epsilons) -> Figure:
 
 
 def theorem_scatter(evals: pd.DataFrame) -> Figure:
-    """Theorem 2.3.1: 1 − intra_min against sqrt(gap)/(αβ), and inter_max + 1/(C−1)
-    against gap^(1/6), over every checked evaluation (colour = λ)."""
-    fig, axes = grid(2)
+    """Theorem 2.3.1 on its own terms, a row of two log–log panels per group:
+    1 − raw_intra_min against √loss_gap/(αβ) and raw_inter_max + 1/(C−1) against
+    loss_gap^(1/6), every checked evaluation on the axes (colour = λ), the predicted slope 1
+    (dashed, through the points' median) and the fitted slope with its trial-clustered CI."""
+    from . import theorem
+    groups = sorted(set(evals["group"])) if len(evals) else []
     colors = _lambda_colors(evals["weight_decay"].unique()) if len(evals) else {}
-    c = [colors[l] for l in evals["weight_decay"]]
-    for ax, (x, y, xl, yl) in zip(axes, (("x_intra", "y_intra", "sqrt(loss_gap) / (α β)", "1 − intra_min"),
-                                         ("x_inter", "y_inter", "loss_gap^(1/6)", "inter_max + 1/(C−1)"))):
-        ax.scatter(evals[x], evals[y], s=4, c=c if c else None, alpha=0.6, lw=0)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-    bad = evals[evals["loss_gap"] < 0]
-    if len(bad):
-        axes[0].set_title(f"{len(bad)} evaluations with loss_gap < 0 (plotted at gap 0)", color="C3", fontsize=9)
-    fig.suptitle("Theorem 2.3.1: collapse against the loss gap (every bias-free evaluation)")
+    ncol = min(len(colors), 10)
+    fig, axes = grid(max(2 * len(groups), 2), max_cols=2, legend_rows=1 + math.ceil(len(colors) / 10))
+    for i, group in enumerate(groups):
+        rows = evals[evals["group"] == group]
+        for ax, relation in zip(axes[2 * i:2 * i + 2], theorem.RELATIONS):
+            _rate_panel(ax, rows, relation, colors)
+            off = int((theorem.off_axes(rows, relation) != "").sum())
+            ax.set_title(group + (f"\n{off} of {len(rows)} off the log axes" if off else ""), fontsize=8)
+    if not groups:
+        axes[0].text(0.5, 0.5, "no evaluations", ha="center", transform=axes[0].transAxes)
+    else:
+        handles = [matplotlib.lines.Line2D([], [], ls="", marker="o", ms=4, color=c, label=f"{l:g}")
+                   for l, c in colors.items()]
+        fig.legend(handles=handles, title="λ", loc="lower center", ncol=ncol, fontsize=7, title_fontsize=8,
+                   frameon=False)
+    fig.suptitle("Theorem 2.3.1: the theorem's rates on the raw cosines (every bias-free evaluation)")
     return fig
+
+
+def _rate_panel(ax, rows: pd.DataFrame, relation: str, colors: dict) -> None:
+    """One relation of Theorem 2.3.1 on log–log axes: the points, the predicted slope 1
+    through their median and the fitted slope."""
+    from . import theorem
+    x_col, y_col, y_name, x_name = theorem.RELATIONS[relation]
+    on = theorem.off_axes(rows, relation) == ""
+    x, y = rows[x_col].to_numpy(float)[on], rows[y_col].to_numpy(float)[on]
+    _log_x(ax)
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(y_name)
+    if not len(x):
+        ax.text(0.5, 0.5, "no points on the log axes", ha="center", transform=ax.transAxes)
+        return
+    ax.scatter(x, y, s=4, c=[colors[l] for l in rows["weight_decay"].to_numpy()[on]], alpha=0.6, lw=0)
+    lx, ly = np.log(x), np.log(y)
+    ends = np.array([lx.min(), lx.max()])
+    ax.plot(np.exp(ends), np.exp(np.median(ly) + ends - np.median(lx)), "--", color="0.3", lw=1,
+            label=f"predicted slope {theorem.PREDICTED_SLOPE:g}")
+    k, ci = theorem.slope_fit(x, y, rows["run_id"].to_numpy()[on])
+    if k is not None:
+        fit = theorem.slope_text({f"{relation}_slope": k, f"{relation}_slope_ci": ci}, relation)
+        ax.plot(np.exp(ends), np.exp(ly.mean() + k * (ends - lx.mean())), "-", color="C3", lw=1,
+                label=f"fitted slope {fit}")
+    ax.legend(fontsize=6, loc="upper left")
 
 
 def _n(x) -> str:

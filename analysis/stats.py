@@ -1,5 +1,6 @@
 """Small, seeded statistical tools for SCIENCE.md §6: rank correlation with a permutation
-p-value, the Jonckheere–Terpstra trend test, and stratified bootstrap resampling.
+p-value, the Jonckheere–Terpstra trend test, and Holm's adjustment. (The intervals for ε
+are in `bounds`.)
 
 Every function takes a `seed` (default 0) so a re-run reports the same numbers. p-values
 are two-sided and of Monte-Carlo permutation form (1 + #{|T*| >= |T|}) / (1 + n_perm),
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 N_PERM = 9999
-N_BOOT = 2000
 _TOL = 1e-12                           # |T*| >= |T| - tol: float ties count as extreme
 _CHUNK = 4_000_000                     # elements per vectorised block
 
@@ -129,68 +129,15 @@ def jonckheere_test(values, levels, n_perm: int = N_PERM, seed: int = 0) -> tupl
     return TestResult(J, _p_value(J - mean, null - mean, exact), n, exact), z
 
 
-def stratified_bootstrap(strata: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> list[np.ndarray]:
-    """Resample each stratum with replacement: for stratum k of size n_k, a (B, n_k) array of
-    resampled values. Used to bootstrap over seeds within each λ."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for values in strata:
-        values = np.asarray(values, float)
-        idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-        out.append(values[idx])
+def holm(p_values) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None/NaN entries are left out
+    of the family and come back as None): p_(k) adjusted = max_{j<=k} min(1, (m − j + 1) p_(j))."""
+    p = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in p_values]
+    present = [k for k, v in enumerate(p) if v is not None]
+    out: list[float | None] = [None] * len(p)
+    running = 0.0
+    m = len(present)
+    for rank, k in enumerate(sorted(present, key=lambda k: p[k])):
+        running = max(running, min(1.0, (m - rank) * p[k]))
+        out[k] = running
     return out
-
-
-def resampled_means(strata: list[np.ndarray], n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
-    """(B, K) bootstrap means of K strata (e.g. the seeds at each λ), each stratum resampled
-    with replacement from its residuals inflated by sqrt(n/(n-1)), so the bootstrap variance
-    of a mean is s²/n rather than the plain bootstrap's (n-1)/n · s²/n (which is too small
-    with the 3-5 seeds a study has). A stratum of one value does not vary."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for values in strata:
-        values = np.asarray(values, float)
-        n = len(values)
-        centre = values.mean()
-        resid = (values - centre) * (math.sqrt(n / (n - 1)) if n > 1 else 0.0)
-        out.append(centre + resid[rng.integers(0, n, size=(n_boot, n))].mean(axis=1))
-    return np.stack(out, axis=1)
-
-
-def max_contrast_ci(theta: np.ndarray, theta_boot: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Confidence interval for max_p θ_p from estimates θ̂ (P,) and bootstrap replicates
-    (B, P): a simultaneous max-t band θ̂_p ± c·se_p (c = the `level` quantile of
-    max_p |θ*_p − θ̂_p| / se_p) gives [max_p lower_p, max_p upper_p].
-
-    The percentile interval of the bootstrapped maximum itself is useless here: a maximum
-    over many noisy contrasts is biased upward and its replicates more so, so it misses the
-    truth whenever several contrasts tie at the top. The band covers every θ_p at once, so
-    the interval covers their maximum (approximately: with 5 seeds per λ and all 28 λ pairs
-    tied, 80 % in simulation; 92-99 % when one pair stands out)."""
-    theta = np.asarray(theta, float)
-    theta_boot = np.asarray(theta_boot, float)
-    if theta.size == 0:
-        return math.nan, math.nan
-    se = theta_boot.std(axis=0)
-    varies = se > 0
-    c = 0.0
-    if varies.any():
-        T = np.abs(theta_boot[:, varies] - theta[varies]) / se[varies]
-        c = float(np.quantile(T.max(axis=1), level))
-    return float((theta - c * se).max()), float((theta + c * se).max())
-
-
-def bootstrap(values, statistic, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
-    """statistic((B, n) resamples) -> (B,) for a plain bootstrap over the values."""
-    return statistic(stratified_bootstrap([np.asarray(values, float)], n_boot, seed)[0])
-
-
-def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap samples (NaN-safe; NaN if none are finite)."""
-    samples = np.asarray(samples, float)
-    samples = samples[np.isfinite(samples)]
-    if len(samples) == 0:
-        return math.nan, math.nan
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(samples, [tail, 100 - tail])
-    return float(low), float(high)

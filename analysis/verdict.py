@@ -1,15 +1,39 @@
 """Shared wording of verdicts: numbers first, claims never stronger than the test.
 
-A trend test ends in one of four states: `supported` (significant in the predicted
-direction), `contradicted` (significant against it), `inconclusive` (not significant, or
-nothing varies), `insufficient` (too few converged trials to test: no verdict at all).
+A conjecture's verdict in a group is reached against its tolerance τ (`analysis.bounds`):
+`consistent` (the ε interval lies below τ), `violated` (above τ), `inconclusive` (it
+straddles τ, or there is no interval), `insufficient` (too few converged trials: no verdict
+at all), or `control` (a group outside the conjecture's scope, e.g. no BN for 3.1.1: numbers
+only). The decisions use Holm-adjusted p-values within the conjecture's family of groups.
+
+The trend (a rank correlation with λ or with the block index) is a separate finding, also
+Holm-adjusted: `supported` (significant in the predicted direction), `contradicted`
+(significant against it) or `inconclusive`.
 """
 from __future__ import annotations
 
 import math
 
+from . import stats
+from .bounds import CONSISTENT, INCONCLUSIVE, VIOLATED
+
 ALPHA = 0.05
-SUPPORTED, CONTRADICTED, INCONCLUSIVE, INSUFFICIENT = "supported", "contradicted", "inconclusive", "insufficient"
+SUPPORTED, CONTRADICTED, INSUFFICIENT, CONTROL = "supported", "contradicted", "insufficient", "control"
+STATES = (CONSISTENT, VIOLATED, SUPPORTED, CONTRADICTED, INCONCLUSIVE, INSUFFICIENT, CONTROL)
+P_FLOOR = 1 / (1 + stats.N_PERM)       # a permutation p-value never falls below this
+
+# Tolerances fixed before any data are seen, in each conjecture's own units (SCIENCE.md §6).
+TAUS = {"conjecture_3_1_1": 0.1, "conjecture_3_2_1": 0.05, "conjecture_3_2_2": 0.5}
+TAU_REASONS = {
+    "conjecture_3_1_1": "τ = 0.1 of nc_score per unit of log λ: the closest λ pair of the thesis' grid "
+                        "(7e-3 → 1e-2, ×1.43) may lose 0.036, about two seed SDs of affine BN, and the "
+                        "whole 100-fold grid 0.46, a third of nc_score's range (4/3 for C = 4); a smaller "
+                        "τ cannot be told from seed noise with 10 seeds on that grid (python -m analysis.power)",
+    "conjecture_3_2_1": "τ = 0.05 of nc_score per block step: about half the mean gain per block of a "
+                        "depth-15 network that goes from no collapse to full collapse (4/3 over 14 steps)",
+    "conjecture_3_2_2": "τ = 0.5 block: a rise of the seed-mean effective depth by less than half a block "
+                        "means most seeds keep their depth; the conjecture itself says no rise (ε = 0)",
+}
 
 
 def num(x: float | None, digits: int = 2) -> str:
@@ -24,17 +48,74 @@ def num(x: float | None, digits: int = 2) -> str:
     return text.replace("e-0", "e-").replace("e+0", "e")
 
 
-def pval(p: float | None) -> str:
+def pval(p: float | None, floor: float = P_FLOOR) -> str:
+    """'0.03', '2.1e-4', or '≤ 1e-4' for a Monte-Carlo p-value at its floor."""
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "n/a"
+    if p <= floor * (1 + 1e-9):
+        return f"≤ {floor:.0e}".replace("e-0", "e-")
     return f"{p:.2g}" if p >= 0.001 else f"{p:.1e}".replace("e-0", "e-")
 
 
-def interval(low: float | None, high: float | None) -> str:
-    """'[low, high]', or '(no CI: one seed per λ)' when there was nothing to resample."""
+def p_is(p: float | None, name: str = "p") -> str:
+    """'p = 0.03' or 'p ≤ 1e-4'."""
+    text = pval(p)
+    return f"{name} {text}" if text.startswith("≤") else f"{name} = {text}"
+
+
+def interval(low: float | None, high: float | None, reason: str | None = None) -> str:
+    """'[low, high]', or '(no CI: <reason>)' when there is no interval."""
     if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
-        return "(no CI: one seed per λ)"
+        return f"(no CI: {reason or 'one seed per λ'})"
     return f"[{num(low)}, {num(high)}]"
+
+
+def adjust(results: list[dict], keys: tuple[str, ...] = ("p_value", "p_consistent", "p_violated")) -> None:
+    """Holm-adjust each p-value key within the family `results` (one conjecture's groups),
+    in place, as `<key>_adjusted`. The ε verdicts' p-values count only groups that test
+    the conjecture (role != control); the trend's p-value counts every group."""
+    for key in keys:
+        family = [r for r in results if key == "p_value" or r.get("role", "test") != CONTROL]
+        for r, adjusted in zip(family, stats.holm([r.get(key) for r in family])):
+            r[key + "_adjusted"] = adjusted
+        for r in results:
+            r.setdefault(key + "_adjusted", None)
+
+
+def bound_state(r: dict) -> str:
+    """The verdict against τ from the Holm-adjusted p-values (see module docstring)."""
+    if r.get("role") == CONTROL:
+        return CONTROL
+    if (r.get("p_consistent_adjusted") or 1.0) < ALPHA:
+        return CONSISTENT
+    if (r.get("p_violated_adjusted") or 1.0) < ALPHA:
+        return VIOLATED
+    return INCONCLUSIVE
+
+
+def finalize(results: list[dict], predicted_sign: int, describe) -> list[dict]:
+    """Adjust the family's p-values, then set each group's `trend` (from the adjusted trend
+    p-value), `state` (the verdict against τ) and `verdict` text (`describe(r)`)."""
+    adjust(results)
+    for r in results:
+        if r["state"] == INSUFFICIENT:
+            continue
+        r["trend"] = trend_state(r["statistic"], r["p_value_adjusted"], predicted_sign)
+        r["state"] = bound_state(r)
+        r["verdict"] = describe(r)
+    return results
+
+
+def bound_text(r: dict, unit: str = "") -> str:
+    """'ε̂ = 0.02 [0, 0.08] (noise floor 0.05) vs τ = 0.1, p_adj = 0.01'."""
+    ci = interval(r["ci_low"], r["ci_high"], r.get("no_interval_reason"))
+    floor = f"; noise floor {num(r['noise_floor'])}" if r.get("noise_floor") is not None else ""
+    p = ""
+    if r["state"] == CONSISTENT:
+        p = f", {p_is(r['p_consistent_adjusted'], 'p_adj')}"
+    elif r["state"] == VIOLATED:
+        p = f", {p_is(r['p_violated_adjusted'], 'p_adj')}"
+    return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{floor}; τ = {r['tau']:g}{p}"
 
 
 def excluded_note(excluded: dict[str, int]) -> str:
@@ -51,14 +132,14 @@ def trend_state(rho: float, p: float, predicted_sign: int) -> str:
 
 
 def summary(states: list[str], unit: str = "group", labels: dict[str, str] | None = None) -> str:
-    """'supported in 2 of 5 groups, contradicted in 1, …' over per-group states; `labels`
+    """'consistent in 2 of 5 groups, inconclusive in 1, …' over per-group states; `labels`
     renames states (the theorem 'holds' or is 'VIOLATED')."""
     n = len(states)
     if n == 0:
         return f"no {unit}s"
-    labels = {INSUFFICIENT: "too few converged trials"} | (labels or {})
+    labels = {INSUFFICIENT: "too few converged trials", CONTROL: "control (no verdict)"} | (labels or {})
     parts = []
-    for state in (SUPPORTED, CONTRADICTED, INCONCLUSIVE, INSUFFICIENT):
+    for state in STATES:
         k = states.count(state)
         if k:
             label = labels.get(state, state)

@@ -5,9 +5,14 @@ Per architecture group, on converged trials with λ > 0 (SCIENCE.md §6):
 
     ε̂ = max(0, max_{λ1<λ2} (S̄(λ1) − S̄(λ2)) / log(λ2/λ1))      S̄: mean over seeds
 
-with a bootstrap CI over seeds (resampled within each λ), the λ pair(s) attaining ε̂, the
-trend of S against log λ (Spearman's ρ with a permutation p-value, over trials) and the
-Jonckheere–Terpstra test across the λ groups. Predicted direction: ρ > 0.
+with a simultaneous max-t interval for ε from the pooled within-λ seed variance, its noise
+floor, and a verdict against τ (`bounds.pair_bound`); the λ pair(s) attaining ε̂; the trend
+of S against log λ (Spearman's ρ with a permutation p-value, over trials; predicted ρ > 0)
+and the Jonckheere–Terpstra test across the λ groups, as a separate finding.
+
+Scope: the conjecture presumes BN before the classifier; groups without it are controls
+(role "control"): their numbers are reported, with no verdict on the conjecture. It is
+stated for conic-hull data; groups on other data say so (`data_scope`).
 """
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import bounds, stats
 from .frame import CONVERGED, exclusion_counts, final_values, trials
-from .verdict import CONTRADICTED, INSUFFICIENT, SUPPORTED, excluded_note, interval, num, pval, trend_state
+from .verdict import CONTROL, INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_1_1"
 MIN_TRIALS, MIN_LAMBDAS = 3, 2
@@ -51,22 +56,42 @@ def epsilon_hat(lambdas, means) -> tuple[float, list[tuple[int, int]]]:
     return eps, pairs
 
 
-def epsilon_ci(strata: list[np.ndarray], lambdas: np.ndarray, n_boot: int = stats.N_BOOT, seed: int = 0,
-               level: float = 0.95) -> tuple[float, float]:
-    """Bootstrap CI of ε̂ over seeds (resampled within each λ): a simultaneous band over
-    all λ pairs' slopes, floored at 0 (see `stats.max_contrast_ci`)."""
-    means = np.array([np.mean(s) for s in strata])
-    upper = np.triu_indices(len(lambdas), k=1)
-    theta = pair_slopes(lambdas, means)[upper]
-    boot = pair_slopes(lambdas, stats.resampled_means(strata, n_boot, seed))[:, upper[0], upper[1]]
-    low, high = stats.max_contrast_ci(theta, boot, level)
-    return max(0.0, low), max(0.0, high)
+def role(rows: pd.DataFrame) -> str:
+    """'test' when the group's networks have a BN before the classifier, else 'control'."""
+    bn = set(rows["bn"].astype(str)) if "bn" in rows.columns else {"affine"}
+    return CONTROL if bn == {"none"} else "test"
 
 
-def test_group(rows: pd.DataFrame, metric: str = "nc_score", n_boot: int = stats.N_BOOT,
+def data_scope(rows: pd.DataFrame) -> str:
+    dataset = str(rows["dataset"].iloc[0]) if "dataset" in rows.columns else ""
+    path = str(rows["data_path"].iloc[0]) if "data_path" in rows.columns else ""
+    if dataset == "conic" or "conic" in path.rsplit("/", 1)[-1]:
+        return "conic-hull data, as the conjecture is stated"
+    return f"{dataset or 'unknown'} data: outside the stated scope (conic-hull data), an extension"
+
+
+def lambda_range(all_lambdas: np.ndarray, used_lambdas: np.ndarray) -> dict:
+    """The λ values the verdict covers, and those of the group with no converged trial."""
+    every, used = sorted(set(map(float, all_lambdas))), sorted(set(map(float, used_lambdas)))
+    return {"low": used[0] if used else None, "high": used[-1] if used else None, "n_values": len(used),
+            "values": used, "no_converged": [lam for lam in every if lam not in used]}
+
+
+def range_text(r: dict) -> str:
+    lr = r["lambda_range"]
+    if not lr["values"]:
+        return "no λ with a converged trial"
+    text = f"λ {lr['low']:g}–{lr['high']:g} ({lr['n_values']} values)"
+    if lr["no_converged"]:
+        text += f", no converged trial at λ {', '.join(f'{v:g}' for v in lr['no_converged'])}"
+    return text
+
+
+def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["conjecture_3_1_1"],
                n_perm: int = stats.N_PERM, seed: int = 0) -> dict:
     """Conjecture 3.1.1 on one group's final values: `rows` has one row per trial with
-    columns status, weight_decay, seed and `metric` (NaN if the trial has none)."""
+    columns status, weight_decay, seed, bn and `metric` (NaN if the trial has none). The
+    verdict (`state`) is set by `finalize` once the whole family is known."""
     ok = rows["status"] == CONVERGED
     excluded = exclusion_counts(rows)
     for reason, mask in (("weight_decay <= 0 (log λ undefined)", ok & (rows["weight_decay"] <= 0)),
@@ -78,10 +103,14 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", n_boot: int = stats
     lam = used["weight_decay"].to_numpy(float)
     S = used[metric].to_numpy(float)
     levels = np.unique(lam)
-    out = {"test": TEST, "metric": metric, "n_converged": int(len(used)),
-           "n_excluded": int(sum(excluded.values())), "excluded": excluded,
-           "epsilon_hat": None, "ci_low": None, "ci_high": None, "ci_level": 0.95,
-           "ci_of": "epsilon_hat: simultaneous bootstrap band over λ pairs, seeds resampled within each λ",
+    out = {"test": TEST, "metric": metric, "role": role(rows), "data_scope": data_scope(rows),
+           "lambda_range": lambda_range(rows.loc[rows["weight_decay"] > 0, "weight_decay"].to_numpy(float), levels),
+           "n_converged": int(len(used)), "n_excluded": int(sum(excluded.values())), "excluded": excluded,
+           "epsilon_hat": None, "ci_low": None, "ci_high": None, "ci_level": bounds.LEVEL,
+           "ci_of": ("epsilon (the conjecture's ε): max-t simultaneous t-intervals, pooled within-λ seed SD, "
+                     "for every λ pair's drop of the seed mean / log(λ2/λ1); [max of lower ends, max of upper "
+                     "ends], clipped at 0"),
+           "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of {metric} vs log λ (trials)",
            "p_value": None, "jonckheere_J": None, "jonckheere_z": None, "jonckheere_p": None,
            "set_by": [], "per_lambda": []}
@@ -96,46 +125,40 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", n_boot: int = stats
         return out
     means = np.array([s.mean() for s in strata])
     eps, pairs = epsilon_hat(levels, means)
-    low, high = epsilon_ci(strata, levels, n_boot, seed) if max(map(len, strata)) > 1 else (None, None)
     trend = stats.spearman_test(np.log(lam), S, n_perm, seed)
     jt, z = stats.jonckheere_test(S, lam, n_perm, seed)
-    out |= {"epsilon_hat": eps, "ci_low": low, "ci_high": high, "statistic": trend.statistic,
+    out |= bounds.pair_bound(strata, bounds.log_lambda_weights(levels), tau, seed=seed)
+    out |= {"epsilon_hat": eps, "statistic": trend.statistic,
             "p_value": trend.p_value, "jonckheere_J": jt.statistic, "jonckheere_z": z, "jonckheere_p": jt.p_value,
             "set_by": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]), "S_1": float(means[i]),
                         "S_2": float(means[j]), "drop_per_log_lambda": float((means[i] - means[j])
                                                                              / math.log(levels[j] / levels[i]))}
                        for i, j in pairs]}
-    out["state"] = trend_state(trend.statistic, trend.p_value, predicted_sign=+1)
-    out["verdict"] = verdict(out)
+    out["state"] = "pending"
     return out
 
 
 def verdict(r: dict) -> str:
-    eps = f"ε̂ = {num(r['epsilon_hat'])} {interval(r['ci_low'], r['ci_high'])}"
-    trend = f"ρ = {num(r['statistic'])}, p = {pval(r['p_value'])}"
+    eps = bound_text(r)
+    trend = f"trend {r['trend']}: ρ = {num(r['statistic'])}, {p_is(r['p_value_adjusted'], 'p_adj')}"
     where = ""
     if r["set_by"]:
         p = r["set_by"][0]
-        where = f", set by λ {p['lambda_1']:g} → {p['lambda_2']:g}"
-    if r["state"] == SUPPORTED:
-        return f"supported: {eps}, {trend}{where}"
-    if r["state"] == CONTRADICTED:
-        return f"contradicted: {r['metric']} falls as λ grows ({trend}); {eps}{where}"
-    if r["statistic"] is None or math.isnan(r["statistic"]):
-        return f"inconclusive: {r['metric']} does not vary with λ; {eps}"
-    return f"inconclusive: no significant trend ({trend}); {eps}{where}"
+        where = f", ε̂ set by λ {p['lambda_1']:g} → {p['lambda_2']:g}"
+    head = {"consistent": "consistent: ε < τ", "violated": "violated: ε > τ",
+            "inconclusive": "inconclusive against τ", CONTROL: "control (no BN before the classifier; no verdict)"}
+    return f"{head[r['state']]}: {eps}{where}; {range_text(r)}; {trend}"
 
 
-def conjecture_3_1_1(frame: pd.DataFrame, metric: str = "nc_score", n_boot: int = stats.N_BOOT,
+def conjecture_3_1_1(frame: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["conjecture_3_1_1"],
                      n_perm: int = stats.N_PERM, seed: int = 0) -> list[dict]:
-    """One result per architecture group (see module docstring)."""
+    """One result per architecture group (see module docstring), Holm-adjusted over groups."""
     table = trials(frame)
     finals = final_values(frame, metric)[["run_id", metric]]
     table = table.merge(finals, on="run_id", how="left")
-    out = []
-    for group, rows in table.groupby("group", sort=True):
-        out.append({"group": group, **test_group(rows, metric, n_boot, n_perm, seed)})
-    return out
+    out = [{"group": group, **test_group(rows, metric, tau, n_perm, seed)}
+           for group, rows in table.groupby("group", sort=True)]
+    return finalize(out, predicted_sign=+1, describe=verdict)
 
 
 def final_scores(frame: pd.DataFrame, metric: str = "nc_score") -> pd.DataFrame:

@@ -16,6 +16,7 @@ BN_PLACEMENTS = ("every", "last")
 DATASETS = ("teacher", "conic", "npz")
 CONIC_KINDS = ("auto", "hyperplanes", "directions")
 OPTIMIZERS = ("sgd", "adam")
+BN_STATS = ("exact", "running")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -54,6 +55,7 @@ class TrialConfig:
     # measurement (§4)
     eval_every: int = 10
     ncc_epsilon: float = 0.01
+    bn_stats: str = "exact"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -62,6 +64,7 @@ class TrialConfig:
         _check_choice("bn", self.bn, BN_KINDS)
         _check_choice("bn_placement", self.bn_placement, BN_PLACEMENTS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("bn_stats", self.bn_stats, BN_STATS)
         _check_choice("device", self.device, DEVICES)
         if self.dataset == "npz" and not self.data_path:
             raise ConfigError("dataset=npz needs data_path: set data_path=/path/to/file.npz")

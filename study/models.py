@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,6 +18,17 @@ class Block(nn.Sequential):
         if bn != "none":
             layers.append(nn.BatchNorm1d(fan_out, affine=(bn == "affine")))
         super().__init__(*layers)
+
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on a whole data set with BN normalising by that set's exact mean and
+        biased variance (what train mode computes on one full batch), not by the running
+        averages; the running buffers are neither read nor updated."""
+        for layer in self:
+            if isinstance(layer, nn.BatchNorm1d):
+                x = F.batch_norm(x, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+            else:
+                x = layer(x)
+        return x
 
 
 class MLP(nn.Module):
@@ -37,11 +49,20 @@ class MLP(nn.Module):
             x = block(x)
         return self.classifier(x)
 
-    def hidden(self, x: torch.Tensor):
-        """Yield h_1 .. h_{L-1}, the output of every hidden block, one at a time."""
+    def hidden(self, x: torch.Tensor, bn_stats: str = "running"):
+        """Yield h_1 .. h_{L-1}, the output of every hidden block, one at a time.
+
+        bn_stats="exact": each BN normalises with the exact statistics of its inputs over `x`
+        (one sequential pass: block l's statistics come from block l-1's exactly normalised
+        output); "running": the module's own mode (its running averages in eval mode)."""
         for block in self.blocks:
-            x = block(x)
+            x = block.exact(x) if bn_stats == "exact" else block(x)
             yield x
+
+    def logits(self, x: torch.Tensor, bn_stats: str = "running") -> torch.Tensor:
+        for h in self.hidden(x, bn_stats):
+            x = h
+        return self.classifier(x)
 
 
 def build_model(cfg, input_dim: int, num_classes: int) -> MLP:

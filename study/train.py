@@ -108,10 +108,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """All §5 measures on the full training set, BN in eval mode, one layer at a time."""
+        """All §5 measures on the full training set, BN in eval mode, one layer at a time.
+        With `bn_stats=exact` (the default) every BN normalises with the exact statistics of
+        the training set, so train_acc and "converged" do not depend on the running averages."""
         self.model.eval()
         clf = self.model.classifier
-        return measure(self.model.hidden(self.X), self.y, clf.weight, clf.bias,
+        return measure(self.model.hidden(self.X, self.cfg.bn_stats), self.y, clf.weight, clf.bias,
                        num_classes=self.num_classes, depth=self.cfg.depth,
                        epsilon=self.cfg.ncc_epsilon)
 

@@ -23,13 +23,14 @@ def planted_frame(trials: list[dict], depth_: int = 6) -> pd.DataFrame:
         base = {"run_id": f"run{i:03d}", "experiment": "planted", "trial": f"planted_{i}",
                 "status": t.get("status", "converged"), "group": t.get("group", "all"),
                 "weight_decay": float(t["weight_decay"]), "seed": int(t.get("seed", 0)), "depth": depth_,
-                "bn": "affine", "bias": t.get("bias", False), "num_classes": 4, "ncc_epsilon": 0.01}
+                "bn": t.get("bn", "affine"), "bias": t.get("bias", False), "num_classes": 4, "ncc_epsilon": 0.01}
         gaps = t.get("gaps", [0.5, 0.1])
         for k, gap in enumerate(gaps):
             epoch = 10 * (k + 1)
             final = k == len(gaps) - 1
             rows.append(base | {"epoch": epoch, "layer": 0, "nc_score": t["S"] if final else t["S"] / 2,
-                                "intra_min": 0.9, "inter_max": -0.2, "loss_gap": gap, "alpha": 2.0, "beta": 1.5,
+                                "intra_min": 0.9, "inter_max": -0.2, "raw_intra_min": 0.95, "raw_inter_max": 0.1,
+                                "loss_gap": gap, "alpha": 2.0, "beta": 1.5,
                                 "effective_depth": t.get("logged_depth", math.nan) if final else math.nan})
         for metric, curve in t.get("layers", {}).items():
             for l, value in enumerate(curve, start=1):
@@ -51,13 +52,16 @@ def test_311_holds_exactly():
     offsets = (-0.004, 0.0, 0.004)
     trials = [{"weight_decay": lam, "seed": s, "S": 0.5 + 0.1 * math.log(lam / 1e-4) + d}
               for lam in GRID for s, d in enumerate(offsets)] + others()
-    [r] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=1999, n_boot=500)
+    [r] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=1999)
     assert r["epsilon_hat"] == 0.0 and r["set_by"] == []
     assert r["ci_low"] == 0.0 and r["ci_high"] >= 0.0                     # covers the truth, 0
     assert r["statistic"] > 0.9 and r["p_value"] < 0.01 and r["jonckheere_z"] > 0
     assert r["n_converged"] == 24 and r["n_excluded"] == 3
     assert r["excluded"] == {"diverged": 1, "not_converged": 2}
-    assert r["state"] == "supported" and r["verdict"].startswith("supported: ε̂ = 0 [0, ")
+    assert r["ci_high"] == 0.0 and r["state"] == "consistent" and r["trend"] == "supported"
+    assert r["verdict"].startswith("consistent: ε < τ: ε̂ = 0 [0, 0]")
+    assert r["role"] == "test" and r["lambda_range"] == {"low": 1e-4, "high": 1e-2, "n_values": 8,
+                                                         "values": list(GRID), "no_converged": []}
 
 
 def dip_trials(eps: float, noise: float = 0.0, seeds: int = 3, rng=None) -> list[dict]:
@@ -73,8 +77,10 @@ def dip_trials(eps: float, noise: float = 0.0, seeds: int = 3, rng=None) -> list
 
 
 def test_311_violated_by_known_epsilon():
-    [r] = wd.conjecture_3_1_1(planted_frame(dip_trials(0.08) + others()), n_perm=999, n_boot=1000)
+    [r] = wd.conjecture_3_1_1(planted_frame(dip_trials(0.08) + others()), n_perm=999, tau=0.02)
     assert r["epsilon_hat"] == pytest.approx(0.08, abs=1e-9)
+    assert r["ci_low"] > 0.02 and r["state"] == "violated" and r["p_violated_adjusted"] < 0.05
+    assert r["verdict"].startswith("violated: ε > τ: ε̂ = 0.08 [")
     assert [(p["lambda_1"], p["lambda_2"]) for p in r["set_by"]] == [(3e-3, 5e-3)]
     assert r["ci_low"] <= 0.08 <= r["ci_high"]
     assert r["statistic"] > 0                                              # still rises overall
@@ -90,14 +96,19 @@ def test_311_noisy_seeds_ci_covers_the_truth(seed):
     assert r["set_by"][0]["lambda_1"] == 3e-3 and r["set_by"][0]["lambda_2"] == 5e-3
 
 
-def test_311_decreasing_nc_is_contradicted_and_every_pair_ties():
+def test_311_slow_fall_is_within_a_loose_bound_and_beyond_a_tight_one():
+    """A steady fall of 0.05 per unit of log λ: consistent with τ = 0.1, violated at τ = 0.03,
+    and the falling trend is reported on its own either way."""
     trials = [{"weight_decay": lam, "seed": s, "S": 1.0 - 0.05 * math.log(lam) + d}
               for lam in GRID[:4] for s, d in enumerate((-0.001, 0.001))]
-    [r] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=999, n_boot=500)
+    [r] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=999)
     assert r["epsilon_hat"] == pytest.approx(0.05)
     assert len(r["set_by"]) == 6                                           # all 4·3/2 λ pairs tie
-    assert r["statistic"] < 0 and r["state"] == "contradicted"
-    assert r["verdict"].startswith("contradicted: nc_score falls as λ grows")
+    assert r["ci_low"] <= 0.05 <= r["ci_high"] < 0.1
+    assert r["statistic"] < 0 and r["trend"] == "contradicted" and r["state"] == "consistent"
+    assert "trend contradicted" in r["verdict"]
+    [tight] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=999, tau=0.03)
+    assert tight["state"] == "violated"
 
 
 def test_311_too_few_converged_trials_gives_no_verdict():
@@ -119,9 +130,34 @@ def test_311_groups_are_tested_separately():
           for lam in GRID for s in range(2)]
     down = [{"weight_decay": lam, "seed": s, "S": -math.log(lam) + 0.01 * s, "group": "bn=none"}
             for lam in GRID for s in range(2)]
-    res = {r["group"]: r for r in wd.conjecture_3_1_1(planted_frame(up + down), n_perm=499, n_boot=200)}
-    assert res["bn=affine"]["state"] == "supported" and res["bn=none"]["state"] == "contradicted"
-    assert res["bn=none"]["epsilon_hat"] == pytest.approx(1.0)
+    for t in down:
+        t["bn"] = "none"
+    res = {r["group"]: r for r in wd.conjecture_3_1_1(planted_frame(up + down), n_perm=499)}
+    assert res["bn=affine"]["state"] == "consistent" and res["bn=affine"]["trend"] == "supported"
+    none = res["bn=none"]
+    assert none["role"] == "control" and none["state"] == "control" and none["trend"] == "contradicted"
+    assert none["verdict"].startswith("control (no BN before the classifier; no verdict)")
+    assert none["epsilon_hat"] == pytest.approx(1.0) and none["ci_low"] > 0.1     # numbers still reported
+
+
+def test_311_holm_within_the_family_and_the_lambda_range():
+    """Trend p-values are Holm-adjusted over every group, the verdicts' over the tested groups
+    only; a λ whose trials all failed is named as outside the verdict."""
+    rng = np.random.default_rng(0)
+    trials = []
+    for g, slope in (("bn=affine, w=1", 0.02), ("bn=affine, w=2", 0.0), ("bn=affine, w=3", 0.05)):
+        trials += [{"weight_decay": lam, "seed": s, "S": 0.5 + slope * math.log(lam) + 0.02 * rng.standard_normal(),
+                    "group": g} for lam in GRID[:5] for s in range(3)]
+    trials += [{"weight_decay": 1e-2, "seed": s, "S": 0.1, "group": "bn=affine, w=1", "status": "not_converged"}
+               for s in range(3)]
+    res = wd.conjecture_3_1_1(planted_frame(trials), n_perm=999)
+    from analysis import stats
+    assert [r["p_value_adjusted"] for r in res] == pytest.approx(stats.holm([r["p_value"] for r in res]))
+    assert [r["p_consistent_adjusted"] for r in res] == pytest.approx(stats.holm([r["p_consistent"] for r in res]))
+    assert all(r["p_value_adjusted"] >= r["p_value"] for r in res)
+    first = res[0]
+    assert first["lambda_range"]["no_converged"] == [1e-2] and first["lambda_range"]["high"] == 3e-3
+    assert "no converged trial at λ 0.01" in first["verdict"] and "λ 0.0001–0.003 (5 values)" in first["verdict"]
 
 
 # ------------------------------------------------------------------ Conjecture 3.2.1
@@ -134,25 +170,30 @@ def test_321_model_epsilon_on_a_known_dip():
 
 
 def test_321_group_on_curves_with_a_known_dip():
+    rng = np.random.default_rng(0)
     rising = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
     dipped = rising.copy()
     dipped[3] = 0.23                                                       # block 3 -> 4 falls by 0.07
-    trials = [{"weight_decay": lam, "seed": s, "S": 0.5, "layers": {"nc_score": rising + 0.01 * s}}
+    trials = [{"weight_decay": lam, "seed": s, "S": 0.5, "layers": {"nc_score": rising + 0.005 * rng.standard_normal(5)}}
               for lam in (1e-4, 1e-3, 1e-2) for s in range(3)]
     trials.append({"weight_decay": 1e-2, "seed": 3, "S": 0.5, "layers": {"nc_score": dipped}})
     trials.append({"weight_decay": 1e-2, "seed": 4, "S": 0.5, "status": "not_converged",
                    "layers": {"nc_score": rising[::-1]}})                  # excluded: would dip by 0.1
     trials.append({"weight_decay": 1e-3, "seed": 5, "S": 0.5})             # converged, no per-layer data
     [r], models = depth.conjecture_3_2_1(planted_frame(trials), n_perm=999)
-    assert r["epsilon_hat"] == pytest.approx(0.07)
+    assert r["max_model_epsilon_hat"] == pytest.approx(0.07)
     [s] = r["set_by"]
     assert (s["trial"], s["block_from"], s["block_to"]) == ("planted_9", 3, 4)
     assert s["S_from"] - s["S_to"] == pytest.approx(0.07)
     assert r["n_converged"] == 10
     assert r["excluded"] == {"not_converged": 1, "no complete per-layer nc_score": 1}
     assert r["share_nondecreasing"] == pytest.approx(39 / 40)
-    assert r["distribution"]["median"] == 0.0 and r["ci_low"] == 0.0
-    assert r["statistic"] > 0.9 and r["p_value"] < 0.01 and r["state"] == "supported"
+    # every seed-mean step rises, the dip included ((3 · -0.1 + 0.07) / 4 < 0): ε̂ = 0, and the
+    # interval's width comes from the dipped model's spread at λ = 1e-2
+    assert r["epsilon_hat"] == 0.0 and r["ci_low"] == 0.0 and 0 < r["ci_high"] < 0.2
+    assert r["distribution"]["median"] == 0.0
+    assert r["statistic"] > 0.9 and r["p_value"] < 0.01 and r["trend"] == "supported"
+    assert r["state"] in ("consistent", "inconclusive") and r["tau"] == 0.05
     assert r["lambda_rho"] > 0                                              # the dip sits at the largest λ
     assert len(models) == 12
 
@@ -187,15 +228,16 @@ def test_322_known_violating_pairs():
     r = by_eps[0.01]
     assert [(p["lambda_1"], p["lambda_2"]) for p in r["violating_pairs"]] == [(1e-3, 1e-2)]
     assert r["epsilon_hat"] == 1.0 and r["set_by"] == r["violating_pairs"]
-    assert r["ci_low"] <= 1.0 <= r["ci_high"]
+    assert r["ci_low"] is None and "agree exactly" in r["no_interval_reason"]   # seeds identical
+    assert r["state"] == "inconclusive"
     assert (r["n_violating_trial_pairs"], r["n_trial_pairs"]) == (4, 12)
     assert r["logged_disagree"] == 0
     assert r["excluded"] == {"diverged": 1}
     assert by_eps[0.05]["violating_pairs"] == [] and by_eps[0.05]["epsilon_hat"] == 0.0
     assert by_eps[0.05]["statistic"] < 0
     flat = by_eps[0.001]
-    assert math.isnan(flat["statistic"]) and flat["state"] == "inconclusive"
-    assert "does not vary" in flat["verdict"] and flat["violating_pairs"] == []
+    assert math.isnan(flat["statistic"]) and flat["state"] == "inconclusive" and flat["trend"] == "inconclusive"
+    assert "no violating λ pair" in flat["verdict"] and flat["violating_pairs"] == []
 
 
 def test_322_strictly_falling_depth_is_supported():
@@ -205,7 +247,7 @@ def test_322_strictly_falling_depth_is_supported():
     results, _ = effdepth.conjecture_3_2_2(planted_frame(trials), (0.01,), n_perm=999)
     [r] = results
     assert r["statistic"] == pytest.approx(-1.0, abs=0.05) and r["p_value"] < 0.01
-    assert r["state"] == "supported" and r["violating_pairs"] == [] and r["n_violating_trial_pairs"] == 0
+    assert r["trend"] == "supported" and r["violating_pairs"] == [] and r["n_violating_trial_pairs"] == 0
 
 
 # ------------------------------------------------------------------ Theorem 2.3.1
@@ -224,7 +266,8 @@ def test_theorem_lists_every_violation_and_ignores_biased_models():
     assert r["state"] == "contradicted" and r["verdict"].startswith("VIOLATED at 2 of 8 evaluations")
     row = evals.iloc[0]
     assert row["x_intra"] == pytest.approx(math.sqrt(0.4) / 3.0)
-    assert row["y_inter"] == pytest.approx(-0.2 + 1 / 3)
+    assert row["y_inter"] == pytest.approx(0.1 + 1 / 3)          # the raw (uncentred) cosine
+    assert row["y_intra"] == pytest.approx(1 - 0.95)
     clean = planted_frame([{"weight_decay": 1e-3, "seed": 0, "S": 0.5, "gaps": [0.3, 0.0]}])
     [ok], _ = theorem.theorem_2_3_1(clean)
     assert ok["state"] == "supported" and ok["verdict"].startswith("holds") and ok["n_violations"] == 0
@@ -243,7 +286,7 @@ def test_run_tests_on_planted_study_has_every_test_per_group():
         records.append(RunRecord(f"r{i}", "planted", f"planted_{i}", 1, {"status": t.status},
                                  t.cfg.to_params(), 1, 1))
         histories.append(wide_history(keys, steps, values))
-    analysis = run_tests(tidy_frame(records, histories), (0.01,), n_boot=200, n_perm=199)
+    analysis = run_tests(tidy_frame(records, histories), (0.01,), n_perm=199)
     assert [len(analysis.results[k]) for k in sorted(analysis.results)] == [2, 2, 2, 2]
     r = {x["group"]: x for x in analysis.results["conjecture_3_1_1"]}
     assert r["bn=affine"]["statistic"] > 0 and r["bn=nonaffine"]["statistic"] > 0

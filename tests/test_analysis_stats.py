@@ -75,28 +75,6 @@ def test_jonckheere_test_sign_and_p():
     assert math.isnan(r.p_value) and math.isnan(z)
 
 
-def test_resampled_means_have_unbiased_variance():
-    values = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
-    boot = stats.resampled_means([values, np.array([7.0])], n_boot=20000, seed=0)
-    assert boot.shape == (20000, 2)
-    assert boot[:, 0].var() == pytest.approx(values.var(ddof=1) / 5, rel=0.05)
-    assert (boot[:, 1] == 7.0).all()                  # a single seed does not vary
-
-
-def test_max_contrast_ci():
-    theta = np.array([-1.0, 0.3, 0.1])
-    assert stats.max_contrast_ci(theta, np.tile(theta, (50, 1))) == (0.3, 0.3)
-    rng = np.random.default_rng(0)
-    boot = theta + rng.normal(0, 0.05, (4000, 3))
-    low, high = stats.max_contrast_ci(theta, boot)
-    assert low < 0.3 < high and high - low < 0.4
-
-
-def test_percentile_ci_ignores_nan():
-    assert stats.percentile_ci(np.array([np.nan, 1.0, 1.0])) == (1.0, 1.0)
-    assert all(math.isnan(v) for v in stats.percentile_ci(np.array([np.nan])))
-
-
 def test_group_labels_name_only_the_params_that_differ():
     params = [{"bn": "affine", "depth": 6, "weight_decay": 1e-4, "seed": 0, "width": 300},
               {"bn": "none", "depth": 6, "weight_decay": 1e-3, "seed": 1, "width": 300},

@@ -170,7 +170,7 @@ def test_analyze_writes_report_json_figures_and_artifacts(store, tmp_path, monke
 def test_analyze_api_returns_report_path(store, tmp_path):
     from analysis.report import analyze
     path = analyze(["toy"], store["uri"], tmp_path / "o", epsilons=(0.01,), cache_dir=None,
-                   n_perm=199, n_boot=200, log_to_mlflow=False)
+                   n_perm=199, log_to_mlflow=False)
     assert path == tmp_path / "o" / "report.md" and path.is_file()
     result = json.loads((tmp_path / "o" / "conjectures.json").read_text())
     assert [r["epsilon"] for r in result["tests"]["conjecture_3_2_2"]["groups"]] == [0.01, 0.01]

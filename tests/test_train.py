@@ -2,6 +2,7 @@
 checkpoint/resume, status, and a smoke run on the authors' conic set."""
 from __future__ import annotations
 
+import copy
 import io
 import math
 from pathlib import Path
@@ -71,19 +72,65 @@ def trainer_counts(trainer: Trainer) -> list[int]:
     return torch.bincount(trainer.y, minlength=trainer.num_classes).tolist()
 
 
-def test_evaluation_matches_a_manual_forward():
-    """train_loss/acc of evaluate() are the eval-mode model's on the full training set."""
-    trainer = Trainer(small(epochs=2))
+@pytest.mark.parametrize("bn_stats", ["exact", "running"])
+def test_evaluation_matches_a_manual_forward(bn_stats):
+    """train_loss/acc of evaluate() are the model's on the full training set: with exact BN
+    statistics, the train-mode forward of one full batch; with running ones, eval mode."""
+    trainer = Trainer(small(epochs=2, bn_stats=bn_stats))
     list(trainer.run())
     out = trainer.evaluate()
-    trainer.model.eval()
+    reference = copy.deepcopy(trainer.model)        # train mode updates the buffers: a copy
+    reference.train(bn_stats == "exact")
     with torch.no_grad():
-        logits = trainer.model(trainer.X).double()
+        logits = reference(trainer.X).double()
     assert out["train_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, trainer.y).item(), rel=1e-5)
     assert out["train_acc"] == (logits.argmax(1) == trainer.y).double().mean().item()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     assert trainer.evaluate() == out                   # evaluation changes nothing
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("placement", ["every", "last"])
+def test_exact_bn_statistics_against_float64(placement):
+    """Every block's features under bn_stats=exact equal a float64 re-computation that
+    normalises each BN input by its own mean and biased variance over the whole set, and the
+    eval-mode logits equal the train-mode logits of one full batch (<= 1e-5; float32 both)."""
+    trainer = Trainer(small(epochs=2, bn_placement=placement, weight_decay=1e-3))
+    list(trainer.run())
+    model, X = trainer.model.eval(), trainer.X
+    with torch.no_grad():
+        ours = list(model.hidden(X, "exact"))
+        h = X.double()
+        for block, H in zip(model.blocks, ours):
+            linear, bn = block[0], (block[2] if len(block) > 2 else None)
+            h = torch.relu(h @ linear.weight.double().T)
+            if bn is not None:
+                mu, var = h.mean(0), ((h - h.mean(0)) ** 2).mean(0)
+                h = (h - mu) / torch.sqrt(var + bn.eps)
+                if bn.affine:
+                    h = h * bn.weight.double() + bn.bias.double()
+            assert torch.allclose(H.double(), h, rtol=1e-4, atol=1e-4)     # float32 vs float64
+        train_mode = copy.deepcopy(model).train()
+        assert torch.allclose(model.logits(X, "exact"), train_mode(X), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model.logits(X, "exact"), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_stats_leaves_training_bitwise_unchanged():
+    """The setting only changes what is measured: weights, momenta and running buffers after
+    training are bitwise equal under both, while the measured train_loss differs."""
+    runs = {}
+    for bn_stats in ("exact", "running"):
+        trainer = Trainer(small(epochs=3, eval_every=1, bn_stats=bn_stats))
+        runs[bn_stats] = (list(trainer.run()), trainer.state())
+    (exact, s_exact), (running, s_running) = runs["exact"], runs["running"]
+    assert s_exact["model"].keys() == s_running["model"].keys()
+    assert all(torch.equal(s_exact["model"][k], s_running["model"][k]) for k in s_exact["model"])
+    assert all(torch.equal(a, b) for a, b in zip(_momenta(s_exact), _momenta(s_running)))
+    assert [e["train_loss"] for e in exact] != [e["train_loss"] for e in running]
+
+
+def _momenta(state: dict) -> list[torch.Tensor]:
+    return [v["momentum_buffer"] for _, v in sorted(state["optimizer"]["state"].items())]
 
 
 # ------------------------------------------------------------------ determinism, resume

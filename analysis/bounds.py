@@ -1,0 +1,144 @@
+"""Intervals for a conjecture's ε that hold their level, and verdicts against a tolerance τ
+(SCIENCE.md §6, "How verdicts are reached").
+
+Each conjecture bounds a family of contrasts θ_p by ε: the conjecture holds with ε =
+max(0, max_p θ_p). The contrasts are estimated from seed means under the normal model
+(values at setting k ~ N(μ_k, σ²), seeds independent, one σ shared by the settings):
+
+    pairs (3.1.1, 3.2.2)   θ_ij = w_ij (μ_i − μ_j),  i < j        se_ij = |w_ij| s √(1/n_i + 1/n_j)
+    steps (3.2.1)          θ_kl = E[S_l − S_{l+1}] at λ_k         se_kl = s_l / √n_k
+
+with s² the pooled within-setting variance (df = N − K; a setting with one seed still has a
+mean, it only adds no degrees of freedom). A simultaneous band θ̂_p ± c·se_p that covers
+every θ_p at once with probability ≥ level covers their maximum, so
+
+    ε ∈ [max(0, max_p θ̂_p − c se_p),  max(0, max_p θ̂_p + c se_p)].
+
+c is the max-t quantile for pairs (the law of max_p |T_p| depends only on the n_k and df: it
+is simulated once per design, seeded) and the Bonferroni t quantile for steps (whose
+contrasts share blocks and so have an unknown correlation). With df = 0 (one seed
+everywhere) or s = 0 there is no interval, and the dict says why.
+
+Verdict against τ (fixed before the data): `consistent` when the upper end < τ, `violated`
+when the lower end > τ, else `inconclusive`. Each is a test with a p-value: the smallest
+level at which the band's end crosses τ (p_consistent, p_violated), so the verdicts can be
+Holm-adjusted across a family (`stats.holm`) and agree with the interval at level 0.95
+before adjustment. The noise floor is the 95th percentile of ε̂ when nothing changes (all
+θ_p = 0) with the observed s: an ε̂ below it is what noise alone gives.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from scipy import special
+
+LEVEL = 0.95
+N_SIM = 20_000
+CONSISTENT, VIOLATED, INCONCLUSIVE = "consistent", "violated", "inconclusive"
+
+
+def pooled_sd(strata: list[np.ndarray]) -> tuple[float, int]:
+    """(s, df): pooled within-stratum SD of the values at each setting, df = N − K."""
+    df = sum(len(s) - 1 for s in strata)
+    if df <= 0:
+        return math.nan, 0
+    ss = sum(float(((s - s.mean()) ** 2).sum()) for s in strata)
+    return math.sqrt(ss / df), df
+
+
+@lru_cache(maxsize=64)
+def _null_draws(ns: tuple[int, ...], df: int, n_sim: int = N_SIM, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seed means Z̄ (n_sim, K) ~ N(0, 1/n_k) and s/σ (n_sim,) ~ sqrt(χ²_df / df) under no
+    change; returns (Z̄, sorted max_p |T_p| over all pairs i < j)."""
+    rng = np.random.default_rng(seed)
+    n = np.asarray(ns, float)
+    Z = rng.standard_normal((n_sim, len(ns))) / np.sqrt(n)
+    s = np.sqrt(rng.chisquare(df, n_sim) / df)
+    i, j = np.triu_indices(len(ns), k=1)
+    T = np.abs(Z[:, i] - Z[:, j]) / np.sqrt(1 / n[i] + 1 / n[j]) / s[:, None]
+    return Z, np.sort(T.max(axis=1))
+
+
+def _tail(sorted_null: np.ndarray, t: float) -> float:
+    """Monte-Carlo P(M >= t), never below 1 / (1 + n_sim)."""
+    k = len(sorted_null) - np.searchsorted(sorted_null, t, side="left")
+    return (1 + k) / (1 + len(sorted_null))
+
+
+def _verdict(low: float, high: float, tau: float, p_cons: float, p_viol: float) -> dict:
+    state = CONSISTENT if high < tau else VIOLATED if low > tau else INCONCLUSIVE
+    return {"tau": tau, "bound_state": state, "p_consistent": p_cons, "p_violated": p_viol}
+
+
+def no_interval(reason: str, tau: float) -> dict:
+    return {"ci_low": None, "ci_high": None, "ci_level": LEVEL, "no_interval_reason": reason,
+            "noise_floor": None, "tau": tau, "bound_state": INCONCLUSIVE,
+            "p_consistent": None, "p_violated": None, "critical_value": None, "pooled_sd": None, "df": 0}
+
+
+def pair_bound(strata: list[np.ndarray], weights: np.ndarray, tau: float, level: float = LEVEL,
+               seed: int = 0) -> dict:
+    """ε = max(0, max_{i<j} w_ij (μ_i − μ_j)) from the values at K ordered settings.
+    `weights` (K, K): w_ij for i < j (e.g. 1 / log(λ_j/λ_i) for 3.1.1, −1 for 3.2.2).
+    Max-t simultaneous interval, p-values against τ, and the noise floor."""
+    strata = [np.asarray(s, float) for s in strata]
+    s, df = pooled_sd(strata)
+    if df == 0:
+        return no_interval("one seed per λ: no within-λ variance to scale an interval", tau)
+    if s == 0:
+        return no_interval("the seeds agree exactly at every λ: no within-λ variance to scale an interval", tau)
+    ns = tuple(len(x) for x in strata)
+    m = np.array([x.mean() for x in strata])
+    n = np.array(ns, float)
+    i, j = np.triu_indices(len(ns), k=1)
+    w = np.asarray(weights, float)[i, j]
+    theta = w * (m[i] - m[j])
+    se = np.abs(w) * s * np.sqrt(1 / n[i] + 1 / n[j])
+    Z, null = _null_draws(ns, df, N_SIM, seed)
+    c = float(np.quantile(null, level))
+    low, high = max(0.0, float((theta - c * se).max())), max(0.0, float((theta + c * se).max()))
+    floor = float(np.quantile(np.maximum(0.0, (w * (Z[:, i] - Z[:, j])).max(axis=1) * s), level))
+    p_viol = _tail(null, float(((theta - tau) / se).max()))
+    p_cons = _tail(null, float(((tau - theta) / se).min()))
+    return {"ci_low": low, "ci_high": high, "ci_level": level, "no_interval_reason": None,
+            "noise_floor": floor, "critical_value": c, "pooled_sd": s, "df": df,
+            **_verdict(low, high, tau, p_cons, p_viol)}
+
+
+def step_bound(drops: list[np.ndarray], tau: float, level: float = LEVEL, seed: int = 0) -> dict:
+    """ε = max(0, max_{k,l} E[drop_l] at setting k) from per-model drops S_l − S_{l+1}:
+    `drops[k]` is (n_k, L−2) for the models at setting k (e.g. λ_k). Per-step pooled SD over
+    the settings, Bonferroni t quantile over all K (L−2) contrasts; noise floor simulated
+    with independent steps at the observed per-step SDs."""
+    drops = [np.atleast_2d(np.asarray(d, float)) for d in drops]
+    df = sum(len(d) - 1 for d in drops)
+    if df <= 0:
+        return no_interval("one model per λ: no within-λ variance to scale an interval", tau)
+    ss = sum(((d - d.mean(axis=0)) ** 2).sum(axis=0) for d in drops)       # (L−2,)
+    s_l = np.sqrt(ss / df)
+    if not (s_l > 0).all():
+        return no_interval("a block step has the same drop in every model: no variance to scale an interval", tau)
+    n = np.array([len(d) for d in drops], float)[:, None]
+    theta = np.stack([d.mean(axis=0) for d in drops])                       # (K, L−2)
+    se = s_l[None, :] / np.sqrt(n)
+    P = theta.size
+    c = float(special.stdtrit(df, 1 - (1 - level) / (2 * P)))
+    low, high = max(0.0, float((theta - c * se).max())), max(0.0, float((theta + c * se).max()))
+    rng = np.random.default_rng(seed)
+    sim = rng.standard_normal((N_SIM,) + theta.shape) * se
+    floor = float(np.quantile(np.maximum(0.0, sim.reshape(N_SIM, -1).max(axis=1)), level))
+    bonferroni = lambda t: min(1.0, 2 * P * float(special.stdtr(df, -t)))    # noqa: E731
+    p_viol = bonferroni(float(((theta - tau) / se).max()))
+    p_cons = bonferroni(float(((tau - theta) / se).min()))
+    return {"ci_low": low, "ci_high": high, "ci_level": level, "no_interval_reason": None,
+            "noise_floor": floor, "critical_value": c, "pooled_sd": float(s_l.max()), "df": df,
+            **_verdict(low, high, tau, p_cons, p_viol)}
+
+
+def log_lambda_weights(lambdas: np.ndarray) -> np.ndarray:
+    """w_ij = 1 / log(λ_j / λ_i) (Conjecture 3.1.1's drop per unit of log λ)."""
+    log_l = np.log(np.asarray(lambdas, float))
+    with np.errstate(divide="ignore"):
+        return 1.0 / (log_l[None, :] - log_l[:, None])
