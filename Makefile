@@ -26,9 +26,9 @@ study: $(STAMP)
 	$(VENV)/bin/nc-study run $(SPACE)
 	$(VENV)/bin/nc-study analyze smoke --out reports/smoke
 
-# The thesis' experiments in full (about 4 h on 2 cores), then the reports in docs/results/:
+# The thesis' experiments in full (about 16 h on 2 cores), then the reports in docs/results/:
 # the thesis' 100 % convergence rule, and a 99.9 % check beside it. Restartable: each study resumes.
-STUDIES := fig3_1 fig3_3 paper_data
+STUDIES := fig3_3 depth_sweep paper_data conic_wd fig3_1
 reproduce: $(STAMP)
 	for s in $(STUDIES); do $(VENV)/bin/nc-study run search_spaces/$$s.yaml || exit $$?; done
 	for s in $(STUDIES); do \

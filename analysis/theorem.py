@@ -142,9 +142,12 @@ def test_group(evals: pd.DataFrame, n_trials: int, n_bias: int) -> dict:
            "excluded": ({"bias=True (no floor)": n_bias} if n_bias else {})
            | ({"no finite loss_gap": n_trials - n_bias - int(evals["run_id"].nunique())}
               if n_trials - n_bias - evals["run_id"].nunique() else {}),
-           "epsilon_hat": None, "ci_low": None, "ci_high": None,
+           "epsilon_hat": None, "ci_low": None, "ci_high": None, "ci_level": 0.95,
+           "ci_of": ("intra_slope_ci / inter_slope_ci: the least-squares slope of log y on log x of each of the "
+                     "theorem's rates (predicted 1), t-interval clustered over trials; epsilon_hat is the largest "
+                     "negative loss_gap (a measurement error), with no interval"),
            "statistic": float(gap.min()) if len(gap) else None, "statistic_name": "min loss_gap",
-           "p_value": None, "n_violations": int(len(bad)), "tolerance": TOLERANCE,
+           "p_value": None, "p_value_adjusted": None, "n_violations": int(len(bad)), "tolerance": TOLERANCE,
            "violations": [{"trial": r.trial, "run_id": r.run_id, "epoch": int(r.epoch), "loss_gap": float(r.loss_gap)}
                           for r in bad.head(MAX_LISTED).itertuples(index=False)],
            "rho_intra": _rho(evals, "intra"), "rho_inter": _rho(evals, "inter"),

@@ -117,3 +117,15 @@ def test_holm_by_hand():
     assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
     assert stats.holm([math.nan, 0.5]) == [None, 0.5]
     assert stats.holm([0.6, 0.7]) == [1.0, 1.0]
+
+
+def test_power_rates_move_with_the_truth():
+    """analysis.power: a flat curve with little noise is called consistent, a steep fall
+    violated, and a noisy flat curve mostly inconclusive with few seeds."""
+    from analysis import power
+    flat = np.full(8, 0.5)
+    assert power.verdict_rates(flat, 0.002, 3, 0.1, n_studies=40)[bounds.CONSISTENT] == 1.0
+    falling = 0.5 - 0.3 * np.log(LAMBDAS[8] / 1e-4)
+    assert power.verdict_rates(falling, 0.002, 3, 0.1, n_studies=40)[bounds.VIOLATED] == 1.0
+    assert power.verdict_rates(flat, 0.05, 2, 0.1, n_studies=40)[bounds.INCONCLUSIVE] > 0.8
+    assert power.pilot_means({1e-4: 0.0, 1e-2: 1.0}, np.array([1e-4, 1e-3, 1e-2])) == pytest.approx([0, 0.5, 1])

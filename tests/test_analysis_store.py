@@ -146,6 +146,14 @@ def test_analyze_writes_report_json_figures_and_artifacts(store, tmp_path, monke
             assert key in r
     affine, none = g["bn=affine"], g["bn=none"]
     assert affine["statistic"] > 0 and none["statistic"] < 0       # planted: rises with BN, falls without
+    assert (affine["role"], none["role"], none["state"]) == ("test", "control", "control")
+    for key, test in result["tests"].items():                      # one contract for every test dict
+        for r in test["groups"]:
+            assert {"p_value", "p_value_adjusted", "ci_of", "ci_low", "ci_high", "state", "verdict"} <= set(r), key
+            if key != "theorem_2_3_1" and r["state"] != "insufficient":
+                assert {"tau", "noise_floor", "p_consistent_adjusted", "p_violated_adjusted"} <= set(r), key
+    assert result["settings"]["taus"] == {"conjecture_3_1_1": 0.1, "conjecture_3_2_1": 0.05, "conjecture_3_2_2": 0.5}
+    assert result["bn_effects"]["cells"] and "Welch" in result["bn_effects"]["ci_of"]
     n_none = {s: sum(t.status == s for t in store["trials"] if t.cfg.bn == "none")
               for s in ("converged", "not_converged", "diverged")}
     assert none["n_converged"] == n_none["converged"]
@@ -229,6 +237,26 @@ def test_bad_epsilon_and_usage_error_class(store, tmp_path):
     with pytest.raises(UsageError, match="epsilon"):
         analyze(["toy"], store["uri"], tmp_path / "out", epsilons=(1.5,))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, words", [("0", "--tau 3.1.1=0.0 must be a positive number"),
+                                         ("3.3.3=0.1", "unknown conjecture 'conjecture_3_3_3'"),
+                                         ("3.2.2=big", "--tau expects a number or CONJECTURE=NUMBER")])
+def test_bad_tau_is_refused(store, tmp_path, monkeypatch, capsys, flag, words):
+    monkeypatch.chdir(tmp_path)
+    err = _nothing_written(tmp_path, capsys, ["analyze", "toy", "--tracking-uri", store["uri"],
+                                              "--out", str(tmp_path / "out"), "--tau", flag])
+    assert words in err, err
+
+
+def test_tau_flag_reaches_the_verdicts(store, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(out), "--no-cache", "--no-log",
+                 "--tau", "0.5", "--tau", "3.2.2=2"]) == 0
+    result = json.loads((out / "conjectures.json").read_text())
+    assert result["settings"]["taus"]["conjecture_3_1_1"] == 0.5
+    assert {r["tau"] for r in result["tests"]["conjecture_3_2_2"]["groups"] if "tau" in r} == {2.0}
+    assert "τ = 0.5, set with --tau (default 0.1" in (out / "report.md").read_text()
 
 
 def test_violation_is_loud_and_missing_parent_is_reported(store, tmp_path, monkeypatch, capsys):
