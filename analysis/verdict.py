@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from . import stats
-from .bounds import CONSISTENT, INCONCLUSIVE, VIOLATED
+from .bounds import CONSISTENT, INCONCLUSIVE, SD_RATIO_WARN, VIOLATED
 
 ALPHA = 0.05
 SUPPORTED, CONTRADICTED, INSUFFICIENT, CONTROL = "supported", "contradicted", "insufficient", "control"
@@ -115,7 +115,10 @@ def bound_text(r: dict, unit: str = "") -> str:
         p = f", {p_is(r['p_consistent_adjusted'], 'p_adj')}"
     elif r["state"] == VIOLATED:
         p = f", {p_is(r['p_violated_adjusted'], 'p_adj')}"
-    return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{floor}; τ = {r['tau']:g}{p}"
+    ratio = r.get("sd_ratio")
+    caveat = (f" (seed SDs differ {num(ratio)}-fold across λ: the pooled-SD interval may undercover)"
+              if ratio is not None and ratio > SD_RATIO_WARN else "")
+    return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{caveat}{floor}; τ = {r['tau']:g}{p}"
 
 
 def excluded_note(excluded: dict[str, int]) -> str:

@@ -129,3 +129,16 @@ def test_power_rates_move_with_the_truth():
     assert power.verdict_rates(falling, 0.002, 3, 0.1, n_studies=40)[bounds.VIOLATED] == 1.0
     assert power.verdict_rates(flat, 0.05, 2, 0.1, n_studies=40)[bounds.INCONCLUSIVE] > 0.8
     assert power.pilot_means({1e-4: 0.0, 1e-2: 1.0}, np.array([1e-4, 1e-3, 1e-2])) == pytest.approx([0, 0.5, 1])
+
+
+def test_unequal_seed_sds_are_flagged():
+    """The pooled-SD model's weak spot is reported: sd_ratio, and a caveat in the verdict."""
+    from analysis.verdict import bound_text
+    w = bounds.log_lambda_weights(LAMBDAS[4])
+    strata = [np.array([0.5, 0.6, 0.4]), np.array([0.5, 0.51, 0.49]), np.array([0.5, 0.5, 0.5]), np.array([0.6, 0.4])]
+    r = bounds.pair_bound(strata, w, tau=0.1)
+    assert r["sd_ratio"] == math.inf
+    r["epsilon_hat"], r["state"] = 0.0, "inconclusive"
+    assert "seed SDs differ inf-fold" in bound_text(r)
+    even = bounds.pair_bound([np.array([0.5, 0.6, 0.4])] * 4, w, tau=0.1)
+    assert even["sd_ratio"] == pytest.approx(1.0)
