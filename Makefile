@@ -27,13 +27,19 @@ study: $(STAMP)
 	$(VENV)/bin/nc-study analyze smoke --out reports/smoke
 
 # The thesis' experiments in full (about 16 h on 2 cores), then the reports in docs/results/:
-# the thesis' 100 % convergence rule, and a 99.9 % check beside it. Restartable: each study resumes.
+# the thesis' 100 % convergence rule, and a 99.9 % check beside it. Restartable: each study
+# resumes. The MLflow store and Ray's checkpoints live in RUNS, outside the work tree, so a
+# fresh checkout on the same machine resumes them too.
 STUDIES := fig3_3 depth_sweep paper_data conic_wd fig3_1
+RUNS    ?= $(HOME)/nc-runs
+RUNFLAGS = --tracking-uri sqlite:///$(RUNS)/mlflow.db
 reproduce: $(STAMP)
-	for s in $(STUDIES); do $(VENV)/bin/nc-study run search_spaces/$$s.yaml || exit $$?; done
+	mkdir -p $(RUNS)
 	for s in $(STUDIES); do \
-	  $(VENV)/bin/nc-study analyze $$s --out docs/results/$$s && \
-	  $(VENV)/bin/nc-study analyze $$s --out docs/results/$${s}_acc999 --min-train-acc 0.999 --no-log || exit $$?; \
+	  $(VENV)/bin/nc-study run search_spaces/$$s.yaml $(RUNFLAGS) --storage-path $(RUNS)/ray_results || exit $$?; done
+	for s in $(STUDIES); do \
+	  $(VENV)/bin/nc-study analyze $$s $(RUNFLAGS) --out docs/results/$$s && \
+	  $(VENV)/bin/nc-study analyze $$s $(RUNFLAGS) --out docs/results/$${s}_acc999 --min-train-acc 0.999 --no-log || exit $$?; \
 	done
 
 bench: $(STAMP)

@@ -214,7 +214,7 @@ def test_bench_parts_run_small():
     trainer = Trainer(small(n_samples=600, width=32, depth=3, epochs=1))
     trainer.train_epoch(0.05)
     a = bench.bench_evaluation(trainer, repeats=1)
-    assert a["ratio"] > 1 and a["forward_s"] > 0
+    assert a["ratio"] > 1 and a["ratio_running"] > 1 and a["forward_s"] > 0
     b = bench.bench_metrics(trainer, repeats=1)
     assert b["max_abs_diff"] < 1e-5 and b["speedup_cosines"] > 0
     c = bench.bench_training(trainer, repeats=1)
