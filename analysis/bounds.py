@@ -1,5 +1,5 @@
 """Intervals for a conjecture's ε that hold their level, and verdicts against a tolerance τ
-(SCIENCE.md §6, "How verdicts are reached").
+(docs/science.md §6, "How verdicts are reached").
 
 Each conjecture bounds a family of contrasts θ_p by ε: the conjecture holds with ε =
 max(0, max_p θ_p). The contrasts are estimated from seed means under the normal model

@@ -1,7 +1,7 @@
 """Conjecture 3.2.1 (thesis): Neural Collapse sharpens with depth.
 
 Within one trained model, with S_l = nc_score of hidden block l at the final evaluation:
-S_{l+1} − S_l ≥ −ε for consecutive blocks. Per converged model (SCIENCE.md §6):
+S_{l+1} − S_l ≥ −ε for consecutive blocks. Per converged model (docs/science.md §6):
 
     ε̂ = max(0, max_l (S_l − S_{l+1}))          and the block pair l → l+1 that sets it
 

@@ -5,7 +5,7 @@
 `effective_depth` uses the trial's own `ncc_epsilon`; here it is recomputed from the
 per-layer `ncc_acc` for each ε asked for. The conjecture: λ1 < λ2 ⇒ d_ε(λ1) ≥ d_ε(λ2).
 
-Per architecture group and ε, on converged trials (SCIENCE.md §6): Spearman ρ of d_ε
+Per architecture group and ε, on converged trials (docs/science.md §6): Spearman ρ of d_ε
 against λ over trials with a permutation p-value (predicted ρ < 0); the violating pairs
 (λ1 < λ2 whose seed-mean depths rise, d̄(λ1) < d̄(λ2)); ε̂ = the largest such rise in
 blocks, max(0, max_{λ1<λ2} d̄(λ2) − d̄(λ1)), with a max-t simultaneous interval from the pooled

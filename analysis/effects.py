@@ -1,6 +1,6 @@
 """Effect sizes of the BN kind: affine vs non-affine vs no BN at each weight decay λ.
 
-The thesis (Fig 3.1, SCIENCE.md §6) finds NC strongest with affine BN, much weaker with
+The thesis (Fig 3.1, docs/science.md §6) finds NC strongest with affine BN, much weaker with
 non-affine BN, and hurt by λ without BN. Here that is measured, not tested: groups that
 differ only in `bn` form a comparison set, and per set, λ and pair of BN kinds (a, b), on
 converged trials with a finite final metric x (one value per seed):

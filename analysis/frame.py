@@ -56,7 +56,7 @@ def trials(frame: pd.DataFrame) -> pd.DataFrame:
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     """The metric columns: as recorded by the loader in `frame.attrs["metrics"]`, else the
-    SCIENCE.md §5 names present."""
+    docs/science.md §5 names present."""
     known = frame.attrs.get("metrics")
     if known is None:
         known = METRIC_NAMES - set(KEY_COLUMNS)

@@ -454,7 +454,7 @@ def _check_history(record: RunRecord, history: pd.DataFrame) -> str | None:
     if record.status == "diverged" or record.status == "error":
         return None if len(history) else "no metrics logged"
     if "nc_score" not in history.columns or not np.isfinite(history["nc_score"].to_numpy(float)).any():
-        return "no nc_score metric (SCIENCE.md §5 names expected)"
+        return "no nc_score metric (docs/science.md §5 names expected)"
     return None
 
 
@@ -562,7 +562,7 @@ def read_study(listing: Listing, tracking_uri: str, cache_dir: Path | None = CAC
     if not good_records:
         reasons = "; ".join(f"{r.name}: {why}" for r, why in skipped[:3])
         raise usage_error(f"none of the {len(records)} trial runs in {', '.join(experiment_ids)} has the "
-                          f"expected metrics ({reasons}); see SCIENCE.md §5 for the names")
+                          f"expected metrics ({reasons}); see docs/science.md §5 for the names")
     for path, key, history in to_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -51,7 +51,7 @@ class Analysis:
 
 def run_tests(frame: pd.DataFrame, epsilons: Sequence[float] = effdepth.EPSILONS, taus: dict | None = None,
               n_perm: int = stats.N_PERM, seed: int = 0) -> Analysis:
-    """Every test of SCIENCE.md §6 on a tidy frame; `taus` overrides the tolerances of
+    """Every test of docs/science.md §6 on a tidy frame; `taus` overrides the tolerances of
     `verdict.TAUS` (keys conjecture_3_1_1, conjecture_3_2_1, conjecture_3_2_2)."""
     epsilons = tuple(float(e) for e in epsilons)
     taus = TAUS | (taus or {})
@@ -499,7 +499,7 @@ def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict,
         worst = bad.iloc[0]
         warnings.append(f"LOSS FLOOR VIOLATED: loss_gap < 0 at {len(bad)} evaluation(s), worst "
                         f"{worst['loss_gap']:.4g} ({worst['trial']}, epoch {int(worst['epoch'])}); "
-                        f"a measurement is wrong (SCIENCE.md §4)")
+                        f"a measurement is wrong (docs/science.md §4)")
     for line in warnings:
         warn(line)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Small, seeded statistical tools for SCIENCE.md §6: rank correlation with a permutation
+"""Small, seeded statistical tools for docs/science.md §6: rank correlation with a permutation
 p-value, the Jonckheere–Terpstra trend test, and Holm's adjustment. (The intervals for ε
 are in `bounds`.)
 

@@ -1,7 +1,7 @@
 """Planted studies: trials whose answers are known, written to MLflow as a real study would.
 
 `planted_trials()` draws per-evaluation metric histories for a grid of architectures,
-weight decays and seeds, with the thesis' shape built in (SCIENCE.md §6): nc_score at the
+weight decays and seeds, with the thesis' shape built in (docs/science.md §6): nc_score at the
 end of training rises with log λ under affine BN, less under non-affine BN, and falls
 without BN, where large λ fails to converge or diverges; per-layer ncc_acc and nc_score
 grow with the block index; the effective depth falls as λ grows; loss_gap > 0 throughout.
@@ -41,7 +41,7 @@ class PlantedTrial:
     cfg: TrialConfig
     status: str                        # converged / not_converged / diverged
     steps: np.ndarray                  # (E,) epochs of the evaluations
-    metrics: dict[str, np.ndarray]     # metric name -> (E,) values, names as in SCIENCE.md §5
+    metrics: dict[str, np.ndarray]     # metric name -> (E,) values, names as in docs/science.md §5
 
 
 def lambda_position(weight_decay: float) -> float:

@@ -1,4 +1,4 @@
-"""Theorem 2.3.1 (thesis, with the sqrt(C·pi_max) floor of SCIENCE.md §4).
+"""Theorem 2.3.1 (thesis, with the sqrt(C·pi_max) floor of docs/science.md §4).
 
 loss_gap = train_loss − m ≥ 0 must hold at every evaluation of every bias-free model,
 converged or not (the floor bounds the loss of any features and weights with these norms:
@@ -165,7 +165,7 @@ def test_group(evals: pd.DataFrame, n_trials: int, n_bias: int) -> dict:
         out["state"] = CONTRADICTED
         w = out["violations"][0]
         out["verdict"] = (f"VIOLATED at {len(bad)} of {len(evals)} evaluations: min loss_gap = {num(w['loss_gap'], 3)} "
-                          f"({w['trial']}, epoch {w['epoch']}); a measurement is wrong (SCIENCE.md §4: "
+                          f"({w['trial']}, epoch {w['epoch']}); a measurement is wrong (docs/science.md §4: "
                           f"the floor holds for any features and weights with these norms)")
     else:
         out["state"] = SUPPORTED

@@ -22,7 +22,7 @@ SUPPORTED, CONTRADICTED, INSUFFICIENT, CONTROL = "supported", "contradicted", "i
 STATES = (CONSISTENT, VIOLATED, SUPPORTED, CONTRADICTED, INCONCLUSIVE, INSUFFICIENT, CONTROL)
 P_FLOOR = 1 / (1 + stats.N_PERM)       # a permutation p-value never falls below this
 
-# Tolerances fixed before any data are seen, in each conjecture's own units (SCIENCE.md §6).
+# Tolerances fixed before any data are seen, in each conjecture's own units (docs/science.md §6).
 TAUS = {"conjecture_3_1_1": 0.1, "conjecture_3_2_1": 0.05, "conjecture_3_2_2": 0.5}
 TAU_REASONS = {
     "conjecture_3_1_1": "τ = 0.1 of nc_score per unit of log λ: the closest λ pair of the thesis' grid "

@@ -1,7 +1,7 @@
 """Conjecture 3.1.1 (thesis): Neural Collapse improves with weight decay.
 
 With S(λ) = nc_score at the end of training, for λ1 < λ2:  S(λ2) − S(λ1) ≥ −ε log(λ2/λ1).
-Per architecture group, on converged trials with λ > 0 (SCIENCE.md §6):
+Per architecture group, on converged trials with λ > 0 (docs/science.md §6):
 
     ε̂ = max(0, max_{λ1<λ2} (S̄(λ1) − S̄(λ2)) / log(λ2/λ1))      S̄: mean over seeds
 

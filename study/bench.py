@@ -1,4 +1,4 @@
-"""`python -m study.bench`: cost of measurement and training at the thesis' size (SCIENCE.md §1).
+"""`python -m study.bench`: cost of measurement and training at the thesis' size (docs/science.md §1).
 
 Depth 6, width 300, N = 10 000 teacher samples, C = 4, float32, one CPU thread. Prints four
 ratios, each taken within this one run so machine speed cancels out:

@@ -1,4 +1,4 @@
-"""One frozen, typed configuration per trial (SCIENCE.md §1–4).
+"""One frozen, typed configuration per trial (docs/science.md §1–4).
 
 A config is built from a plain dict (a search-space cell, `--set key=value` flags, MLflow
 params read back); an unknown key or a bad value raises `ConfigError` naming the key.

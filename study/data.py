@@ -1,4 +1,4 @@
-"""Training sets of SCIENCE.md §2: teacher-MLP labels, conic-hull labels, or a user .npz.
+"""Training sets of docs/science.md §2: teacher-MLP labels, conic-hull labels, or a user .npz.
 
 Synthetic sets are a pure function of their parameters and `data_seed`, so every trial that
 shares those parameters trains on the same samples.

@@ -1,4 +1,4 @@
-"""Neural Collapse measurements (SCIENCE.md §4), as small pure functions on tensors.
+"""Neural Collapse measurements (docs/science.md §4), as small pure functions on tensors.
 
 Features are accumulated once per layer into `ClassStats`: two sweeps over H in row chunks
 give per-class sufficient statistics (class sizes and means, class means of the unit
@@ -275,7 +275,7 @@ def effective_depth(ncc_accs: Sequence[float], depth: int, epsilon: float = 0.01
 def loss_floor(alpha: float, beta: float, C: int, pi_max: float) -> float:
     """m = log(1 + (C-1) exp(-C/(C-1) * alpha * beta * sqrt(C * pi_max))): the least
     cross-entropy of unbiased features/weights with these norms (thesis Thm 2.3.1, with the
-    sqrt(C pi_max) factor that makes it a floor for unbalanced classes, SCIENCE.md §4)."""
+    sqrt(C pi_max) factor that makes it a floor for unbalanced classes, docs/science.md §4)."""
     x = C / (C - 1) * alpha * beta * math.sqrt(C * pi_max)
     return math.log1p((C - 1) * math.exp(-x))
 
@@ -311,7 +311,7 @@ def classifier_metrics(stats: ClassStats, W: torch.Tensor, b: torch.Tensor | Non
 # ---------------------------------------------------------------- one layer, all layers
 
 def layer_metrics(stats: ClassStats, ncc_pred: torch.Tensor | None = None) -> dict[str, float]:
-    """Every per-layer measure of SCIENCE.md §5 (unprefixed names)."""
+    """Every per-layer measure of docs/science.md §5 (unprefixed names)."""
     out = cosine_summary(cosine_matrix(stats, center=True), stats.n)
     out |= cosine_summary(cosine_matrix(stats, center=False), stats.n, prefix="raw_")
     out["nc1"] = nc1(stats)
@@ -330,7 +330,7 @@ def measure(features: Iterable[torch.Tensor], y: torch.Tensor,
             W: torch.Tensor | None = None, b: torch.Tensor | None = None,
             num_classes: int | None = None, depth: int | None = None,
             epsilon: float = 0.01) -> dict[str, float]:
-    """All SCIENCE.md §5 measures for hidden features h_1..h_{L-1} (any iterable, consumed
+    """All docs/science.md §5 measures for hidden features h_1..h_{L-1} (any iterable, consumed
     one layer at a time so only one layer is held): `layerNN/...` for each block, the last
     block's unprefixed, plus classifier measures when W (C, D_last) is given, and
     `effective_depth` (L = `depth`, default number of layers + 1)."""

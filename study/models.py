@@ -1,4 +1,4 @@
-"""The MLP family of thesis Definition 3.2.1 (SCIENCE.md §1).
+"""The MLP family of thesis Definition 3.2.1 (docs/science.md §1).
 
     block l:  h_l = BN_l( ReLU( W_l h_{l-1} + b_l ) )      l = 1 .. L-1
     output:   z   = W_L h_{L-1} + b_L

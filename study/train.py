@@ -1,4 +1,4 @@
-"""The plain training loop of SCIENCE.md §3 on in-memory tensors: no Ray, no MLflow.
+"""The plain training loop of docs/science.md §3 on in-memory tensors: no Ray, no MLflow.
 
 `Trainer(cfg).run()` yields one dict of §5 metrics per evaluation; `state()` / `load_state()`
 let a caller checkpoint and resume (the shuffling RNG included, so a resumed trial continues

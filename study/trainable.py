@@ -1,7 +1,7 @@
 """The Ray Tune trainable: a thin function around `study.train.Trainer`.
 
 It builds the trial from its config, resumes from the last checkpoint if Ray hands one over,
-and `tune.report`s the SCIENCE.md §5 metrics at each evaluation, with a checkpoint every
+and `tune.report`s the docs/science.md §5 metrics at each evaluation, with a checkpoint every
 `checkpoint_every` evaluations. Data are generated (or read) inside the trial from the config:
 they are a cheap, deterministic function of it, cached per worker process.
 """

@@ -1,4 +1,4 @@
-"""Each test of SCIENCE.md §6 on frames built here, whose answers are known."""
+"""Each test of docs/science.md §6 on frames built here, whose answers are known."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """study.metrics against float64 brute-force loops, closed forms, invariances, degenerate inputs.
 
-Every reference below is rebuilt from the definitions of SCIENCE.md §4 with explicit loops
+Every reference below is rebuilt from the definitions of docs/science.md §4 with explicit loops
 over samples, pairs and classes (numpy float64), so it shares no code with study.metrics.
 """
 from __future__ import annotations
@@ -288,7 +288,7 @@ def test_effective_depth_in_measure_uses_layer_ncc():
 
 
 def test_loss_floor_formula():
-    """SCIENCE.md §4, written out: balanced C = 4 and the unbalanced sqrt(C pi_max) factor."""
+    """docs/science.md §4, written out: balanced C = 4 and the unbalanced sqrt(C pi_max) factor."""
     a, b_ = 1.3, 0.7
     for C, pi_max in ((4, 0.25), (4, 0.55), (2, 0.9), (10, 0.1)):
         want = math.log(1 + (C - 1) * math.exp(-C / (C - 1) * a * b_ * math.sqrt(C * pi_max)))
@@ -542,7 +542,7 @@ def test_train_loss_never_below_loss_floor_random_search():
 
 def test_loss_floor_holds_for_optimised_unbalanced_features():
     """Minimise CE over H, W with fixed alpha, beta for pi = (.55, .15, .15, .15): the loss
-    stays above the corrected floor but goes below the thesis' uncorrected m (SCIENCE.md §4),
+    stays above the corrected floor but goes below the thesis' uncorrected m (docs/science.md §4),
     so the sqrt(C pi_max) factor matters."""
     torch.manual_seed(0)
     C, D, alpha, beta = 4, 4, 1.0, 1.0
