@@ -15,6 +15,7 @@ that load runs (`load`) and write outputs (`report`, `figures`):
     effects   BN kind: differences of seed means at each λ, Welch intervals
     figures   Fig 3.1, Fig 3.3, training curves, one plot per conjecture
     report    analyze(): everything above -> report.md, conjectures.json, PNGs, MLflow artifacts
+    report_html  report.md -> one self-contained report.html (MLflow's viewer renders it)
     cli       the `analyze` subcommand
     synthetic planted studies written to MLflow as a study would (tests, benchmark)
     bench     `python -m analysis.bench`

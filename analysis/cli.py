@@ -15,7 +15,7 @@ def add_analyze_parser(sub) -> None:
     p = sub.add_parser(
         "analyze", help="test the thesis' conjectures on a finished study; write a report, JSON and figures",
         description="Read the study's runs from MLflow, test Conjectures 3.1.1, 3.2.1, 3.2.2 and "
-                    "Theorem 2.3.1 (docs/science.md §6), write DIR/report.md, DIR/conjectures.json and PNGs, "
+                    "Theorem 2.3.1 (docs/science.md §6), write DIR/report.md (and report.html), DIR/conjectures.json and PNGs, "
                     "and log them under analysis/ on the study's parent run.")
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="MLflow experiment name(s): the study name(s)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",

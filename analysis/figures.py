@@ -3,8 +3,10 @@ plot per conjecture. Each function takes tidy tables and returns a matplotlib `F
 (built without pyplot, so no global state and no display is needed; PNGs via Agg).
 
 Only converged trials are drawn (the thesis discards the others), except in the training
-curves, where the status sets the line style. Seed spread is the min–max band around the
-seed mean.
+curves, where the status sets the line style. A panel (bn kind, group, λ) without any
+converged trial is kept and says so; a red × marks each λ with failed trials, with their
+count. Seed spread is the min–max band around the seed mean. Legends sit under the panels,
+so that none hides data.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib import colors as mcolors
+from matplotlib import patches as mpatches
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -64,13 +67,25 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "all"
 
 
-def _band(ax, x, values_by_x: list[np.ndarray], label: str, color=None, style: str = "-") -> None:
+def _band(ax, x, values_by_x: list[np.ndarray], label: str, color=None, style: str = "-") -> bool:
+    """Seed mean as a line, seed min–max as a shaded band; returns whether a band was drawn
+    (only where some x has more than one value)."""
     mean = np.array([np.mean(v) for v in values_by_x])
     low = np.array([np.min(v) for v in values_by_x])
     high = np.array([np.max(v) for v in values_by_x])
     line, = ax.plot(x, mean, style, marker="o", ms=3, label=label, color=color)
     if any(len(v) > 1 for v in values_by_x):
         ax.fill_between(x, low, high, alpha=0.2, color=line.get_color(), lw=0)
+        return True
+    return False
+
+
+BAND_LABEL = "line: seed mean, band: seed min–max"
+FAILED_LABEL = "× failed trials at λ (count)"
+
+
+def _band_handle() -> mpatches.Patch:
+    return mpatches.Patch(color="0.5", alpha=0.3, lw=0, label=BAND_LABEL)
 
 
 def _lambda_colors(lambdas) -> dict[float, tuple]:
@@ -90,30 +105,89 @@ def _mark_failures(ax, finals: pd.DataFrame) -> bool:
         return False
     counts = failed.groupby("weight_decay").size()
     top = ax.get_xaxis_transform()  # x in data, y in axes fraction
-    ax.plot(counts.index, [0.96] * len(counts), "x", color="C3", ms=6, transform=top,
-            label="not converged (count)")
+    ax.plot(counts.index, [0.96] * len(counts), "x", color="C3", ms=6, transform=top, label=FAILED_LABEL)
     for lam, n in counts.items():
         ax.text(lam, 0.915, str(n), color="C3", fontsize=7, ha="center", va="top", transform=top)
     return True
 
 
+def _headroom(ax, share: float = 0.2) -> None:
+    """Room above the data for the failure marks."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + share * (high - low))
+
+
+def _unconverged(rows: pd.DataFrame) -> list[float]:
+    """The λ values of `rows` (one row per trial) where no trial converged."""
+    ok = rows.groupby("weight_decay")["status"].agg(lambda s: bool((s == CONVERGED).any()))
+    return [float(l) for l, any_ok in ok.items() if not any_ok]
+
+
+def _lambdas(values) -> str:
+    return ", ".join(f"{l:g}" for l in values)
+
+
+def _empty_note(ax, rows: pd.DataFrame) -> None:
+    """The text of a panel with nothing converged to draw, with what happened instead."""
+    counts = rows["status"].value_counts()
+    what = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if s != CONVERGED)
+    ax.text(0.5, 0.5, "no converged trial" + (f"\n({what})" if what else ""), ha="center", va="center",
+            fontsize=8, color="0.3", transform=ax.transAxes)
+
+
+def _handles(axes) -> dict:
+    """label -> handle over every panel, first one wins (for one figure legend)."""
+    out = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            out.setdefault(label, handle)
+    return out
+
+
+def _below(fig: Figure, handles: list, ncol: int, caption: str = "", title: str | None = None) -> None:
+    """One figure legend under the panels (so none hides a line) and, under it, a caption
+    line; `grid(legend_rows=...)` must have left room for both."""
+    bottom = 0.0
+    if caption:
+        fig.text(0.5, 0.06 / fig.get_figheight(), caption, ha="center", va="bottom", fontsize=7, color="0.25")
+        bottom = LEGEND_ROW / fig.get_figheight()
+    if handles:
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, bottom), ncol=max(1, ncol),
+                   fontsize=7, frameon=False, title=title, title_fontsize=7)
+
+
+def _legend_layout(n_panels: int, labels: list[str], extra_rows: int = 0) -> tuple[int, int]:
+    """(columns, rows) of a figure legend of `labels` under `grid(n_panels)`'s panels: as
+    many columns as fit the figure's width (about 0.055 inch per character at font size 7,
+    plus the handle), plus `extra_rows` (a legend title, a caption line)."""
+    if not labels:
+        return 1, extra_rows
+    width = max(PANEL[0] * max(1, min(n_panels, 4)), 7.0) - 0.4
+    entry = 0.6 + 0.055 * max(len(label) for label in labels)
+    ncol = max(1, min(len(labels), int(width // entry)))
+    return ncol, math.ceil(len(labels) / ncol) + extra_rows
+
+
 def fig3_1(finals: pd.DataFrame) -> Figure:
     """Thesis Fig 3.1: final intra_min (solid) and inter_max (dashed) against λ (log
     x-axis), one panel per bn kind, one colour per architecture group, seed min–max band.
+    A bn kind none of whose trials converged keeps its panel, marked as such.
     `finals`: one row per trial with bn, group, status, weight_decay, intra_min, inter_max."""
-    rows = finals[(finals["status"] == CONVERGED) & (finals["weight_decay"] > 0)]
-    kinds = [k for k in ("affine", "nonaffine", "none") if k in set(rows["bn"])] + \
-            sorted(set(rows["bn"]) - {"affine", "nonaffine", "none"})
+    finals = finals[finals["weight_decay"] > 0]
+    rows = finals[finals["status"] == CONVERGED]
+    present = set(finals["bn"])
+    kinds = [k for k in ("affine", "nonaffine", "none") if k in present] + \
+            sorted(present - {"affine", "nonaffine", "none"})
     # the group without its bn part: the same colour for the same rest in every panel
     rest = {(kind, group): ", ".join(part for part in group.split(", ") if part != f"bn={kind}")
             for kind, group in zip(finals["bn"], finals["group"])}
     rests = sorted(set(rest.values()))
     colour = {r: f"C{i}" for i, r in enumerate(rests)}
-    entries = 2 * len(rests) + 1  # intra_min and inter_max per rest, and the failure mark
+    entries = 2 * len(rests) + 2  # intra_min and inter_max per rest, the failure mark, the band
     # one row if a single group; else a column per group (intra_min over inter_max) while they fit
     ncol = entries if len(rests) == 1 else math.ceil(entries / 2) if len(rests) <= 4 else 4
     fig, axes = grid(max(len(kinds), 1), sharey=True, legend_rows=math.ceil(entries / ncol))
-    marked = False
+    marked = banded = False
     for ax, kind in zip(axes, kinds):
         sub = rows[rows["bn"] == kind]
         for group in sorted(set(sub["group"])):
@@ -121,95 +195,132 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
             lams = sorted(set(g["weight_decay"]))
             name = f" ({rest[kind, group]})" if len(rests) > 1 and rest[kind, group] else ""
             for metric, style in (("intra_min", "-"), ("inter_max", "--")):
-                _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
-                      f"{metric}{name}", colour[rest[kind, group]], style)
+                banded |= _band(ax, lams, [g.loc[g["weight_decay"] == l, metric].to_numpy(float) for l in lams],
+                                f"{metric}{name}", colour[rest[kind, group]], style)
+        if sub.empty:
+            _empty_note(ax, finals[finals["bn"] == kind])
         marked |= _mark_failures(ax, finals[finals["bn"] == kind])
         _log_x(ax)
         ax.set_title(f"bn = {kind}")
         ax.set_xlabel("weight decay λ")
+        ax.set_ylabel("cosine (final, converged)")
         ax.axhline(0, color="0.8", lw=0.6)
-    legend = {}  # one figure legend below the panels, so that none hides a line
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    if legend:
-        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    handles = list(_handles(axes).values()) + ([_band_handle()] if banded else [])
+    n = len(handles)
+    _below(fig, handles, n if len(rests) == 1 else math.ceil(n / 2) if len(rests) <= 4 else 4)
     if not kinds:
         axes[0].text(0.5, 0.5, "no converged trials", ha="center", transform=axes[0].transAxes)
+        axes[0].set_ylabel("cosine (final, converged)")
     elif marked:
-        low, high = axes[0].get_ylim()  # shared: room above the data for the failure marks
-        axes[0].set_ylim(low, high + 0.2 * (high - low))
-    axes[0].set_ylabel("cosine (final, converged)")
+        _headroom(axes[0])  # shared y: one call for every panel
     fig.suptitle("Fig 3.1: min within-class and max between-class cosine against weight decay")
     return fig
 
 
 def fig3_3(curves: dict[str, dict[str, np.ndarray]], models: pd.DataFrame, group: str) -> Figure:
     """Thesis Fig 3.3 for one group: per-layer ncc_acc, intra_min and inter_max at the final
-    evaluation against the block index, one panel per λ, seed min–max band.
-    `curves[metric][run_id]` is the (L-1,) final curve; `models` has run_id, weight_decay."""
+    evaluation against the block index, one panel per λ, seed min–max band. Only converged
+    trials are drawn; a λ where none converged keeps an empty panel and is named below.
+    `curves[metric][run_id]` is the (L-1,) final curve; `models` has run_id, weight_decay and
+    status (without status every row counts as converged)."""
+    if "status" not in models.columns:
+        models = models.assign(status=CONVERGED)
     lams = sorted(set(models["weight_decay"]))
-    fig, axes = grid(max(len(lams), 1), sharey=True)
+    missing = _unconverged(models)
+    ncol, legend_rows = _legend_layout(len(lams), ["ncc_acc", "intra_min", "inter_max", BAND_LABEL],
+                                       extra_rows=bool(missing))
+    fig, axes = grid(max(len(lams), 1), sharey=True, legend_rows=legend_rows)
+    banded = False
     for ax, lam in zip(axes, lams):
-        ids = models.loc[models["weight_decay"] == lam, "run_id"]
+        here = models[models["weight_decay"] == lam]
+        ids = here.loc[here["status"] == CONVERGED, "run_id"]
+        drawn = False
         for metric, color in (("ncc_acc", "C2"), ("intra_min", "C0"), ("inter_max", "C3")):
             stack = [curves[metric][r] for r in ids if r in curves.get(metric, {})]
             if not stack:
                 continue
             n = min(len(c) for c in stack)
             values = np.stack([c[:n] for c in stack])            # (seeds, L-1)
-            _band(ax, np.arange(1, n + 1), list(values.T), metric, color)
+            banded |= _band(ax, np.arange(1, n + 1), list(values.T), metric, color)
+            drawn = True
+        if not ids.size:
+            _empty_note(ax, here)
+            ax.set_xticks([])                                    # no blocks to count
+        elif not drawn:
+            ax.text(0.5, 0.5, "no per-layer values", ha="center", va="center", fontsize=8, color="0.3",
+                    transform=ax.transAxes)
         ax.set_title(f"λ = {lam:g}")
         ax.set_xlabel("hidden block l")
+        ax.set_ylabel("final value (converged)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.axhline(0, color="0.8", lw=0.6)
-    axes[0].legend(fontsize=7)
+    handles = list(_handles(axes).values()) + ([_band_handle()] if banded else [])
+    caption = f"no converged trial at λ = {_lambdas(missing)} (empty panels)" if missing else ""
+    _below(fig, handles, ncol, caption)
     fig.suptitle(f"Fig 3.3 ({group}): per-layer collapse at the end of training")
     return fig
 
 
 def training_curves(frame: pd.DataFrame, metric: str = "nc_score") -> Figure:
-    """`metric` (penultimate block) against epoch, one panel per group, colour = λ,
-    line style = status."""
+    """`metric` (last hidden block) against epoch, one panel per group, colour = λ,
+    line style = status; the legend under the panels."""
     rows = frame[(frame["layer"] == 0) & np.isfinite(frame[metric].to_numpy(float))]
     groups = sorted(set(frame["group"]))
     colors = _lambda_colors(frame["weight_decay"].unique())
-    fig, axes = grid(len(groups), sharey=True)
+    statuses = [s for s in STATUS_STYLE if s in set(frame["status"])]
+    statuses += sorted(set(frame["status"]) - set(STATUS_STYLE))
+    handles = [matplotlib.lines.Line2D([], [], color=c, label=f"λ = {l:g}") for l, c in colors.items()]
+    handles += [matplotlib.lines.Line2D([], [], color="k", lw=0.8, ls=STATUS_STYLE.get(s, "-."), label=s)
+                for s in statuses]
+    ncol, legend_rows = _legend_layout(len(groups), [h.get_label() for h in handles], extra_rows=1)
+    fig, axes = grid(max(len(groups), 1), sharey=True, legend_rows=legend_rows)
     for ax, group in zip(axes, groups):
         sub = rows[rows["group"] == group]
         for (run_id, lam, status), run in sub.groupby(["run_id", "weight_decay", "status"], sort=False):
             ax.plot(run["epoch"], run[metric], STATUS_STYLE.get(status, "-."), color=colors[lam], lw=0.8, alpha=0.8)
+        if sub.empty:
+            ax.text(0.5, 0.5, f"no finite {metric}", ha="center", va="center", fontsize=8, color="0.3",
+                    transform=ax.transAxes)
         ax.set_title(group, fontsize=9)
         ax.set_xlabel("epoch")
-    axes[0].set_ylabel(metric)
-    handles = [matplotlib.lines.Line2D([], [], color=c, label=f"λ = {l:g}") for l, c in colors.items()]
-    handles += [matplotlib.lines.Line2D([], [], color="k", ls=s, label=k) for k, s in STATUS_STYLE.items()]
-    axes[-1].legend(handles=handles, fontsize=6, ncol=2)
+        ax.set_ylabel(f"{metric} (last hidden block)")
+    _below(fig, handles, ncol, title="colour: weight decay λ; line style: trial status")
     fig.suptitle(f"{metric} during training")
     return fig
 
 
 def conjecture_3_1_1(scores: pd.DataFrame, results: list[dict], metric: str = "nc_score") -> Figure:
     """Final `metric` against λ per group: seeds as dots, seed means as a line, the λ pair
-    setting ε̂ in red."""
+    setting ε̂ in red, λ values with failed trials marked."""
     by_group = {r["group"]: r for r in results}
     groups = sorted(by_group)
-    fig, axes = grid(len(groups))
+    ncol, legend_rows = _legend_layout(len(groups), ["trial (converged)", "seed mean", "λ pair that sets ε̂",
+                                                      FAILED_LABEL])
+    fig, axes = grid(max(len(groups), 1), legend_rows=legend_rows)
     for ax, group in zip(axes, groups):
-        g = scores[(scores["group"] == group) & (scores["status"] == CONVERGED) & (scores["weight_decay"] > 0)]
-        ax.plot(g["weight_decay"], g[metric], "o", ms=3, alpha=0.5, color="C0")
+        every = scores[(scores["group"] == group) & (scores["weight_decay"] > 0)]
+        g = every[every["status"] == CONVERGED]
+        ax.plot(g["weight_decay"], g[metric], "o", ms=3, alpha=0.5, color="C0", label="trial (converged)")
         means = g.groupby("weight_decay")[metric].mean()
-        ax.plot(means.index, means.values, "-", color="C0")
+        ax.plot(means.index, means.values, "-", color="C0", label="seed mean")
         for pair in by_group[group].get("set_by", []):
-            ax.plot([pair["lambda_1"], pair["lambda_2"]], [pair["S_1"], pair["S_2"]], "-", color="C3", lw=2)
+            ax.plot([pair["lambda_1"], pair["lambda_2"]], [pair["S_1"], pair["S_2"]], "-", color="C3", lw=2,
+                    label="λ pair that sets ε̂")
+        if g.empty:
+            _empty_note(ax, every)
+        elif _mark_failures(ax, every):
+            _headroom(ax)
         r = by_group[group]
         ci = (f" [{_n(r['ci_low'])}, {_n(r['ci_high'])}]" if r.get("ci_low") is not None else "")
+        missing = _unconverged(every) if len(g) else []
         ax.set_title(f"{group}: {r.get('state')}\nε̂ = {_n(r.get('epsilon_hat'))}{ci}, τ = {_n(r.get('tau'))}, "
-                     f"ρ = {_n(r.get('statistic'))}", fontsize=8)
+                     f"ρ = {_n(r.get('statistic'))}"
+                     + (f"\nno converged trial at λ = {_lambdas(missing)}" if missing else ""), fontsize=8)
         _log_x(ax)
         ax.set_xlabel("weight decay λ")
-    axes[0].set_ylabel(f"final {metric} (converged)")
-    fig.suptitle("Conjecture 3.1.1: NC against weight decay (red: the pair that sets ε̂)")
+        ax.set_ylabel(f"final {metric}")
+    _below(fig, list(_handles(axes).values()), ncol)
+    fig.suptitle("Conjecture 3.1.1: NC against weight decay")
     return fig
 
 
@@ -217,28 +328,44 @@ def conjecture_3_2_1(models: pd.DataFrame) -> Figure:
     """Per-model ε̂ over consecutive blocks against λ, one panel per group."""
     rows = models[(models["status"] == CONVERGED) & np.isfinite(models["epsilon_hat"].to_numpy(float))]
     groups = sorted(set(models["group"]))
-    fig, axes = grid(len(groups), sharey=True)
+    ncol, legend_rows = _legend_layout(len(groups), ["model (converged)", "median over seeds", FAILED_LABEL])
+    fig, axes = grid(max(len(groups), 1), sharey=True, legend_rows=legend_rows)
+    marked = False
     for ax, group in zip(axes, groups):
+        every = models[models["group"] == group]
         g = rows[rows["group"] == group]
         x = g["weight_decay"].to_numpy(float)
-        ax.plot(x, g["epsilon_hat"], "o", ms=3, alpha=0.6)
+        ax.plot(x, g["epsilon_hat"], "o", ms=3, alpha=0.6, color="C0", label="model (converged)")
         med = g.groupby("weight_decay")["epsilon_hat"].median()
-        ax.plot(med.index, med.values, "-", color="C1", label="median")
-        if (x > 0).all() and len(x):
+        ax.plot(med.index, med.values, "-", color="C1", label="median over seeds")
+        if g.empty:
+            _empty_note(ax, every)
+        marked |= _mark_failures(ax, every)
+        if (every["weight_decay"] > 0).all() and len(every):
             _log_x(ax)
-        ax.set_title(group, fontsize=9)
+        missing = _unconverged(every) if len(g) else []
+        ax.set_title(group + (f"\nno converged trial at λ = {_lambdas(missing)}" if missing else ""), fontsize=9)
         ax.set_xlabel("weight decay λ")
-    axes[0].set_ylabel("ε̂ = max(0, max_l S_l − S_{l+1})")
+        ax.set_ylabel("ε̂ = max(0, max_l S_l − S_{l+1})")
+    if marked:
+        _headroom(axes[0])
+    _below(fig, list(_handles(axes).values()), ncol)
     fig.suptitle("Conjecture 3.2.1: largest drop of nc_score between consecutive blocks, per model")
     return fig
 
 
 def conjecture_3_2_2(depths: pd.DataFrame, epsilons) -> Figure:
-    """Effective depth d_ε against λ for each ε: seed means (line) and trials (dots)."""
+    """Effective depth d_ε against λ, one colour per ε: seed means (line) and trials (dots,
+    spread a little in λ so the ε do not hide each other)."""
     rows = depths[depths["status"] == CONVERGED]
     groups = sorted(set(depths["group"]))
-    fig, axes = grid(len(groups), sharey=True)
+    spread = "trial (converged, λ spread per ε)"
+    ncol, legend_rows = _legend_layout(len(groups), [f"ε = {e:g}" for e in epsilons] + [FAILED_LABEL, spread,
+                                                                                        "seed mean"], extra_rows=1)
+    fig, axes = grid(max(len(groups), 1), sharey=True, legend_rows=legend_rows)
+    marked = False
     for ax, group in zip(axes, groups):
+        every = depths[depths["group"] == group]
         g = rows[rows["group"] == group]
         for i, eps in enumerate(epsilons):
             col = f"d_{eps:g}"
@@ -247,12 +374,22 @@ def conjecture_3_2_2(depths: pd.DataFrame, epsilons) -> Figure:
             ax.plot(ok["weight_decay"] * jitter, ok[col], "o", ms=3, alpha=0.4, color=f"C{i}")
             means = ok.groupby("weight_decay")[col].mean()
             ax.plot(means.index, means.values, "-", color=f"C{i}", label=f"ε = {eps:g}")
-        if len(g) and (g["weight_decay"] > 0).all():
+        if g.empty:
+            _empty_note(ax, every)
+        marked |= _mark_failures(ax, every)
+        if len(every) and (every["weight_decay"] > 0).all():
             _log_x(ax)
-        ax.set_title(group, fontsize=9)
+        missing = _unconverged(every) if len(g) else []
+        ax.set_title(group + (f"\nno converged trial at λ = {_lambdas(missing)}" if missing else ""), fontsize=9)
         ax.set_xlabel("weight decay λ")
-    axes[0].set_ylabel("ε-effective depth (block)")
-    axes[0].legend(fontsize=7)
+        ax.set_ylabel("ε-effective depth (block)")
+    if marked:
+        _headroom(axes[0])
+    handles = list(_handles(axes).values())
+    handles += [matplotlib.lines.Line2D([], [], ls="", marker="o", ms=3, color="0.5", alpha=0.6,
+                                        label=spread),
+                matplotlib.lines.Line2D([], [], color="0.5", label="seed mean")]
+    _below(fig, handles, ncol, title="colour: ε of the effective depth")
     fig.suptitle("Conjecture 3.2.2: effective depth against weight decay")
     return fig
 

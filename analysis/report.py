@@ -1,5 +1,6 @@
-"""`analyze()`: load a study, run every test, write report.md, conjectures.json and the
-figures, and log them on the study's parent run (artifact path `analysis/`).
+"""`analyze()`: load a study, run every test, write report.md (and the same as a
+self-contained report.html), conjectures.json and the figures, and log them on the study's
+parent run (artifact path `analysis/`).
 
 `run_tests(frame)` is the pure part (tidy frame -> results and tables); `write_report`
 and `write_json` only format. Every number in a verdict comes from `conjectures.json`.
@@ -22,6 +23,7 @@ import pandas as pd
 from . import depth, effdepth, effects, stats, theorem, wd
 from .frame import CONVERGED, final_layers, final_values, relax_convergence, trials
 from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, usage_error
+from .report_html import markdown_html
 from .verdict import ALPHA, TAU_REASONS, TAUS, clean, interval, num, pval, summary
 
 TESTS = (("conjecture_3_1_1", "Conjecture 3.1.1", "NC improves with weight decay"),
@@ -81,9 +83,9 @@ def write_figures(frame: pd.DataFrame, analysis: Analysis, out_dir: Path) -> lis
              figures.save(figures.conjecture_3_2_2(analysis.depths, analysis.epsilons), out_dir / "conjecture_3_2_2.png"),
              figures.save(figures.theorem_scatter(analysis.evals), out_dir / "theorem_2_3_1.png")]
     curves = {m: final_layers(frame, m) for m in ("ncc_acc", "intra_min", "inter_max")}
-    converged = analysis.models[analysis.models["status"] == CONVERGED]
-    for group, models in converged.groupby("group", sort=True):
-        if any(r in curves["ncc_acc"] for r in models["run_id"]):
+    for group, models in analysis.models.groupby("group", sort=True):
+        converged = models.loc[models["status"] == CONVERGED, "run_id"]
+        if any(r in curves["ncc_acc"] for r in converged):   # all of the group's λ, to name the failed ones
             fig = figures.fig3_3(curves, models, group)
             paths.append(figures.save(fig, out_dir / f"fig3_3_{figures.slug(group)}.png"))
     return paths
@@ -196,7 +198,10 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     res = analysis.results
     table = trials(study.frame)
     groups = sorted(set(table["group"]))
-    L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", ""]
+    L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", "",
+                    "nc_score = intra_min − inter_max of the centred cosines of the last hidden block: 4/3 at "
+                    "full collapse for C = 4 (1 + 1/(C−1) in general), about 0 or below when the features have "
+                    "no class structure.", ""]
     L.append(f"{len(table)} trials ({int((table['status'] == CONVERGED).sum())} converged) in "
              f"{len(groups)} architecture group(s), read from `{study.tracking_uri}`. Only converged trials "
              f"enter a test; the others are counted beside it. {_rule(analysis.settings)} Significance level {ALPHA}, two-sided "
@@ -212,8 +217,7 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
           "compares the interval with a tolerance τ fixed before the data: **consistent** (the whole "
           "interval lies below τ), **violated** (above τ), else **inconclusive**; each decision is a test "
           "whose p-value is Holm-adjusted within the conjecture's family. The trend (rank correlation) is "
-          "a separate finding. nc_score = intra_min − inter_max of the centred cosines of the last hidden "
-          "block (1 + 1/(C−1) at full collapse, 4/3 for C = 4). Tolerances:", ""]
+          "a separate finding. Tolerances:", ""]
     for key, title, _ in TESTS[:3]:
         tau = analysis.settings["taus"][key]
         L.append(f"- {title}: {TAU_REASONS[key]}." if tau == TAUS[key] else
@@ -451,8 +455,8 @@ def analyze(experiments: list[str], tracking_uri: str, out_dir: Path,
             backend: str = "auto", taus: dict | None = None, n_perm: int = stats.N_PERM, seed: int = 0,
             log_to_mlflow: bool = True, progress: Callable[[str], None] | None = None,
             warn: Callable[[str], None] | None = None, min_train_acc: float = 1.0) -> Path:
-    """Analyze `experiments` in the store at `tracking_uri`; write report.md, conjectures.json
-    and PNGs into `out_dir` and log them on the parent run(s). Returns the report path.
+    """Analyze `experiments` in the store at `tracking_uri`; write report.md (and the same as
+    report.html), conjectures.json and PNGs into `out_dir` and log them on the parent run(s). Returns the report path.
     Bad input raises study.cli.UsageError before anything is written.
 
     With a `cache_dir`, run histories are cached per run, and the outputs per set of inputs:
@@ -508,7 +512,9 @@ def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict,
     result = conjectures_json(study, analysis) | {"warnings": warnings}
     (out_dir / "conjectures.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     report = write_report(study, analysis, figures, out_dir / "report.md")
-    return [report, out_dir / "conjectures.json"] + figures
+    page = out_dir / "report.html"     # the same report, readable in MLflow's artifact viewer
+    page.write_text(markdown_html(report.read_text(), out_dir), encoding="utf-8")
+    return [report, page, out_dir / "conjectures.json"] + figures
 
 
 def _replay(files: dict[str, bytes], out_dir: Path, warn: Callable[[str], None]) -> list[Path]:

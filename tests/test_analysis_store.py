@@ -165,7 +165,10 @@ def test_analyze_writes_report_json_figures_and_artifacts(store, tmp_path, monke
     assert all(r["logged_disagree"] in (0, None) for r in e322)   # recomputed depth = logged one at ε = 0.01
     # the artifacts are on the parent run
     listed = {os.path.basename(a.path) for a in store["client"].list_artifacts(store["parent"], "analysis")}
-    assert {"report.md", "conjectures.json", "fig3_1.png"} <= listed
+    assert {"report.md", "report.html", "conjectures.json", "fig3_1.png"} <= listed
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(pngs) and page.count("<table>") == sum(
+        line.startswith("|---|") for line in report.splitlines())
 
     # a re-run over unchanged runs takes its outputs from the cache, same report
     again = tmp_path / "rep2"
