@@ -3,12 +3,14 @@ analyze a study. A mistake a user can fix ends in one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
-from .config import ConfigError, TrialConfig, parse_overrides
+from .config import CHOICES, ConfigError, TrialConfig, from_flags, parse_overrides
 from .errors import DataError, UsageError
 
 EXIT_USAGE = 2
@@ -31,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nc-study", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one bare trial (no Ray, no MLflow) and print its evaluations")
+    p = sub.add_parser("train", help="train one bare trial (no Ray, no MLflow) and print its evaluations",
+                       description="Train one trial bare (no Ray, no MLflow) and print a row per evaluation.",
+                       epilog=fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="trial config field, e.g. --set epochs=20 --set bn=none (repeatable)")
     p.add_argument("--all", action="store_true", help="print every metric of each evaluation as JSON lines")
@@ -56,24 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ train
 
-TABLE = (("epoch", "{:>5.0f}"), ("lr", "{:>8.4g}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.4f}"),
-         ("nc_score", "{:>8.3f}"), ("intra_min", "{:>9.3f}"), ("inter_max", "{:>9.3f}"),
-         ("nc1", "{:>8.3g}"), ("ncc_acc", "{:>7.3f}"), ("effective_depth", "{:>5.0f}"), ("loss_gap", "{:>8.4f}"))
+# (metric, format); each column is as wide as its name, and at least 8 characters
+TABLE = (("epoch", ".0f"), ("lr", ".4g"), ("train_loss", ".4f"), ("train_acc", ".4f"), ("nc_score", ".3f"),
+         ("intra_min", ".3f"), ("inter_max", ".3f"), ("nc1", ".3g"), ("ncc_acc", ".3f"),
+         ("effective_depth", ".0f"), ("loss_gap", ".4f"))
+COLUMN_WIDTH = 8
+TYPE_NAMES = {bool: "true/false", int: "integer", float: "number", str: "text"}
+
+
+def fields_help() -> str:
+    """The trial config fields with their defaults and valid values, for `train --help`."""
+    hints = get_type_hints(TrialConfig)
+    lines = ["trial config fields (--set KEY=VALUE; the same keys go under trial:/grid: in a study file):",
+             f"  {'KEY':<16} {'DEFAULT':<14} VALUES"]
+    for field in dataclasses.fields(TrialConfig):
+        default = field.default
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, tuple):
+            shown = ",".join(f"{v:.4g}" for v in default)
+        else:
+            shown = str(default) if default != "" else '""'
+        values = ("one of " + ", ".join(CHOICES[field.name]) if field.name in CHOICES
+                  else TYPE_NAMES.get(hints[field.name], "numbers in (0, 1), comma-separated"))
+        lines.append(f"  {field.name:<16} {shown:<14} {values}")
+    return "\n".join(lines)
+
+
+def table_header() -> str:
+    return " ".join(f"{name:>{max(len(name), COLUMN_WIDTH)}}" for name, _ in TABLE)
+
+
+def table_row(metrics: dict[str, float]) -> str:
+    return " ".join(f"{metrics.get(name, math.nan):>{max(len(name), COLUMN_WIDTH)}{fmt}}" for name, fmt in TABLE)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
-    cfg = TrialConfig.from_dict(parse_overrides(args.overrides))
-    trainer = Trainer(cfg)
+    overrides = parse_overrides(args.overrides)
+    try:
+        cfg = TrialConfig.from_dict(overrides)
+        trainer = Trainer(cfg)
+    except ConfigError as exc:
+        raise from_flags(exc, overrides) from None
     print(f"# {cfg.dataset} data, depth {cfg.depth}, width {cfg.width}, bn={cfg.bn}/{cfg.bn_placement}, "
           f"weight_decay={cfg.weight_decay:g}, {cfg.epochs} epochs on {trainer.device}", flush=True)
     if not args.all:
-        print(" ".join(f"{name[:9]:>{len(fmt.format(0))}}" for name, fmt in TABLE), flush=True)
-    for metrics in trainer.run():
-        if args.all:
-            print(json.dumps(metrics), flush=True)
-        else:
-            print(" ".join(fmt.format(metrics.get(name, math.nan)) for name, fmt in TABLE), flush=True)
+        print(table_header(), flush=True)
+    for metrics in trainer.run():  # a row as soon as each evaluation is done
+        print(json.dumps(metrics) if args.all else table_row(metrics), flush=True)
     print(f"# status: {trainer.status}; train {trainer.seconds['train']:.1f}s, "
           f"measure {trainer.seconds['measure']:.1f}s", flush=True)
     return 0

@@ -7,9 +7,10 @@ Everything here is logged whole as MLflow params, so every knob of a trial is vi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, get_type_hints
+from typing import Any, Iterable, get_type_hints
 
 BN_KINDS = ("affine", "nonaffine", "none")
 BN_PLACEMENTS = ("every", "last")
@@ -18,10 +19,19 @@ CONIC_KINDS = ("auto", "hyperplanes", "directions")
 OPTIMIZERS = ("sgd", "adam")
 BN_STATS = ("exact", "running")
 DEVICES = ("auto", "cpu", "cuda")
+CHOICES = {"dataset": DATASETS, "conic_kind": CONIC_KINDS, "bn": BN_KINDS, "bn_placement": BN_PLACEMENTS,
+           "optimizer": OPTIMIZERS, "bn_stats": BN_STATS, "device": DEVICES}
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+FIELDS_HINT = "run `nc-study train --help` for the fields"
 
 
 class ConfigError(ValueError):
-    """A trial config key or value a user can fix."""
+    """A trial config key or value a user can fix; `key` names the field it is about, so a
+    caller can say where that value came from (a `--set` flag, a study file)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,10 @@ class TrialConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("conic_kind", self.conic_kind, CONIC_KINDS)
-        _check_choice("bn", self.bn, BN_KINDS)
-        _check_choice("bn_placement", self.bn_placement, BN_PLACEMENTS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("bn_stats", self.bn_stats, BN_STATS)
-        _check_choice("device", self.device, DEVICES)
+        for key, choices in CHOICES.items():
+            _check_choice(key, getattr(self, key), choices)
         if self.dataset == "npz" and not self.data_path:
-            raise ConfigError("dataset=npz needs data_path: set data_path=/path/to/file.npz")
+            raise ConfigError("dataset=npz needs data_path: set data_path=/path/to/file.npz", "dataset")
         _check_min("n_samples", self.n_samples, 2)
         _check_min("input_dim", self.input_dim, 1)
         _check_min("num_classes", self.num_classes, 2)
@@ -81,21 +86,22 @@ class TrialConfig:
         _check_min("seed", self.seed, 0)
         _check_min("data_seed", self.data_seed, 0)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+            raise ConfigError(f"lr must be a positive number, got {self.lr}", "lr")
         for key in ("weight_decay", "momentum"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{key} must be a number >= 0, got {value}")
+                raise ConfigError(f"{key} must be a number >= 0, got {value}", key)
         if not 0 < self.lr_decay <= 1:
-            raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+            raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}", "lr_decay")
         if not 0 <= self.ncc_epsilon < 1:
-            raise ConfigError(f"ncc_epsilon must be in [0, 1), got {self.ncc_epsilon}")
+            raise ConfigError(f"ncc_epsilon must be in [0, 1), got {self.ncc_epsilon}", "ncc_epsilon")
         if any(not 0 < m < 1 for m in self.lr_milestones):
             raise ConfigError(
                 f"lr_milestones are fractions of training and must lie in (0, 1), "
-                f"got {list(self.lr_milestones)}")
+                f"got {list(self.lr_milestones)}", "lr_milestones")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
-            raise ConfigError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
+            raise ConfigError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}",
+                              "lr_milestones")
 
     # derived values are properties, not knobs
     @property
@@ -122,8 +128,8 @@ class TrialConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown trial config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown trial config key {unknown[0]!r}; "
+                              f"{did_you_mean(unknown[0], FIELD_NAMES, FIELDS_HINT)}", unknown[0])
         kwargs = {key: coerce(key, value, hints[key]) for key, value in values.items()}
         return cls(**kwargs)
 
@@ -145,6 +151,12 @@ class TrialConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrialConfig))
+
+
+def did_you_mean(word: Any, known: Iterable[str], hint: str) -> str:
+    """'did you mean X?' for the entry of `known` closest to `word`, else the short `hint`."""
+    close = difflib.get_close_matches(str(word), list(known), n=1)
+    return f"did you mean {close[0]!r}?" if close else hint
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
@@ -183,18 +195,20 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             raise ValueError
         return tuple(float(v) for v in items)
     except (TypeError, ValueError):
-        name = getattr(hint, "__name__", None) or "list of numbers"
-        raise ConfigError(f"trial config key {key!r} expects {name}, got {value!r}") from None
+        expected = EXPECTED.get(hint, "a comma-separated list of numbers")
+        raise ConfigError(f"{key} must be {expected}, got {value!r}", key) from None
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+        close = did_you_mean(value, choices, "")
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}" + (f"; {close}" if close else ""),
+                          key)
 
 
 def _check_min(key: str, value: int, low: int) -> None:
     if value < low:
-        raise ConfigError(f"{key} must be >= {low}, got {value}")
+        raise ConfigError(f"{key} must be >= {low}, got {value}", key)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -206,3 +220,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def from_flags(error: ConfigError, overrides: dict[str, str]) -> ConfigError:
+    """`error` prefixed with the `--set KEY=VALUE` flag it came from, if it came from one."""
+    if error.key in overrides:
+        return ConfigError(f"--set {error.key}={overrides[error.key]}: {error}", error.key)
+    return error

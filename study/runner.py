@@ -19,6 +19,7 @@ from .spaces import SpaceError, Study, load_study
 
 EXIT_FAILED_TRIALS = 1
 EXIT_INTERRUPTED = 130
+ENDED = ("converged", "not_converged", "diverged", "error")  # trial statuses a resume does not rerun
 STATE_PERIOD_S = 5.0  # how often Ray saves the experiment state, unless TUNE_GLOBAL_CHECKPOINT_S says
 
 
@@ -47,8 +48,9 @@ def add_run_parser(sub) -> None:
 # ------------------------------------------------------------------------------ checks
 
 def prepare(args: argparse.Namespace) -> Study:
+    overrides = parse_overrides(args.overrides)
     try:
-        study = load_study(args.space, parse_overrides(args.overrides))
+        study = load_study(args.space, overrides)
     except SpaceError as exc:
         raise UsageError(str(exc)) from None
     if args.cpus_per_trial is not None:
@@ -61,7 +63,7 @@ def prepare(args: argparse.Namespace) -> Study:
         study = _replace(study, gpu=args.gpus_per_trial)
     if args.max_concurrent_trials < 0:
         raise UsageError(f"--max-concurrent-trials must be >= 0, got {args.max_concurrent_trials}")
-    check_data(study)
+    check_data(study, overrides)
     return study
 
 
@@ -69,27 +71,32 @@ def _replace(study: Study, **changes) -> Study:
     return dataclasses.replace(study, **changes)
 
 
-def check_data(study: Study) -> None:
+def check_data(study: Study, overrides: dict[str, str] | None = None) -> None:
     """Read each distinct .npz once in the driver, so a missing or malformed file fails here;
     synthetic data are generated in the trials (the conic/C condition is checked statically)."""
     from .data import DataError, read_npz
+    overrides = overrides or {}
+
+    def source(*keys: str) -> str:  # the --set flags that gave the offending values, else the file
+        return ", ".join(f"--set {k}={overrides[k]}" for k in keys if k in overrides) or str(study.path)
+
     seen = set()
     corner = {k: args[0] for k, (dist, args) in study.search.space.items()} if study.search else {}
     for cell in study.cells():
         cfg = TrialConfig.from_dict({**study.fixed, **cell, **corner})
         if cfg.device == "cuda" and study.gpu == 0:
-            raise UsageError(f"{study.path}: device=cuda but resources.gpu is 0, and Ray hides GPUs from trials "
-                             "that request none; set resources.gpu (fractions allowed) or device=auto")
+            raise UsageError(f"{source('device')}: device=cuda but resources.gpu is 0, and Ray hides GPUs from "
+                             "trials that request none; set resources.gpu (fractions allowed) or device=auto")
         if cfg.dataset == "conic" and cfg.conic_kind == "hyperplanes" and cfg.num_classes & (cfg.num_classes - 1):
-            raise UsageError(f"{study.path}: conic_kind=hyperplanes needs num_classes a power of 2, got "
-                             f"{cfg.num_classes}; use conic_kind=directions or auto")
+            raise UsageError(f"{source('conic_kind', 'num_classes')}: conic_kind=hyperplanes needs num_classes "
+                             f"a power of 2, got {cfg.num_classes}; use conic_kind=directions or auto")
         if cfg.dataset != "npz" or (cfg.data_path, cfg.num_classes) in seen:
             continue
         seen.add((cfg.data_path, cfg.num_classes))
         try:
             read_npz(cfg.data_path, cfg.num_classes)
         except DataError as exc:
-            raise UsageError(f"{study.path}: {exc}") from None
+            raise UsageError(f"{source('data_path')}: {exc}") from None
 
 
 def ray_address(args: argparse.Namespace) -> str | None:
@@ -173,6 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = (args.storage_path or Path("ray_results")).expanduser().resolve()
     if args.dry_run:
         return dry_run(study, uri, storage)
+    experiment_id = completed_experiment(study, uri)
+    if experiment_id is not None:  # before Ray: a complete study needs no cluster
+        print(f"study {study.name} is complete: all {study.n_trials} trials ended; nothing to run", flush=True)
+        return summarize(study, uri, experiment_id)
     address = ray_address(args)
 
     state_period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "")
@@ -197,6 +208,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials, state_period)
     finally:
         ray.shutdown()
+
+
+def completed_experiment(study: Study, uri: str) -> str | None:
+    """The experiment id of this very study (same definition) when MLflow records every one of
+    its trials as ended, else None: there is something to run or resume. Only reads; a SQLite
+    store that does not exist yet is not created here."""
+    from .tracking import KIND_STUDY, KIND_TRIAL, find_runs, open_client, sqlite_path
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        return None
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(study.name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        return None
+    parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+    if not parents or parents[0].data.tags.get("nc_study.fingerprint") != study.fingerprint():
+        return None  # a changed definition is refused further on, with its own message
+    trials = find_runs(client, experiment.experiment_id, KIND_TRIAL)
+    ended = sum(run.data.tags.get("status") in ENDED for run in trials)
+    return experiment.experiment_id if ended >= study.n_trials else None
 
 
 def dry_run(study: Study, uri: str, storage: Path) -> int:
@@ -262,10 +293,12 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     return summarize(study, uri, experiment_id, tracker, time.time() - started)
 
 
-def summarize(study: Study, uri: str, experiment_id: str, tracker, wall: float) -> int:
+def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: float | None = None) -> int:
+    """Print the outcome per status from MLflow (with this session's wall time, if it ran any)
+    and return the exit status; trials left running are tagged interrupted."""
     from .tracking import KIND_TRIAL, browse_hint, find_runs, open_client
     client = open_client(uri)
-    unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")]
+    unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")] if tracker else []
     counts: dict[str, int] = {}
     for run in find_runs(client, experiment_id, KIND_TRIAL):
         status = run.data.tags.get("status", "running")
@@ -274,11 +307,14 @@ def summarize(study: Study, uri: str, experiment_id: str, tracker, wall: float) 
             client.set_tag(run.info.run_id, "status", status)
             client.set_terminated(run.info.run_id, status="KILLED")
         counts[status] = counts.get(status, 0) + 1
-    finished = sum(counts.get(s, 0) for s in ("converged", "not_converged", "diverged", "error"))
-    from .callback import clock
+    finished = sum(counts.get(s, 0) for s in ENDED)
+    wall_time = ""
+    if wall is not None:
+        from .callback import clock
+        wall_time = f"; wall time {clock(wall)}"
     print(f"\nstudy {study.name}: {counts.get('converged', 0)} converged, {counts.get('not_converged', 0)} not converged, "
           f"{counts.get('diverged', 0)} diverged, {counts.get('error', 0)} failed "
-          f"of {study.n_trials} trials; wall time {clock(wall)}")
+          f"of {study.n_trials} trials{wall_time}")
     print(f"MLflow experiment {study.name!r} in {uri}")
     print(f"browse it: {browse_hint(uri)}")
     if unfinished or finished < study.n_trials:

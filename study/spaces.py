@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .config import FIELD_NAMES, ConfigError, TrialConfig
+from .config import FIELD_NAMES, FIELDS_HINT, ConfigError, TrialConfig, did_you_mean, from_flags
 
 TOP_KEYS = ("name", "description", "trial", "grid", "search", "resources", "checkpoint_every")
 SEARCH_KEYS = ("algorithm", "metric", "mode", "num_samples", "space", "seed")
@@ -110,7 +110,8 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
         raise fail("expected a mapping with keys name, trial, grid, ...")
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
-        raise fail(f"unknown key {unknown[0]!r}; allowed: {', '.join(TOP_KEYS)}")
+        raise fail(f"unknown key {unknown[0]!r}; "
+                   f"{did_you_mean(unknown[0], TOP_KEYS, 'allowed: ' + ', '.join(TOP_KEYS))}")
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise fail(f"'name' must be a word of letters, digits, '_', '-' or '.', got {name!r}")
@@ -119,7 +120,7 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
     for key in list(fixed) + list(grid):
         if key not in FIELD_NAMES:
             section = "trial" if key in fixed else "grid"
-            raise fail(f"{section}.{key}: not a trial config key; known keys: {', '.join(FIELD_NAMES)}")
+            raise fail(f"{section}.{key}: not a trial config key; {did_you_mean(key, FIELD_NAMES, FIELDS_HINT)}")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise fail(f"grid.{key}: must be a non-empty list of values, got {values!r}")
@@ -129,9 +130,10 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
             raise fail(f"{key!r} is both a fixed trial field and a grid axis; keep one")
     for key, value in overrides.items():
         if key not in FIELD_NAMES:
-            raise SpaceError(f"--set {key}: not a trial config key; known keys: {', '.join(FIELD_NAMES)}")
+            raise SpaceError(f"--set {key}={value}: not a trial config key; "
+                             f"{did_you_mean(key, FIELD_NAMES, FIELDS_HINT)}")
         if key in grid:
-            raise SpaceError(f"--set {key}: {key!r} is a grid axis in {path}; edit the grid instead")
+            raise SpaceError(f"--set {key}={value}: {key!r} is a grid axis in {path}; edit the grid instead")
     fixed = {**_resolve_paths(fixed, path.parent), **_resolve_paths(overrides, Path.cwd())}
     grid = {k: [_resolve_path(v, path.parent) for v in vs] if k == "data_path" else vs
             for k, vs in grid.items()}
@@ -152,7 +154,7 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
     description = raw.get("description") or ""
     study = Study(name=name, path=path, description=str(description).strip(), fixed=fixed,
                   grid=grid, search=search, cpu=float(cpu), gpu=float(gpu), checkpoint_every=every)
-    _validate_trials(study, fail)
+    _validate_trials(study, overrides, fail)
     return study
 
 
@@ -162,7 +164,8 @@ def _parse_search(raw: Any, grid: dict, fixed: dict, fail) -> Search | None:
     raw = _mapping(raw, "search", fail)
     unknown = [k for k in raw if k not in SEARCH_KEYS]
     if unknown:
-        raise fail(f"search.{unknown[0]}: unknown key; allowed: {', '.join(SEARCH_KEYS)}")
+        raise fail(f"search.{unknown[0]}: unknown key; "
+                   f"{did_you_mean(unknown[0], SEARCH_KEYS, 'allowed: ' + ', '.join(SEARCH_KEYS))}")
     algorithm = raw.get("algorithm", "optuna")
     if algorithm not in ALGORITHMS:
         raise fail(f"search.algorithm={algorithm!r} is not supported; use optuna")
@@ -181,7 +184,7 @@ def _parse_search(raw: Any, grid: dict, fixed: dict, fail) -> Search | None:
     for key, spec in space_raw.items():
         where = f"search.space.{key}"
         if key not in FIELD_NAMES:
-            raise fail(f"{where}: not a trial config key; known keys: {', '.join(FIELD_NAMES)}")
+            raise fail(f"{where}: not a trial config key; {did_you_mean(key, FIELD_NAMES, FIELDS_HINT)}")
         if key in grid:
             raise fail(f"{key!r} is in both grid and search.space; keep it in one of them")
         if key in fixed:
@@ -206,9 +209,10 @@ def _parse_search(raw: Any, grid: dict, fixed: dict, fail) -> Search | None:
                   algorithm=algorithm, seed=int(seed))
 
 
-def _validate_trials(study: Study, fail) -> None:
+def _validate_trials(study: Study, overrides: dict[str, str], fail) -> None:
     """Build the config of every grid cell (and the search's corner values) so that a bad
-    value fails now, naming its key, rather than inside a trial."""
+    value fails now, naming its key and where it came from (a --set flag or the file),
+    rather than inside a trial."""
     corners = [{}]
     if study.search:
         lows = {k: args[0] for k, (dist, args) in study.search.space.items()}
@@ -222,12 +226,14 @@ def _validate_trials(study: Study, fail) -> None:
             try:
                 TrialConfig.from_dict(values)
             except ConfigError as exc:
-                raise fail(f"{exc} (in trial {_describe(cell, corner)}); fix the value") from None
+                if exc.key in overrides:
+                    raise SpaceError(str(from_flags(exc, overrides))) from None
+                raise fail(f"{_describe(cell, corner)}: {exc}") from None
 
 
 def _describe(cell: dict, corner: dict) -> str:
     items = {**cell, **corner}
-    return ", ".join(f"{k}={v}" for k, v in items.items()) or "fixed fields"
+    return "in trial " + ", ".join(f"{k}={v}" for k, v in items.items()) if items else "in every trial"
 
 
 def _resolve_paths(values: dict, base: Path) -> dict:

@@ -22,7 +22,7 @@ from .models import MLP, build_model
 
 def pick_device(cfg: TrialConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=auto or cpu")
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=auto or cpu", "device")
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

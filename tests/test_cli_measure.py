@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from study.cli import main
+from study.config import FIELD_NAMES
 from study.metrics import measure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,16 +142,31 @@ def test_missing_or_corrupt_file(tmp_path, capsys):
 # ------------------------------------------------------------------ train
 
 def test_train_prints_a_table():
-    proc = nc_study("train", "--set", "epochs=2", "--set", "n_samples=500", "--set", "width=32",
-                    "--set", "device=cpu")
+    proc = nc_study("train", "--set", "epochs=2", "--set", "eval_every=1", "--set", "n_samples=500",
+                    "--set", "width=32", "--set", "device=cpu")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     header = lines[1].split()
-    assert header[:4] == ["epoch", "lr", "train_los", "train_acc"]
-    row = lines[2].split()
-    assert len(row) == len(header) and row[0] == "2"
-    assert 0 <= float(row[3]) <= 1 and float(row[-1]) >= 0          # train_acc, loss_gap
+    assert header[:4] == ["epoch", "lr", "train_loss", "train_acc"] and "effective_depth" in header
+    rows = [line.split() for line in lines[2:-1]]
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(len(row) == len(header) for row in rows)
+    assert 0 <= float(rows[-1][3]) <= 1 and float(rows[-1][-1]) >= 0          # train_acc, loss_gap
+    # right-aligned columns: each value ends where its name ends
+    ends = [lines[1].index(name) + len(name) for name in header]
+    assert all(lines[2][end - 1] != " " and (end == len(lines[2]) or lines[2][end] == " ") for end in ends)
     assert lines[-1].startswith("# status: not_converged") or lines[-1].startswith("# status: converged")
+
+
+def test_train_help_lists_the_fields_with_defaults_and_choices():
+    proc = nc_study("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    fields = {line.split()[0]: line.split(None, 2)[1:] for line in proc.stdout.splitlines()
+              if line.startswith("  ") and not line.lstrip().startswith("-") and len(line.split()) >= 3}
+    assert set(FIELD_NAMES) <= set(fields)
+    assert fields["weight_decay"][0] == "0.0005"
+    assert fields["bn"] == ["affine", "one of affine, nonaffine, none"]
+    assert fields["device"][1] == "one of auto, cpu, cuda" and fields["bias"][0] == "false"
 
 
 def test_train_all_prints_json_lines(capsys):
@@ -165,16 +181,26 @@ def test_train_unknown_key_exits_2():
     proc = nc_study("train", "--set", "nosuchkey=1")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nosuchkey" in lines[0]
+    assert lines == ["nc-study train: error: --set nosuchkey=1: unknown trial config key 'nosuchkey'; "
+                     "run `nc-study train --help` for the fields"]
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("flag, message", [("depth=1", "depth"), ("bn=batch", "bn"), ("epochs", "key=value"),
-                                           ("dataset=npz", "data_path")])
+@pytest.mark.parametrize("flag, message", [
+    ("depth=1", "--set depth=1: depth must be >= 2"),
+    ("bn=batch", "--set bn=batch: bn='batch' is not one of affine, nonaffine, none"),
+    ("bn=afine", "--set bn=afine: bn='afine' is not one of affine, nonaffine, none; did you mean 'affine'?"),
+    ("weight_decy=1", "--set weight_decy=1: unknown trial config key 'weight_decy'; did you mean 'weight_decay'?"),
+    ("epochs=five", "--set epochs=five: epochs must be an integer, got 'five'"),
+    ("epochs", "key=value"),
+    ("dataset=npz", "--set dataset=npz: dataset=npz needs data_path"),
+])
 def test_train_bad_values_exit_2(capsys, flag, message):
     assert main(["train", "--set", flag]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert captured.out == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

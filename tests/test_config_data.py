@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from study import data
-from study.config import FIELD_NAMES, ConfigError, TrialConfig, parse_overrides
+from study.config import FIELD_NAMES, ConfigError, TrialConfig, from_flags, parse_overrides
 from study.data import DataError, load_dataset, read_npz
+from study.spaces import SpaceError, load_study
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 AUTHORS_SETS = {"conic.npz": [2308, 2669, 2607, 2416], "mlp_3.npz": [2654, 2442, 2147, 2757]}
@@ -43,8 +44,55 @@ AUTHORS_SETS = {"conic.npz": [2308, 2669, 2607, 2416], "mlp_3.npz": [2654, 2442,
     ({"optimizer": "rmsprop"}, "optimizer"),
 ])
 def test_bad_config_names_the_key(values, key):
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=key) as info:
         TrialConfig.from_dict(values)
+    assert info.value.key in values  # so a caller can say which --set flag or file entry it was
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"weight_decy": 1e-3}, "unknown trial config key 'weight_decy'; did you mean 'weight_decay'?"),
+    ({"nosuchkey": 1}, "unknown trial config key 'nosuchkey'; run `nc-study train --help` for the fields"),
+    ({"bn": "afine"}, "bn='afine' is not one of affine, nonaffine, none; did you mean 'affine'?"),
+    ({"bn": "batch"}, "bn='batch' is not one of affine, nonaffine, none"),
+    ({"epochs": "five"}, "epochs must be an integer, got 'five'"),
+    ({"bias": "maybe"}, "bias must be true or false, got 'maybe'"),
+])
+def test_config_errors_suggest_the_closest_match(values, message):
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_dict(values)
+    assert str(info.value) == message
+
+
+def test_errors_from_flags_name_the_flag():
+    overrides = parse_overrides(["epochs=five", "depth=4"])
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_dict(overrides)
+    assert str(from_flags(info.value, overrides)) == "--set epochs=five: epochs must be an integer, got 'five'"
+    assert from_flags(info.value, {"depth": "4"}) is info.value  # not from a flag: left as it is
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("name: x\ngrdi: {seed: [0]}\n", {}, "x.yaml: unknown key 'grdi'; did you mean 'grid'?"),
+    ("name: x\nbudget: 3\n", {}, "x.yaml: unknown key 'budget'; allowed: name, description, trial, grid, "),
+    ("name: x\ntrial: {weight_decy: 0.1}\n", {}, "x.yaml: trial.weight_decy: not a trial config key; "
+                                                   "did you mean 'weight_decay'?"),
+    ("name: x\ngrid: {bn: [affine, afine]}\n", {}, "x.yaml: in trial bn=afine: bn='afine' is not one of "
+                                                    "affine, nonaffine, none; did you mean 'affine'?"),
+    ("name: x\nsearch: {metirc: nc_score}\n", {}, "x.yaml: search.metirc: unknown key; did you mean 'metric'?"),
+    ("name: x\n", {"epochs": "five"}, "--set epochs=five: epochs must be an integer, got 'five'"),
+    ("name: x\ntrial: {epochs: 5}\n", {"epochs": "0"}, "--set epochs=0: epochs must be >= 1, got 0"),
+    ("name: x\n", {"weight_decy": "1"}, "--set weight_decy=1: not a trial config key; did you mean 'weight_decay'?"),
+])
+def test_study_file_and_flag_errors_say_where_and_suggest(tmp_path, text, overrides, message):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError) as info:
+        load_study(path, overrides)
+    error = str(info.value)
+    assert "\n" not in error
+    where = "" if overrides else f"{tmp_path}/"  # a flag's error is its own, not the file's
+    assert error.startswith(where + message), error
 
 
 def test_from_dict_accepts_strings():

@@ -74,7 +74,10 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
     folder, uri, _ = smoke_study
     again = nc_study("run", str(SMOKE), cwd=folder)
     assert again.returncode == 0, again.stderr
-    assert "resuming study smoke" in again.stdout
+    lines = again.stdout.splitlines()
+    assert lines[0] == "study smoke is complete: all 6 trials ended; nothing to run"
+    assert "study smoke: 3 converged, 3 not converged, 0 diverged, 0 failed of 6 trials" in again.stdout
+    assert "resuming" not in again.stdout and "wall time" not in again.stdout
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
     assert all(histories(uri, r.info.run_id, "nc_score") == [10, 20, 30, 40, 50, 60] for r in runs)
@@ -178,9 +181,11 @@ def test_bad_search_space_is_refused_before_anything_starts(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--set", "epochs=0"], "epochs must be >= 1"),
-    (["--set", "nosuchkey=1"], "--set nosuchkey: not a trial config key"),
-    (["--set", "bn=none"], "--set bn: 'bn' is a grid axis"),
+    (["--set", "epochs=0"], "--set epochs=0: epochs must be >= 1"),
+    (["--set", "epochs=five"], "--set epochs=five: epochs must be an integer, got 'five'"),
+    (["--set", "nosuchkey=1"], "--set nosuchkey=1: not a trial config key"),
+    (["--set", "weight_decy=1"], "--set weight_decy=1: not a trial config key; did you mean 'weight_decay'?"),
+    (["--set", "bn=none"], "--set bn=none: 'bn' is a grid axis"),
     (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
     (["--tracking-uri", "file:///tmp/mlruns"], "MLflow 3 has no file store"),
     (["--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
