@@ -77,6 +77,7 @@ class MlflowTracker(Callback):
         self.last_beat = time.time()
         self.last: dict[str, dict] = {}
         self.trials: list = []
+        self.baseline: tuple[int, float] | None = None     # (epochs done, time) at the first heartbeat
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -147,9 +148,14 @@ class MlflowTracker(Callback):
             running = [t for t in trials if t.status == "RUNNING"]
             epochs = ", ".join(f"{int((t.last_result or {}).get('epoch', 0))}/{t.config.get('epochs', '?')}"
                                for t in running[:4])
+            done, total = epochs_done(trials, self.n_trials)
+            if self.baseline is None:
+                self.baseline = (done, time.time())
+            left = eta(done - self.baseline[0], total - done, time.time() - self.baseline[1])
             print(f"  … {clock(time.time() - self.started)}: "
                   + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-                  + (f"; epochs of running trials: {epochs}" if epochs else ""), flush=True)
+                  + (f"; epochs of running trials: {epochs}" if epochs else "")
+                  + (f"; about {clock(left)} left" if left is not None else ""), flush=True)
 
     def _done_line(self, trial, status: str, last: dict) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in self.trials) + 1
@@ -159,6 +165,27 @@ class MlflowTracker(Callback):
                 (f" train_acc={acc:.4f}" if isinstance(acc, float) else "")
         print(f"  [{min(done, self.n_trials):>3}/{self.n_trials}] {status:<13} {self._describe(trial)}{extra}"
               f"  ({clock(time.time() - self.started)})", flush=True)
+
+
+def epochs_done(trials, n_trials: int) -> tuple[int, int]:
+    """(epochs trained, epochs in all) over a study of `n_trials`: an ended trial counts whole
+    (a diverged one ends early but needs nothing more), a running one up to its last report,
+    and trials a search has not created yet as many epochs as the mean of those it has."""
+    done = total = 0
+    for t in trials:
+        epochs = int(t.config.get("epochs", 0) or 0)
+        total += epochs
+        done += epochs if t.status in ("TERMINATED", "ERROR") else min(epochs, int((t.last_result or {}).get("epoch", 0)))
+    if trials and n_trials > len(trials):
+        total += round(total / len(trials) * (n_trials - len(trials)))
+    return done, total
+
+
+def eta(done_since: float, left: float, seconds: float) -> float | None:
+    """Seconds left at the pace seen so far in this session (None until there is a pace)."""
+    if done_since <= 0 or seconds <= 0:
+        return None
+    return left * seconds / done_since
 
 
 def _error_text(trial) -> str:

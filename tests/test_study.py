@@ -332,3 +332,17 @@ def test_timing_of_the_real_smoke_study(smoke_study):
     assert 0 < timing.train_s + timing.measure_s <= timing.wall_s <= 2 * timing.running_s
     assert timing.running_s == timing.span_s  # one uninterrupted run: nothing left out
     assert "trials per hour" in timing.lines()[0]
+
+
+def test_progress_estimate_counts_epochs_left():
+    """The heartbeat's time-left estimate: ended trials count whole, running ones to their
+    last report, trials not created yet at the mean; the pace is this session's."""
+    from types import SimpleNamespace as T
+    from study.callback import epochs_done, eta
+    trials = [T(status="TERMINATED", config={"epochs": 100}, last_result={"epoch": 40.0}),   # diverged at 40
+              T(status="RUNNING", config={"epochs": 100}, last_result={"epoch": 30.0}),
+              T(status="PENDING", config={"epochs": 100}, last_result=None)]
+    assert epochs_done(trials, 3) == (130, 300)
+    assert epochs_done(trials, 5) == (130, 500)                 # two trials a search will create
+    assert eta(done_since=65, left=170, seconds=60.0) == pytest.approx(170 * 60 / 65)
+    assert eta(done_since=0, left=170, seconds=60.0) is None    # no pace yet
