@@ -26,7 +26,7 @@ study: $(STAMP)
 	$(VENV)/bin/nc-study run $(SPACE)
 	$(VENV)/bin/nc-study analyze smoke --out reports/smoke
 
-# The thesis' experiments in full (about 16 h on 2 cores), then the reports in docs/results/:
+# The thesis' experiments in full (about 16 h on 2 cores, more on a slower host), then the reports in docs/results/:
 # the thesis' 100 % convergence rule, and a 99.9 % check beside it. Restartable: each study
 # resumes. The MLflow store and Ray's checkpoints live in RUNS, outside the work tree, so a
 # fresh checkout on the same machine resumes them too.
