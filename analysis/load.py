@@ -381,7 +381,10 @@ def typed_params(params: dict[str, str]) -> dict[str, object]:
 def group_labels(params: list[dict[str, object]]) -> list[str]:
     """Architecture-group label per trial: the params (except weight_decay, seed, device)
     whose values differ between trials, as 'key=value, …'; 'all' if none differ."""
-    from study.config import FIELD_NAMES
+    from study.config import FIELD_NAMES, TrialConfig
+    defaults = TrialConfig().to_params()  # a field added later reads as its default in older runs
+    present = {k for p in params for k in p}
+    params = [{**{k: v for k, v in defaults.items() if k in present}, **p} for p in params]
     keys = sorted({k for p in params for k in p} - set(NOT_GROUP_PARAMS),
                   key=lambda k: (FIELD_NAMES.index(k) if k in FIELD_NAMES else len(FIELD_NAMES), k))
     varying = [k for k in keys if len({str(p.get(k)) for p in params}) > 1]

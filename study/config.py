@@ -14,13 +14,17 @@ from typing import Any, Iterable, get_type_hints
 
 BN_KINDS = ("affine", "nonaffine", "none")
 BN_PLACEMENTS = ("every", "last")
-DATASETS = ("teacher", "conic", "npz")
+SYNTHETIC_DATASETS = ("teacher", "conic")
+FOLDER_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")  # read from data_root
+DATASETS = SYNTHETIC_DATASETS + ("npz", "digits", "mnist1d") + FOLDER_DATASETS
+SYNTHETIC_NUM_CLASSES = 4
+MODELS = ("mlp", "cnn", "resnet")
 CONIC_KINDS = ("auto", "hyperplanes", "directions")
 OPTIMIZERS = ("sgd", "adam")
 BN_STATS = ("exact", "running")
 DEVICES = ("auto", "cpu", "cuda")
-CHOICES = {"dataset": DATASETS, "conic_kind": CONIC_KINDS, "bn": BN_KINDS, "bn_placement": BN_PLACEMENTS,
-           "optimizer": OPTIMIZERS, "bn_stats": BN_STATS, "device": DEVICES}
+CHOICES = {"dataset": DATASETS, "conic_kind": CONIC_KINDS, "model": MODELS, "bn": BN_KINDS,
+           "bn_placement": BN_PLACEMENTS, "optimizer": OPTIMIZERS, "bn_stats": BN_STATS, "device": DEVICES}
 EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 FIELDS_HINT = "run `nc-study train --help` for the fields"
 
@@ -36,17 +40,36 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrialConfig:
-    # data (§2)
+    """Data fields (docs/datasets.md):
+
+    - `data_path`: the .npz file of dataset=npz; `data_root`: the folder holding the official
+      files of mnist, fashion_mnist, cifar10 and cifar100.
+    - `n_samples`, `input_dim`: how many samples the generators draw (teacher, conic, mnist1d)
+      and their dimension (teacher, conic); sets read from files ignore both, as before.
+    - `subset`: the size of a class-balanced subset drawn with `data_seed` from any data set;
+      0 (the default) uses the whole set. A field of its own rather than a new meaning of
+      `n_samples`: every existing trial record logs n_samples=10000, npz trials included,
+      where it meant "ignored", so reading it as a subset size would change what those
+      records say; and a per-dataset default would travel stale through `replace()`.
+    - `num_classes`: C. 0 (the default) means "not given": teacher and conic then use 4,
+      stored as 4 so their configs and records read as before; sets with labels infer
+      C = 1 + the largest label when read (`study.data.resolve_num_classes`). When given,
+      labels outside 0..C-1 or empty classes are refused.
+    """
+    # data (§2, docs/datasets.md)
     dataset: str = "teacher"
     data_path: str = ""
+    data_root: str = ""
     n_samples: int = 10_000
+    subset: int = 0
     input_dim: int = 16
-    num_classes: int = 4
+    num_classes: int = 0
     data_seed: int = 0
     teacher_depth: int = 3
     teacher_width: int = 300
     conic_kind: str = "auto"
     # model (§1)
+    model: str = "mlp"
     depth: int = 6
     width: int = 300
     bn: str = "affine"
@@ -71,11 +94,7 @@ class TrialConfig:
     def __post_init__(self) -> None:
         for key, choices in CHOICES.items():
             _check_choice(key, getattr(self, key), choices)
-        if self.dataset == "npz" and not self.data_path:
-            raise ConfigError("dataset=npz needs data_path: set data_path=/path/to/file.npz", "dataset")
-        _check_min("n_samples", self.n_samples, 2)
-        _check_min("input_dim", self.input_dim, 1)
-        _check_min("num_classes", self.num_classes, 2)
+        self._check_data()
         _check_min("teacher_depth", self.teacher_depth, 1)
         _check_min("teacher_width", self.teacher_width, 1)
         _check_min("depth", self.depth, 2)
@@ -102,6 +121,28 @@ class TrialConfig:
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise ConfigError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}",
                               "lr_milestones")
+
+    def _check_data(self) -> None:
+        if self.dataset == "npz" and not self.data_path:
+            raise ConfigError("dataset=npz needs data_path: set data_path=/path/to/file.npz", "dataset")
+        if self.dataset in FOLDER_DATASETS and not self.data_root:
+            raise ConfigError(f"dataset={self.dataset} needs data_root: set data_root to the folder holding "
+                              "its official files (docs/datasets.md lists them)", "dataset")
+        _check_min("n_samples", self.n_samples, 2)
+        if self.dataset == "mnist1d" and (self.n_samples < 10 or self.n_samples % 10):
+            raise ConfigError(f"dataset=mnist1d draws n_samples/10 signals of each of its 10 digits, so "
+                              f"n_samples must be a multiple of 10, got {self.n_samples}", "n_samples")
+        _check_min("input_dim", self.input_dim, 1)
+        if self.num_classes == 0 and self.dataset in SYNTHETIC_DATASETS:
+            object.__setattr__(self, "num_classes", SYNTHETIC_NUM_CLASSES)  # frozen: fill the default once
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ConfigError(f"num_classes must be >= 2, or 0 to infer it from the labels, "
+                              f"got {self.num_classes}", "num_classes")
+        if self.subset < 0 or self.subset == 1:
+            raise ConfigError(f"subset must be 0 (the whole data set) or >= 2, got {self.subset}", "subset")
+        if 0 < self.subset < self.num_classes:
+            raise ConfigError(f"subset={self.subset} cannot hold one sample of each of the "
+                              f"{self.num_classes} classes; use subset >= {self.num_classes} or 0", "subset")
 
     # derived values are properties, not knobs
     @property

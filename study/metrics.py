@@ -1,9 +1,11 @@
 """Neural Collapse measurements (docs/science.md §4), as small pure functions on tensors.
 
 Features are accumulated once per layer into `ClassStats`: two sweeps over H in row chunks
-give per-class sufficient statistics (class sizes and means, class means of the unit
-vectors, within-class variances, the within-class covariance on the span of the centred
-class means) plus each sample's nearest class centre. Every measure is then a small float64
+(`ClassStatsAccumulator`, fed batch by batch by `measure_stream` so that memory does not
+grow with N, or over a whole (N, D) matrix by `class_stats` / `measure`) give per-class
+sufficient statistics (class sizes and means, class means of the unit vectors,
+within-class variances, the within-class covariance on the span of the centred class means)
+plus each sample's nearest class centre. Every measure is then a small float64
 function of those, never N × N; the bulk (N, D) work stays in the features' dtype.
 Symbols follow the papers: H (N, D) features, y (N,) labels, C classes, mu_c class means,
 mu_G the global mean, Sigma_W / Sigma_B within / between class covariances, W (C, D) the
@@ -33,10 +35,24 @@ CHUNK_BYTES = 1 << 21
 
 
 @dataclass(frozen=True)
+class ClassifierSums:
+    """What the last layer's second sweep adds up for the classifier z = W h + b, so that no
+    (N, C) logits are kept: summed cross-entropy, correct predictions, and disagreements
+    between the network's prediction and the nearest class centre (NC4)."""
+    loss_sum: float
+    correct: int
+    disagree: int
+
+
+@dataclass(frozen=True)
 class ClassStats:
-    """Per-class sufficient statistics of one layer's features (float64 unless noted)."""
-    H: torch.Tensor          # (N, D) the features themselves (a reference, for the logits)
-    y: torch.Tensor          # (N,) index into `classes`
+    """Per-class sufficient statistics of one layer's features (float64 unless noted).
+
+    `H`, `y` and `ncc` are the per-sample arrays of the in-memory path (`class_stats`); the
+    streamed path (`ClassStatsAccumulator`, `measure_stream`) leaves them None and carries
+    `ncc_hits` and `classifier` sums instead."""
+    H: torch.Tensor | None   # (N, D) the features themselves (a reference, for the logits)
+    y: torch.Tensor | None   # (N,) index into `classes`
     classes: torch.Tensor    # (C,) original labels of the present classes
     n: torch.Tensor          # (C,) class sizes
     mu_c: torch.Tensor       # (C, D) class means
@@ -46,8 +62,10 @@ class ClassStats:
     var_c: torch.Tensor      # (C,) Var_c = mean over class c of ||h_i - mu_c||^2
     Q: torch.Tensor          # (D, r) orthonormal basis of a subspace holding every mu_c - mu_G
     Sigma_W_Q: torch.Tensor  # (r, r) Q^T Sigma_W Q
-    ncc: torch.Tensor        # (N,) nearest-class-centre label, index into `classes`
+    ncc: torch.Tensor | None  # (N,) nearest-class-centre label, index into `classes`
     sq_norm_mean: float      # (1/N) sum_i ||h_i||^2
+    ncc_hits: int = 0        # samples whose nearest class centre is their own class
+    classifier: ClassifierSums | None = None
 
     @property
     def C(self) -> int:
@@ -55,7 +73,11 @@ class ClassStats:
 
     @property
     def N(self) -> int:
-        return len(self.y)
+        return int(self.n.sum().item())
+
+    @property
+    def D(self) -> int:
+        return self.mu_c.shape[1]
 
     @property
     def M(self) -> torch.Tensor:
@@ -63,8 +85,10 @@ class ClassStats:
         return self.mu_c - self.mu_G
 
 
-def class_stats(H: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> ClassStats:
-    """Sufficient statistics of H (N, D) under labels y (N,); absent classes dropped.
+class ClassStatsAccumulator:
+    """`ClassStats` of one layer built from its features fed batch by batch, in two sweeps
+    (every batch to `sweep1`, then `finish_sweep1`, then every batch again to `sweep2`, then
+    `result`), so the state is O(C D + r^2) whatever N is.
 
     Sweep 1 sums h_i - h_0 per class (shifted by the first sample: exact for constant
     features, better conditioned far from the origin) and h_i/||h_i||. Sweep 2 forms, chunk
@@ -72,64 +96,143 @@ def class_stats(H: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
     ||r_i||^2 and the projections Q^T r_i, which give Sigma_W on span(Q) and the
     nearest-class-centre rule: argmin_c ||h_i - mu_c||^2 = argmax_c <x_i, m_c> - ||m_c||^2/2
     with <x_i, m_c> = <Q^T r_i, Q^T m_c> + <m_{y_i}, m_c> (no cancellation far from 0).
-    """
+    With a classifier W (C_all, D) (and bias b) attached by `set_classifier` before sweep 2,
+    sweep 2 also sums the cross-entropy, correct predictions and NC4 disagreements.
+
+    `counts` (C_all,) are the class sizes of the whole set (bincount of its labels): classes
+    with none are left out, as in every measure. Batches carry the original labels."""
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        counts = counts.detach().to(torch.long)
+        classes = torch.nonzero(counts).flatten()             # (C,)
+        if len(classes) < 2:
+            raise ValueError(f"need samples of at least 2 classes, got {len(classes)}")
+        self.classes = classes
+        self.remap = torch.full((len(counts),), -1, dtype=torch.long, device=counts.device)
+        self.remap[classes] = torch.arange(len(classes), device=counts.device)
+        self.n = counts[classes].to(torch.float64)            # (C,)
+        self.N = int(counts.sum())
+        self.C = len(classes)
+        self.h0 = None
+        self.W = self.b = None
+        self.loss_sum, self.correct, self.disagree, self.ncc_hits = 0.0, 0, 0, 0
+
+    def state_numel(self) -> int:
+        """Numbers held between batches (every tensor attribute): O(C D + r^2), not O(N)."""
+        return sum(v.numel() for v in vars(self).values() if isinstance(v, torch.Tensor))
+
+    def _labels(self, H: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        H = H.detach()
+        if not H.is_floating_point():
+            H = H.to(torch.float64)
+        if H.ndim != 2 or y.ndim != 1 or len(H) != len(y):
+            raise ValueError(f"features must be (N, D) and labels (N,), got {tuple(H.shape)} and {tuple(y.shape)}")
+        return H, self.remap.to(H.device)[y.detach().to(device=H.device, dtype=torch.long)]
+
+    def sweep1(self, H: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch H (B, D) with labels y (B,) to the first sweep."""
+        H, y = self._labels(H, y)
+        C, D = self.C, H.shape[1]
+        if self.h0 is None:
+            f64 = dict(dtype=torch.float64, device=H.device)
+            self.h0 = H[0].clone()                            # (D,) the shift, in H's dtype
+            self.S = torch.zeros(2 * C, D, **f64)             # (2C, D)
+            self.inv_sum = torch.zeros(C, **f64)              # (C,) sum of 1/||h_i||
+            self.sq_sum = torch.zeros((), **f64)
+        h0 = self.h0
+        for rows in _chunks(H):
+            Hc, yc = H[rows], y[rows]
+            norms = torch.linalg.vector_norm(Hc, dim=1)       # (B,)
+            inv = _inverse(norms)
+            Yc = F.one_hot(yc, C).to(H.dtype)                 # (B, C)
+            self.S += (torch.cat([Yc, Yc * inv[:, None]], dim=1).T @ (Hc - h0)).to(torch.float64)
+            self.inv_sum += torch.bincount(yc, weights=inv.to(torch.float64), minlength=C)
+            self.sq_sum += (norms.to(torch.float64) ** 2).sum()
+
+    def finish_sweep1(self) -> None:
+        """Class and global means from the first sweep; set up the second."""
+        C, n, S = self.C, self.n, self.S
+        dtype = self.h0.dtype
+        h0 = self.h0.to(torch.float64)
+        self.mu_c = h0 + S[:C] / n[:, None]                   # (C, D)
+        self.mu_G = h0 + S[:C].sum(dim=0) / self.N            # (D,)
+        self.u_bar_raw = (S[C:] + self.inv_sum[:, None] * h0) / n[:, None]  # (C, D)
+        del self.S
+        M = self.mu_c - self.mu_G                             # (C, D)
+        self.Q = torch.linalg.qr(M.T).Q                       # (D, r), r = min(C, D)
+        self.MQ, self.MM, self.half = M @ self.Q, M @ M.T, 0.5 * (M ** 2).sum(dim=1)  # (C, r), (C, C), (C,)
+        self.mu_G_, self.M_, self.Q_ = self.mu_G.to(dtype), M.to(dtype), self.Q.to(dtype)
+        f64 = dict(dtype=torch.float64, device=M.device)
+        r = self.Q.shape[1]
+        self.U = torch.zeros(C, M.shape[1], **f64)            # (C, D) class sums of u_i
+        self.var = torch.zeros(C, **f64)                      # (C,) class sums of ||r_i||^2
+        self.SW = torch.zeros(r, r, **f64)                    # (r, r) sum of Q^T r_i r_i^T Q
+
+    def set_classifier(self, W: torch.Tensor, b: torch.Tensor | None = None) -> None:
+        """Sum classifier quantities of z = W h + b in sweep 2 (W (C_all, D), b (C_all,));
+        call it after `finish_sweep1`."""
+        D = self.mu_c.shape[1]
+        if W.shape[1] != D:
+            raise ValueError(f"classifier W is {tuple(W.shape)} but the last layer has D={D}")
+        self.W = W.detach().to(torch.float64)
+        self.b = None if b is None else b.detach().to(torch.float64)
+
+    def sweep2(self, H: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add a batch to the second sweep; returns its (B,) nearest-class-centre labels
+        (indices into `classes`)."""
+        H, y = self._labels(H, y)
+        C = self.C
+        ncc = torch.empty(len(H), dtype=torch.long, device=H.device)
+        for rows in _chunks(H):
+            yc = y[rows]
+            X = H[rows] - self.mu_G_                          # (B, D) x_i
+            inv = _inverse(torch.linalg.vector_norm(X, dim=1))
+            self.U += ((F.one_hot(yc, C).to(H.dtype) * inv[:, None]).T @ X).to(torch.float64)
+            R = X.sub_(self.M_.index_select(0, yc))           # (B, D) r_i, in place of x_i
+            self.var += torch.bincount(yc, weights=torch.linalg.vector_norm(R, dim=1).to(torch.float64) ** 2,
+                                       minlength=C)
+            P = (R @ self.Q_).to(torch.float64)               # (B, r) Q^T r_i
+            self.SW += P.T @ P
+            ncc[rows] = (P @ self.MQ.T + self.MM.index_select(0, yc) - self.half).argmax(dim=1)
+            if self.W is not None:
+                self._classify(H[rows], yc, ncc[rows])
+        self.ncc_hits += int((ncc == y).sum())
+        return ncc
+
+    def _classify(self, Hc: torch.Tensor, yc: torch.Tensor, ncc: torch.Tensor) -> None:
+        logits = (Hc @ self.W.T.to(Hc.dtype)).to(torch.float64)          # (B, C_all)
+        if self.b is not None:
+            logits = logits + self.b
+        labels = self.classes[yc]
+        net_pred = logits.argmax(dim=1)
+        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        self.correct += int((net_pred == labels).sum())
+        self.disagree += int((self.classes[ncc] != net_pred).sum())
+
+    def result(self, H: torch.Tensor | None = None, y: torch.Tensor | None = None,
+               ncc: torch.Tensor | None = None) -> ClassStats:
+        """The statistics; `H`, remapped `y` and `ncc` are attached by the in-memory path."""
+        sums = None if self.W is None else ClassifierSums(self.loss_sum, self.correct, self.disagree)
+        return ClassStats(H, y, self.classes, self.n, self.mu_c, self.mu_G, self.U / self.n[:, None],
+                          self.u_bar_raw, self.var / self.n, self.Q, self.SW / self.N, ncc,
+                          (self.sq_sum / self.N).item(), self.ncc_hits, sums)
+
+
+def class_stats(H: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> ClassStats:
+    """Sufficient statistics of H (N, D) under labels y (N,); absent classes dropped.
+    The two sweeps of `ClassStatsAccumulator` over H in row chunks, keeping H, y and the
+    (N,) nearest-class-centre labels for the classifier measures."""
     if H.ndim != 2 or y.ndim != 1 or len(H) != len(y):
         raise ValueError(f"features must be (N, D) and labels (N,), got {tuple(H.shape)} and {tuple(y.shape)}")
     H = H.detach()
     if not H.is_floating_point():
         H = H.to(torch.float64)
     y = y.detach().to(device=H.device, dtype=torch.long)
-    counts = torch.bincount(y, minlength=num_classes or 0)
-    classes = torch.nonzero(counts).flatten()                 # (C,)
-    if len(classes) < 2:
-        raise ValueError(f"need samples of at least 2 classes, got {len(classes)}")
-    remap = torch.full((len(counts),), -1, dtype=torch.long, device=H.device)
-    remap[classes] = torch.arange(len(classes), device=H.device)
-    y = remap[y]
-    C, (N, D) = len(classes), H.shape
-    f64 = dict(dtype=torch.float64, device=H.device)
-    n = counts[classes].to(torch.float64)                     # (C,)
-
-    # sweep 1: class sums of h_i - h_0 and of h_i/||h_i||
-    h0 = H[0]
-    S = torch.zeros(2 * C, D, **f64)                          # (2C, D)
-    inv_sum = torch.zeros(C, **f64)                           # (C,) sum of 1/||h_i||
-    sq_sum = torch.zeros((), **f64)
-    for rows in _chunks(H):
-        Hc, yc = H[rows], y[rows]
-        norms = torch.linalg.vector_norm(Hc, dim=1)           # (B,)
-        inv = _inverse(norms)
-        Yc = F.one_hot(yc, C).to(H.dtype)                     # (B, C)
-        S += (torch.cat([Yc, Yc * inv[:, None]], dim=1).T @ (Hc - h0)).to(torch.float64)
-        inv_sum += torch.bincount(yc, weights=inv.to(torch.float64), minlength=C)
-        sq_sum += (norms.to(torch.float64) ** 2).sum()
-    h0 = h0.to(torch.float64)
-    mu_c = h0 + S[:C] / n[:, None]                            # (C, D)
-    mu_G = h0 + S[:C].sum(dim=0) / N                          # (D,)
-    u_bar_raw = (S[C:] + inv_sum[:, None] * h0) / n[:, None]  # (C, D)
-
-    # sweep 2: centred features and residuals, chunk by chunk
-    M = mu_c - mu_G                                           # (C, D)
-    Q = torch.linalg.qr(M.T).Q                                # (D, r), r = min(C, D)
-    MQ, MM, half = M @ Q, M @ M.T, 0.5 * (M ** 2).sum(dim=1)  # (C, r), (C, C), (C,)
-    mu_G_, M_, Q_ = mu_G.to(H.dtype), M.to(H.dtype), Q.to(H.dtype)
-    U = torch.zeros(C, D, **f64)                              # (C, D) class sums of u_i
-    var = torch.zeros(C, **f64)                               # (C,) class sums of ||r_i||^2
-    SW = torch.zeros(Q.shape[1], Q.shape[1], **f64)           # (r, r) sum of Q^T r_i r_i^T Q
-    ncc = torch.empty(N, dtype=torch.long, device=H.device)
-    for rows in _chunks(H):
-        yc = y[rows]
-        X = H[rows] - mu_G_                                   # (B, D) x_i
-        inv = _inverse(torch.linalg.vector_norm(X, dim=1))
-        U += ((F.one_hot(yc, C).to(H.dtype) * inv[:, None]).T @ X).to(torch.float64)
-        R = X.sub_(M_.index_select(0, yc))                    # (B, D) r_i, in place of x_i
-        var += torch.bincount(yc, weights=torch.linalg.vector_norm(R, dim=1).to(torch.float64) ** 2,
-                              minlength=C)
-        P = (R @ Q_).to(torch.float64)                        # (B, r) Q^T r_i
-        SW += P.T @ P
-        ncc[rows] = (P @ MQ.T + MM.index_select(0, yc) - half).argmax(dim=1)
-    return ClassStats(H, y, classes, n, mu_c, mu_G, U / n[:, None], u_bar_raw, var / n, Q, SW / N,
-                      ncc, (sq_sum / N).item())
+    acc = ClassStatsAccumulator(torch.bincount(y, minlength=num_classes or 0))
+    acc.sweep1(H, y)
+    acc.finish_sweep1()
+    ncc = acc.sweep2(H, y)
+    return acc.result(H, acc.remap[y], ncc)
 
 
 def _chunks(H: torch.Tensor) -> Iterator[slice]:
@@ -237,6 +340,8 @@ def ncc_predict(stats: ClassStats) -> torch.Tensor:
 def ncc_accuracy(stats: ClassStats, pred: torch.Tensor | None = None) -> float:
     """Accuracy of the NCC rule against the true labels (Galanti et al. 2022)."""
     pred = ncc_predict(stats) if pred is None else pred
+    if pred is None:                                          # streamed: counted in sweep 2
+        return stats.ncc_hits / stats.N
     return (pred == stats.y).double().mean().item()
 
 
@@ -283,24 +388,33 @@ def loss_floor(alpha: float, beta: float, C: int, pi_max: float) -> float:
 def classifier_metrics(stats: ClassStats, W: torch.Tensor, b: torch.Tensor | None,
                        y: torch.Tensor, ncc_pred: torch.Tensor | None = None) -> dict[str, float]:
     """Last-layer measures: nc3, nc4, train_loss/acc of z = W h + b, alpha, beta, loss_floor,
-    loss_gap = train_loss - loss_floor (>= 0 for any bias-free model)."""
+    loss_gap = train_loss - loss_floor (>= 0 for any bias-free model). Streamed statistics
+    (no `stats.H`) bring the per-sample parts summed (`stats.classifier`); `y` is unused then."""
     W64 = W.detach().to(torch.float64)                        # (C_all, D)
-    logits = (stats.H @ W64.T.to(stats.H.dtype)).to(torch.float64)      # (N, C_all)
-    if b is not None:
-        logits = logits + b.detach().to(torch.float64)
-    y = y.to(device=logits.device, dtype=torch.long)
     C_all = W64.shape[0]
-    train_loss = F.cross_entropy(logits, y).item()
-    net_pred = logits.argmax(dim=1)
+    if stats.H is None:
+        sums = stats.classifier
+        if sums is None:
+            raise ValueError("streamed statistics carry no classifier sums: set_classifier was not called")
+        train_loss, train_acc, nc4_ = sums.loss_sum / stats.N, sums.correct / stats.N, sums.disagree / stats.N
+    else:
+        logits = (stats.H @ W64.T.to(stats.H.dtype)).to(torch.float64)  # (N, C_all)
+        if b is not None:
+            logits = logits + b.detach().to(torch.float64)
+        y = y.to(device=logits.device, dtype=torch.long)
+        train_loss = F.cross_entropy(logits, y).item()
+        net_pred = logits.argmax(dim=1)
+        train_acc = (net_pred == y).double().mean().item()
+        nc4_ = nc4(stats, net_pred, ncc_pred)
     alpha = math.sqrt(stats.sq_norm_mean)
     beta = W64.norm().item() / math.sqrt(C_all)
     pi_max = (stats.n.max() / stats.N).item()
     floor = loss_floor(alpha, beta, C_all, pi_max)
     return {
         "nc3": nc3(W, stats),
-        "nc4": nc4(stats, net_pred, ncc_pred),
+        "nc4": nc4_,
         "train_loss": train_loss,
-        "train_acc": (net_pred == y).double().mean().item(),
+        "train_acc": train_acc,
         "alpha": alpha,
         "beta": beta,
         "loss_floor": floor,
@@ -334,21 +448,62 @@ def measure(features: Iterable[torch.Tensor], y: torch.Tensor,
     one layer at a time so only one layer is held): `layerNN/...` for each block, the last
     block's unprefixed, plus classifier measures when W (C, D_last) is given, and
     `effective_depth` (L = `depth`, default number of layers + 1)."""
+    return summarise((class_stats(H, y, num_classes) for H in features), y, W, b, depth, epsilon)
+
+
+def summarise(layers: Iterable[ClassStats], y: torch.Tensor | None, W: torch.Tensor | None = None,
+              b: torch.Tensor | None = None, depth: int | None = None,
+              epsilon: float = 0.01) -> dict[str, float]:
+    """The §5 dict from every layer's statistics, first to last (consumed one at a time)."""
     out: dict[str, float] = {}
     accs = []
-    stats = pred = None
-    for l, H in enumerate(features, start=1):
-        stats = class_stats(H, y, num_classes)
-        pred = ncc_predict(stats)
-        layer = layer_metrics(stats, pred)
+    stats = None
+    for l, stats in enumerate(layers, start=1):
+        layer = layer_metrics(stats, stats.ncc)
         out |= {layer_key(l, k): v for k, v in layer.items()}
         accs.append(layer["ncc_acc"])
     if stats is None:
         raise ValueError("no feature layers given")
     out |= layer
     if W is not None:
-        if W.shape[1] != stats.H.shape[1]:
-            raise ValueError(f"classifier W is {tuple(W.shape)} but the last layer has D={stats.H.shape[1]}")
-        out |= classifier_metrics(stats, W, b, y, pred)
+        if W.shape[1] != stats.D:
+            raise ValueError(f"classifier W is {tuple(W.shape)} but the last layer has D={stats.D}")
+        out |= classifier_metrics(stats, W, b, y, stats.ncc)
     out["effective_depth"] = float(effective_depth(accs, depth or len(accs) + 1, epsilon))
     return out
+
+
+@torch.no_grad()
+def measure_stream(model, X: torch.Tensor, y: torch.Tensor, W: torch.Tensor | None = None,
+                   b: torch.Tensor | None = None, num_classes: int | None = None,
+                   depth: int | None = None, epsilon: float = 0.01, bn_stats="exact",
+                   batch_size: int = 1024) -> dict[str, float]:
+    """`measure(model.hidden(X, bn_stats), y, W, b, ...)` with memory O(batch + layers C D)
+    instead of O(N D): X (N, ...) goes through `model.hidden` `batch_size` rows at a time.
+
+    With bn_stats="exact", `models.exact_bn_statistics` first finds every BN's exact
+    whole-set statistics (one pass per BN); then pass A feeds every layer's features to
+    sweep 1 of its `ClassStatsAccumulator` and pass B, once the means are known, to sweep 2
+    (the last layer also sums the classifier's loss, accuracy and NC4). The model should be
+    in eval mode (for bn_stats="running"). Agrees with `measure` to float rounding."""
+    from .models import FixedBatchNorm, batches, exact_bn_statistics
+    if bn_stats == "exact" and batch_size < len(X):          # one batch: train-mode BN is exact
+        bn_stats = FixedBatchNorm(exact_bn_statistics(model, X, batch_size))
+    y = y.detach().to(device=X.device, dtype=torch.long)
+    counts = torch.bincount(y, minlength=num_classes or 0)
+    accumulators: list[ClassStatsAccumulator] = []
+    for rows in batches(len(X), batch_size):                 # pass A
+        for l, H in enumerate(model.hidden(X[rows], bn_stats)):
+            if l == len(accumulators):
+                accumulators.append(ClassStatsAccumulator(counts))
+            accumulators[l].sweep1(H, y[rows])
+    if not accumulators:
+        raise ValueError("no feature layers given")
+    for acc in accumulators:
+        acc.finish_sweep1()
+    if W is not None:
+        accumulators[-1].set_classifier(W, b)
+    for rows in batches(len(X), batch_size):                 # pass B
+        for acc, H in zip(accumulators, model.hidden(X[rows], bn_stats)):
+            acc.sweep2(H, y[rows])
+    return summarise((acc.result() for acc in accumulators), y, W, b, depth, epsilon)

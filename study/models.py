@@ -1,14 +1,47 @@
-"""The MLP family of thesis Definition 3.2.1 (docs/science.md §1).
+"""The model families (docs/science.md §1, docs/models.md).
+
+`mlp` is the family of thesis Definition 3.2.1:
 
     block l:  h_l = BN_l( ReLU( W_l h_{l-1} + b_l ) )      l = 1 .. L-1
     output:   z   = W_L h_{L-1} + b_L
+
+`cnn` (VGG-style: `depth` blocks conv 3x3 -> BN -> ReLU, a few 2x max-pools, global average
+pooling, linear classifier) and `resnet` (a stem conv, `depth` basic blocks, stride-2 stage
+starts, global average pooling, linear classifier) carry the same knobs: `width` channels,
+`bn` affine / nonaffine / none, `bn_placement` every (BN in every conv) or last (no BN in
+the blocks, one BN on the pooled features before the classifier), `bias` off by default.
+Flat input (N, L) is a one-channel signal for 1-D convolutions; (N, c, h, w) images take
+2-D ones.
+
+Every model has `blocks`, `classifier`, `forward(x)`, `logits(x, bn_stats)` and
+`hidden(x, bn_stats)`, which yields one (N, D) feature matrix per block, the last of them
+the input of the classifier. `bn_stats` is "running" (the module's own mode), "exact" (every
+BN normalised with the exact statistics of the whole `x`) or a callable `(bn, x) -> x` that
+normalises instead of every BN (e.g. `FixedBatchNorm`, the streamed exact statistics).
 """
 from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+BNStats = Union[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+MAX_DOWNSAMPLINGS = 3          # 2x max-pools (cnn) or stride-2 stages (resnet), at most
+
+
+def normalise(bn: nn.Module, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor:
+    """Apply BN module `bn` to x under a `bn_stats` setting (see the module docstring)."""
+    if bn_stats == "exact":
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    if bn_stats == "running":
+        return bn(x)
+    return bn_stats(bn, x)
+
+
+# ---------------------------------------------------------------------------------- MLP
 
 class Block(nn.Sequential):
     """Linear -> ReLU -> optional BatchNorm1d (affine or not)."""
@@ -19,20 +52,19 @@ class Block(nn.Sequential):
             layers.append(nn.BatchNorm1d(fan_out, affine=(bn == "affine")))
         super().__init__(*layers)
 
-    def exact(self, x: torch.Tensor) -> torch.Tensor:
+    def exact(self, x: torch.Tensor, bn_stats: BNStats = "exact") -> torch.Tensor:
         """The block on a whole data set with BN normalising by that set's exact mean and
         biased variance (what train mode computes on one full batch), not by the running
-        averages; the running buffers are neither read nor updated."""
+        averages; the running buffers are neither read nor updated. A callable `bn_stats`
+        normalises instead (the streamed statistics)."""
         for layer in self:
-            if isinstance(layer, nn.BatchNorm1d):
-                x = F.batch_norm(x, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
-            else:
-                x = layer(x)
+            x = normalise(layer, x, bn_stats) if isinstance(layer, nn.BatchNorm1d) else layer(x)
         return x
 
 
 class MLP(nn.Module):
-    """Depth-L MLP: `blocks` (L-1 hidden blocks) then a linear `classifier`."""
+    """Depth-L MLP: `blocks` (L-1 hidden blocks) then a linear `classifier`. Image-shaped
+    input (N, c, h, w) is flattened to (N, c*h*w)."""
 
     def __init__(self, input_dim: int, num_classes: int, depth: int, width: int,
                  bn: str = "affine", bn_placement: str = "every", bias: bool = False) -> None:
@@ -45,25 +77,282 @@ class MLP(nn.Module):
         self.classifier = nn.Linear(width, num_classes, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
         for block in self.blocks:
             x = block(x)
         return self.classifier(x)
 
-    def hidden(self, x: torch.Tensor, bn_stats: str = "running"):
+    def hidden(self, x: torch.Tensor, bn_stats: BNStats = "running") -> Iterator[torch.Tensor]:
         """Yield h_1 .. h_{L-1}, the output of every hidden block, one at a time.
 
         bn_stats="exact": each BN normalises with the exact statistics of its inputs over `x`
         (one sequential pass: block l's statistics come from block l-1's exactly normalised
         output); "running": the module's own mode (its running averages in eval mode)."""
+        x = x.flatten(1)
         for block in self.blocks:
-            x = block.exact(x) if bn_stats == "exact" else block(x)
+            x = block(x) if bn_stats == "running" else block.exact(x, bn_stats)
             yield x
 
-    def logits(self, x: torch.Tensor, bn_stats: str = "running") -> torch.Tensor:
-        for h in self.hidden(x, bn_stats):
-            x = h
-        return self.classifier(x)
+    def logits(self, x: torch.Tensor, bn_stats: BNStats = "running") -> torch.Tensor:
+        return _logits(self, x, bn_stats)
 
 
-def build_model(cfg, input_dim: int, num_classes: int) -> MLP:
-    return MLP(input_dim, num_classes, cfg.depth, cfg.width, cfg.bn, cfg.bn_placement, cfg.bias)
+# ---------------------------------------------------------------------------------- conv nets
+
+def _conv(dims: int, c_in: int, c_out: int, kernel: int, stride: int, bias: bool) -> nn.Module:
+    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    return cls(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=bias)
+
+
+def _bn(dims: int, channels: int, bn: str) -> nn.Module | None:
+    if bn == "none":
+        return None
+    return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(channels, affine=(bn == "affine"))
+
+
+def _norm_relu(bn: nn.Module | None, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor:
+    return F.relu(x if bn is None else normalise(bn, x, bn_stats))
+
+
+def _signal_shape(sample_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """(channels, *spatial): a flat vector of length L is one channel of length L."""
+    shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(int(s) for s in sample_shape)
+    if len(shape) == 1:
+        return (1,) + shape
+    if len(shape) not in (2, 3):
+        raise ValueError(f"conv models take samples of shape (L,), (c, L) or (c, h, w), got {shape}")
+    return shape
+
+
+def downsample_after(depth: int, spatial: Sequence[int]) -> tuple[int, ...]:
+    """0-based blocks after which the spatial size halves: min(3, depth-1, log2 of the
+    smallest side) of them, spread evenly, so the size stays >= 1 and the last block is
+    never followed by one (its output feeds the pooling)."""
+    k = min(MAX_DOWNSAMPLINGS, depth - 1, int(math.log2(min(spatial))))
+    return tuple((i + 1) * depth // (k + 1) - 1 for i in range(k))
+
+
+class ConvBlock(nn.Module):
+    """conv 3x3 -> optional BN -> ReLU -> optional 2x max-pool."""
+
+    def __init__(self, dims: int, c_in: int, c_out: int, bn: str, bias: bool, pool: bool) -> None:
+        super().__init__()
+        self.conv = _conv(dims, c_in, c_out, 3, 1, bias)
+        self.bn = _bn(dims, c_out, bn)
+        self.pool = (nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)) if pool else None
+
+    def forward(self, x: torch.Tensor, bn_stats: BNStats = "running") -> torch.Tensor:
+        x = _norm_relu(self.bn, self.conv(x), bn_stats)
+        return x if self.pool is None else self.pool(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: relu(BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x)); the
+    shortcut is the identity, or a 1x1 conv (+ BN) where the block halves the size."""
+
+    def __init__(self, dims: int, c_in: int, c_out: int, stride: int, bn: str, bias: bool) -> None:
+        super().__init__()
+        self.conv1 = _conv(dims, c_in, c_out, 3, stride, bias)
+        self.bn1 = _bn(dims, c_out, bn)
+        self.conv2 = _conv(dims, c_out, c_out, 3, 1, bias)
+        self.bn2 = _bn(dims, c_out, bn)
+        project = stride != 1 or c_in != c_out
+        self.shortcut = _conv(dims, c_in, c_out, 1, stride, bias) if project else None
+        self.shortcut_bn = _bn(dims, c_out, bn) if project else None
+
+    def forward(self, x: torch.Tensor, bn_stats: BNStats = "running") -> torch.Tensor:
+        out = _norm_relu(self.bn1, self.conv1(x), bn_stats)
+        out = self.conv2(out)
+        if self.bn2 is not None:
+            out = normalise(self.bn2, out, bn_stats)
+        skip = x
+        if self.shortcut is not None:
+            skip = self.shortcut(x)
+            if self.shortcut_bn is not None:
+                skip = normalise(self.shortcut_bn, skip, bn_stats)
+        return F.relu(out + skip)
+
+
+class _ConvModel(nn.Module):
+    """Shared part of `ConvNet` and `ResNet`: input reshaping, pooled features, the optional
+    BN on them (placement last) and the classifier."""
+
+    def __init__(self, sample_shape: int | Sequence[int], num_classes: int, width: int, bn: str,
+                 bn_placement: str, bias: bool) -> None:
+        super().__init__()
+        self.sample_shape = _signal_shape(sample_shape)       # (c, *spatial)
+        self.dims = len(self.sample_shape) - 1
+        self.block_bn = bn if bn_placement == "every" else "none"
+        self.head_bn = nn.BatchNorm1d(width, affine=(bn == "affine")) \
+            if bn != "none" and bn_placement == "last" else None
+        self.classifier = nn.Linear(width, num_classes, bias=bias)
+        self.blocks = nn.ModuleList()
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), *self.sample_shape)
+
+    def _stem(self, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor:
+        return x
+
+    def _pooled(self, x: torch.Tensor, last: bool, bn_stats: BNStats) -> torch.Tensor:
+        h = x.flatten(2).mean(dim=2)                          # (N, width) global average pool
+        if last and self.head_bn is not None:
+            h = normalise(self.head_bn, h, bn_stats)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._stem(self._input(x), "running")
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(self._pooled(x, True, "running"))
+
+    def hidden(self, x: torch.Tensor, bn_stats: BNStats = "running") -> Iterator[torch.Tensor]:
+        """Yield one (N, width) matrix per block: its output averaged over space, the last
+        one (BN-normalised under placement last) being the classifier's input. bn_stats as
+        in MLP.hidden: "exact" normalises every BN by the statistics of the whole `x`."""
+        x = self._stem(self._input(x), bn_stats)
+        for l, block in enumerate(self.blocks):
+            x = block(x, bn_stats)
+            yield self._pooled(x, l == len(self.blocks) - 1, bn_stats)
+
+    def logits(self, x: torch.Tensor, bn_stats: BNStats = "running") -> torch.Tensor:
+        return _logits(self, x, bn_stats)
+
+
+class ConvNet(_ConvModel):
+    """VGG-style: `depth` ConvBlocks of `width` channels (2x max-pools after a few of them),
+    global average pooling, optional BN (placement last), linear classifier."""
+
+    def __init__(self, sample_shape: int | Sequence[int], num_classes: int, depth: int, width: int,
+                 bn: str = "affine", bn_placement: str = "every", bias: bool = False) -> None:
+        super().__init__(sample_shape, num_classes, width, bn, bn_placement, bias)
+        pools = downsample_after(depth, self.sample_shape[1:])
+        self.blocks = nn.ModuleList(
+            ConvBlock(self.dims, self.sample_shape[0] if l == 0 else width, width, self.block_bn, bias,
+                      pool=l in pools)
+            for l in range(depth))
+
+
+class ResNet(_ConvModel):
+    """A stem conv 3x3 -> BN -> ReLU to `width` channels, `depth` BasicBlocks (the first block
+    of each later stage has stride 2 and a 1x1 projection shortcut), global average pooling,
+    optional BN (placement last), linear classifier."""
+
+    def __init__(self, sample_shape: int | Sequence[int], num_classes: int, depth: int, width: int,
+                 bn: str = "affine", bn_placement: str = "every", bias: bool = False) -> None:
+        super().__init__(sample_shape, num_classes, width, bn, bn_placement, bias)
+        self.stem = _conv(self.dims, self.sample_shape[0], width, 3, 1, bias)
+        self.stem_bn = _bn(self.dims, width, self.block_bn)
+        starts = {l + 1 for l in downsample_after(depth, self.sample_shape[1:])}
+        self.blocks = nn.ModuleList(
+            BasicBlock(self.dims, width, width, 2 if l in starts else 1, self.block_bn, bias)
+            for l in range(depth))
+
+    def _stem(self, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor:
+        return _norm_relu(self.stem_bn, self.stem(x), bn_stats)
+
+
+def _logits(model: nn.Module, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor:
+    for h in model.hidden(x, bn_stats):
+        x = h
+    return model.classifier(x)
+
+
+Model = Union[MLP, ConvNet, ResNet]
+MODELS = {"mlp": MLP, "cnn": ConvNet, "resnet": ResNet}
+
+
+def build_model(cfg, sample_shape: int | Sequence[int], num_classes: int) -> Model:
+    """The model `cfg.model` names (mlp when the config has no such field) for samples of
+    `sample_shape`: an int or (d,) for flat vectors, (c, h, w) for images."""
+    kind = getattr(cfg, "model", "mlp")
+    if kind not in MODELS:
+        raise ValueError(f"model={kind!r} is not one of {', '.join(MODELS)}")
+    if kind == "mlp":
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        return MLP(math.prod(shape), num_classes, cfg.depth, cfg.width, cfg.bn, cfg.bn_placement, cfg.bias)
+    return MODELS[kind](sample_shape, num_classes, cfg.depth, cfg.width, cfg.bn, cfg.bn_placement, cfg.bias)
+
+
+# ---------------------------------------------------------------------------------- exact BN, streamed
+
+class FixedBatchNorm:
+    """A `bn_stats` callable: BN module `bn` normalises with the given per-channel
+    (mean, biased variance), float64 (C,) tensors, as in eval mode; buffers untouched."""
+
+    def __init__(self, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.stats = stats
+        self._cast: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        key = (id(bn), x.dtype, x.device)
+        if key not in self._cast:
+            mean, var = self.stats[bn]
+            self._cast[key] = (mean.to(x.dtype), var.to(x.dtype))
+        mean, var = self._cast[key]
+        return F.batch_norm(x, mean, var, bn.weight, bn.bias, training=False, eps=bn.eps)
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations over batches, float64
+    (Chan et al.'s pairwise update: no cancellation when the mean is large)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        dims = [0] + list(range(2, x.ndim))                   # every axis but the channels
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        n = x.numel() // x.shape[1]
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, var * n
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta ** 2 * (self.n * n / total)
+        self.n = total
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean, self.m2 / self.n
+
+
+class _Stop(Exception):
+    """Ends a forward pass at the BN whose statistics are being collected."""
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    return (slice(start, start + batch_size) for start in range(0, n, batch_size))
+
+
+@torch.no_grad()
+def exact_bn_statistics(model: nn.Module, X: torch.Tensor,
+                        batch_size: int) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The exact mean and biased variance (float64, per channel) of every BN's input over the
+    whole of X, as `hidden(X, "exact")` uses them, with memory O(batch): one pass over X per
+    BN, in forward order; each pass normalises the BNs before it with their statistics, adds
+    the batch moments of the next BN's input and stops the forward there. Buffers untouched."""
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    fixed = FixedBatchNorm(stats)
+    while True:
+        target: list[nn.Module] = []
+        moments = _Moments()
+
+        def collect(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if bn in stats:
+                return fixed(bn, x)
+            if not target:
+                target.append(bn)
+            moments.add(x)
+            raise _Stop
+
+        for rows in batches(len(X), batch_size):
+            try:
+                for _ in model.hidden(X[rows], collect):
+                    pass
+            except _Stop:
+                continue
+            if not target:                                    # a whole forward met no new BN
+                return stats
+        stats[target[0]] = moments.result()

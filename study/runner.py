@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -15,12 +16,14 @@ from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
-from .spaces import SpaceError, Study, load_study
+from .spaces import SpaceError, Study, distinct_configs, load_study
 
 EXIT_FAILED_TRIALS = 1
+EXIT_TRACKING_DOWN = 75   # sysexits' EX_TEMPFAIL: the store was gone too long; re-run to resume
 EXIT_INTERRUPTED = 130
-ENDED = ("converged", "not_converged", "diverged", "error")  # trial statuses a resume does not rerun
 STATE_PERIOD_S = 5.0  # how often Ray saves the experiment state, unless TUNE_GLOBAL_CHECKPOINT_S says
+OUTAGE_LIMIT_S = 3600.0
+JOURNAL = "mlflow_journal.jsonl"
 
 
 def add_run_parser(sub) -> None:
@@ -34,8 +37,16 @@ def add_run_parser(sub) -> None:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else an embedded local Ray)")
-    p.add_argument("--storage-path", type=Path, default=None,
-                   help="where Ray keeps trial checkpoints and experiment state (default: ./ray_results)")
+    p.add_argument("--storage-path", default=None,
+                   help="where Ray keeps trial checkpoints and experiment state: a folder (default: "
+                        "./ray_results; on a multi-machine cluster one that every node mounts) or a URI "
+                        "such as s3://bucket/path or gs://bucket/path")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="retries of a trial whose worker or node dies, each from its last checkpoint "
+                        "(default: max_failures of the file, else 2)")
+    p.add_argument("--tracking-outage-limit", type=float, default=OUTAGE_LIMIT_S, metavar="SECONDS",
+                   help="stop the study (resumable) after the tracking store has been unreachable this long; "
+                        "writes meanwhile are kept on disk and sent when it is back (default: 3600)")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="override resources.cpu of the file")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="override resources.gpu of the file (fractions allowed, e.g. 0.25)")
@@ -56,37 +67,43 @@ def prepare(args: argparse.Namespace) -> Study:
     if args.cpus_per_trial is not None:
         if args.cpus_per_trial <= 0:
             raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
-        study = _replace(study, cpu=args.cpus_per_trial)
+        study = dataclasses.replace(study, cpu=args.cpus_per_trial)
     if args.gpus_per_trial is not None:
         if args.gpus_per_trial < 0:
             raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-        study = _replace(study, gpu=args.gpus_per_trial)
+        study = dataclasses.replace(study, gpu=args.gpus_per_trial)
     if args.max_concurrent_trials < 0:
         raise UsageError(f"--max-concurrent-trials must be >= 0, got {args.max_concurrent_trials}")
+    if args.max_failures is not None:
+        if args.max_failures < 0:
+            raise UsageError(f"--max-failures must be >= 0, got {args.max_failures}")
+        study = dataclasses.replace(study, max_failures=args.max_failures)
+    if not args.tracking_outage_limit > 0:
+        raise UsageError(f"--tracking-outage-limit must be > 0 seconds, got {args.tracking_outage_limit}")
     check_data(study, overrides)
     return study
-
-
-def _replace(study: Study, **changes) -> Study:
-    return dataclasses.replace(study, **changes)
 
 
 def check_data(study: Study, overrides: dict[str, str] | None = None) -> None:
     """Read each distinct .npz once in the driver, so a missing or malformed file fails here;
     synthetic data are generated in the trials (the conic/C condition is checked statically)."""
-    from .data import DataError, read_npz
+    from .data import DataError, read_npz, resolve_num_classes
     overrides = overrides or {}
 
     def source(*keys: str) -> str:  # the --set flags that gave the offending values, else the file
         return ", ".join(f"--set {k}={overrides[k]}" for k in keys if k in overrides) or str(study.path)
 
+    devices = study.grid.get("device", [study.fixed.get("device", "auto")])
+    if "cuda" in devices and study.gpu == 0:
+        raise UsageError(f"{source('device')}: device=cuda but resources.gpu is 0, and Ray hides GPUs from "
+                         "trials that request none; set resources.gpu (fractions allowed) or device=auto")
     seen = set()
-    corner = {k: args[0] for k, (dist, args) in study.search.space.items()} if study.search else {}
-    for cell in study.cells():
-        cfg = TrialConfig.from_dict({**study.fixed, **cell, **corner})
-        if cfg.device == "cuda" and study.gpu == 0:
-            raise UsageError(f"{source('device')}: device=cuda but resources.gpu is 0, and Ray hides GPUs from "
-                             "trials that request none; set resources.gpu (fractions allowed) or device=auto")
+    for values in distinct_configs(study):
+        cfg = TrialConfig.from_dict(values)
+        try:
+            resolve_num_classes(cfg)
+        except DataError as exc:
+            raise UsageError(f"{source('data_path', 'data_root', 'num_classes')}: {exc}") from None
         if cfg.dataset == "conic" and cfg.conic_kind == "hyperplanes" and cfg.num_classes & (cfg.num_classes - 1):
             raise UsageError(f"{source('conic_kind', 'num_classes')}: conic_kind=hyperplanes needs num_classes "
                              f"a power of 2, got {cfg.num_classes}; use conic_kind=directions or auto")
@@ -169,22 +186,50 @@ def param_space(study: Study) -> dict:
 
 # ------------------------------------------------------------------------------ the command
 
+def storage_location(value: str | None) -> str:
+    """--storage-path as Ray takes it: a URI (s3://, gs://, ...) as given, a folder made absolute."""
+    value = value or "ray_results"
+    if "://" in value:
+        return value.rstrip("/")
+    return str(Path(value).expanduser().resolve())
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def journal_path(storage: str, name: str) -> Path:
+    """Where unsent MLflow writes wait: beside Ray's state of the study for a local storage
+    path; on this machine's disk for a URI (the driver's journal is the driver's own)."""
+    if is_uri(storage):
+        digest = hashlib.sha1(storage.encode()).hexdigest()[:10]
+        return Path.home() / ".cache" / "nc-study" / f"{name}-{digest}" / JOURNAL
+    return Path(storage) / name / JOURNAL
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from .tracking import TrackingError, check_uri, ensure_experiment, ensure_parent_run, open_client, resolve_uri
+    from .tracking import TrackingError, check_uri, resolve_uri
     study = prepare(args)
     uri = resolve_uri(args.tracking_uri)
     try:
         check_uri(uri)
     except TrackingError as exc:
         raise UsageError(str(exc)) from None
-    storage = (args.storage_path or Path("ray_results")).expanduser().resolve()
+    storage = storage_location(args.storage_path)
     if args.dry_run:
         return dry_run(study, uri, storage)
-    experiment_id = completed_experiment(study, uri)
+    address = ray_address(args)
+    try:
+        resend_journal(study, uri, journal_path(storage, study.name))
+        experiment_id = completed_experiment(study, uri)
+    except TrackingError as exc:
+        raise UsageError(str(exc)) from None
     if experiment_id is not None:  # before Ray: a complete study needs no cluster
         print(f"study {study.name} is complete: all {study.n_trials} trials ended; nothing to run", flush=True)
         return summarize(study, uri, experiment_id)
-    address = ray_address(args)
+    if address is not None and not is_uri(storage):
+        print(f"note: checkpoints go to {storage} on each node's own disk; a cluster of several machines "
+              "needs --storage-path on shared storage (an NFS mount, s3://..., gs://...)", flush=True)
 
     state_period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "")
     try:
@@ -199,21 +244,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     start_ray(address)
     try:
         check_resources(study)
-        client = open_client(uri)
         try:
-            experiment_id = ensure_experiment(client, study.name, uri)
-            parent_id = ensure_parent_run(client, experiment_id, study)
+            experiment_id, parent_id = open_study_record(study, uri)
         except TrackingError as exc:
             raise UsageError(str(exc)) from None
-        return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials, state_period)
+        return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials, state_period,
+                       args.tracking_outage_limit)
     finally:
         ray.shutdown()
 
 
+def open_study_record(study: Study, uri: str) -> tuple[str, str]:
+    """The experiment and parent run, created once under the store lock (several studies
+    starting together on a new SQLite store would otherwise corrupt it); the parent is
+    marked RUNNING for this session."""
+    from .tracking import TrackingError, ensure_experiment, ensure_parent_run, first_line, open_client, \
+        set_parent_status, store_lock
+    client = open_client(uri)
+    try:
+        with store_lock(uri):
+            experiment_id = ensure_experiment(client, study.name, uri)
+            parent_id = ensure_parent_run(client, experiment_id, study)
+        if study.description:
+            client.set_experiment_tag(experiment_id, "mlflow.note.content", study.description)
+        set_parent_status(client, parent_id, "RUNNING")
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store error is one line, not a traceback
+        raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
+    return experiment_id, parent_id
+
+
+def resend_journal(study: Study, uri: str, journal: Path) -> None:
+    """Writes an earlier driver kept during a tracking outage go to the store first."""
+    from .callback import MlflowTracker
+    from .tracking import KIND_STUDY, find_runs, open_client
+    from .writer import Journal
+    if not Journal(journal).read():
+        return
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(study.name)
+    parents = find_runs(client, experiment.experiment_id, KIND_STUDY) if experiment else []
+    if not parents:
+        return
+    tracker = MlflowTracker(uri, experiment.experiment_id, parents[0].info.run_id, study, journal)
+    sent = tracker.replay_journal()
+    print(f"sent {sent} MLflow writes kept from an earlier tracking outage ({journal})", flush=True)
+
+
 def completed_experiment(study: Study, uri: str) -> str | None:
     """The experiment id of this very study (same definition) when MLflow records every one of
-    its trials as ended, else None: there is something to run or resume. Only reads; a SQLite
-    store that does not exist yet is not created here."""
+    its trials as trained to its end, else None: there is something to run, resume or retry
+    (errored trials are retried from their checkpoints). Only reads; a SQLite store that does
+    not exist yet is not created here."""
+    from .schema import TAG_FINGERPRINT, TAG_STATUS, TRAINED
     from .tracking import KIND_STUDY, KIND_TRIAL, find_runs, open_client, sqlite_path
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
@@ -223,27 +307,29 @@ def completed_experiment(study: Study, uri: str) -> str | None:
     if experiment is None or experiment.lifecycle_stage == "deleted":
         return None
     parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
-    if not parents or parents[0].data.tags.get("nc_study.fingerprint") != study.fingerprint():
+    if not parents or parents[0].data.tags.get(TAG_FINGERPRINT) != study.fingerprint():
         return None  # a changed definition is refused further on, with its own message
     trials = find_runs(client, experiment.experiment_id, KIND_TRIAL)
-    ended = sum(run.data.tags.get("status") in ENDED for run in trials)
-    return experiment.experiment_id if ended >= study.n_trials else None
+    trained = sum(run.data.tags.get(TAG_STATUS) in TRAINED for run in trials)
+    return experiment.experiment_id if trained >= study.n_trials else None
 
 
-def dry_run(study: Study, uri: str, storage: Path) -> int:
-    print(f"study {study.name}: {study.n_trials} trials, resources per trial cpu={study.cpu:g} gpu={study.gpu:g}")
-    print(f"  tracking {uri}; Ray storage {storage / study.name}")
+def dry_run(study: Study, uri: str, storage: str) -> int:
+    from .schema import run_name
+    print(f"study {study.name}: {study.n_trials} trials, resources per trial cpu={study.cpu:g} gpu={study.gpu:g}, "
+          f"up to {study.max_failures} retries per trial")
+    print(f"  tracking {uri}; Ray storage {storage}/{study.name}")
     if study.search:
         print(f"  Optuna search on {study.search.metric} ({study.search.mode}), {study.search.num_samples} samples "
               f"over {', '.join(list(study.search.space) + list(study.grid))}")
     else:
         for i, cell in enumerate(study.cells(), start=1):
-            print(f"  {i:>4}. " + (", ".join(f"{k}={v}" for k, v in cell.items()) or "fixed config"))
+            print(f"  {run_name(study.name, i, study.n_trials, cell)}")
     return 0
 
 
-def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage: Path,
-            max_concurrent: int, state_period: float = STATE_PERIOD_S) -> int:
+def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage: str,
+            max_concurrent: int, state_period: float = STATE_PERIOD_S, outage_limit: float = OUTAGE_LIMIT_S) -> int:
     from ray import tune
     from .callback import MlflowTracker
     from .trainable import run_trial
@@ -253,20 +339,21 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         tune.with_parameters(run_trial, checkpoint_every=study.checkpoint_every, threads=threads,
                              min_checkpoint_s=2 * state_period + 0.5),
         {"cpu": study.cpu, "gpu": study.gpu})
-    tracker = MlflowTracker(uri, experiment_id, parent_id, study)
-    exp_dir = storage / study.name
+    tracker = MlflowTracker(uri, experiment_id, parent_id, study, journal_path(storage, study.name), outage_limit)
+    exp_dir = f"{storage}/{study.name}"
+    failure = tune.FailureConfig(max_failures=study.max_failures)
     started = time.time()
-    resumed = tune.Tuner.can_restore(str(exp_dir))
-    if resumed:
-        fingerprint = (exp_dir / "nc_study_fingerprint").read_text().strip() \
-            if (exp_dir / "nc_study_fingerprint").is_file() else study.fingerprint()
-        if fingerprint != study.fingerprint():
+    if tune.Tuner.can_restore(exp_dir):
+        recorded = read_marker(exp_dir)
+        if recorded not in (None, study.fingerprint()):
             raise UsageError(f"{exp_dir} holds an earlier run of a different definition of {study.name!r}; "
                              f"rename the study in {study.path} or pass another --storage-path")
         print(f"resuming study {study.name} from {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-        tuner._local_tuner.get_run_config().callbacks = [tracker]  # fresh tracker, not the pickled one
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [tracker]       # a fresh tracker, not the pickled one
+        run_config.failure_config = failure    # this session's retry budget
     else:
         search_alg = None
         tune_kwargs = {}
@@ -282,43 +369,97 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             tune_config=tune.TuneConfig(num_samples=study.search.num_samples if study.search else 1,
                                         search_alg=search_alg, reuse_actors=True,
                                         max_concurrent_trials=max_concurrent or None, **tune_kwargs),
-            run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[tracker],
+            run_config=tune.RunConfig(name=study.name, storage_path=storage, callbacks=[tracker],
                                       verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=failure),
         )
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / "nc_study_fingerprint").write_text(study.fingerprint() + "\n")
+        write_marker(exp_dir, study.fingerprint())
+    tracker.runs   # read the study's runs back now, while the store is known to answer
     tuner.fit()
-    tracker.flush()
-    return summarize(study, uri, experiment_id, tracker, time.time() - started)
+    if tracker.gave_up or not tracker.flush():
+        journal = journal_path(storage, study.name)
+        print(f"study {study.name} stopped: the tracking store {uri} was unreachable for over "
+              f"{clock(outage_limit)}; unsent writes are kept in {journal}; when the store is back, run the "
+              f"same command again to send them and resume", file=sys.stderr, flush=True)
+        return EXIT_TRACKING_DOWN
+    return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id)
 
 
-def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: float | None = None) -> int:
-    """Print the outcome per status from MLflow (with this session's wall time, if it ran any)
-    and return the exit status; trials left running are tagged interrupted."""
-    from .tracking import KIND_TRIAL, browse_hint, find_runs, open_client
+def read_marker(exp_dir: str) -> str | None:
+    """The fingerprint of the definition that created `exp_dir` (a local folder or a URI)."""
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
+    try:
+        with fs.open_input_stream(f"{path}/nc_study_fingerprint") as stream:
+            return stream.read().decode().strip()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_marker(exp_dir: str, fingerprint: str) -> None:
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/nc_study_fingerprint") as stream:
+        stream.write((fingerprint + "\n").encode())
+
+
+def clock(seconds: float) -> str:
+    from .callback import clock as fmt
+    return fmt(seconds)
+
+
+def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: float | None = None,
+              parent_id: str | None = None) -> int:
+    """Print the outcome per status from MLflow (with this session's wall time, if it ran any),
+    close the parent run (FINISHED when every trial ended, KILLED when stopped short) and
+    return the exit status; trials left running are tagged interrupted."""
+    from .schema import ENDED, INTERRUPTED, RUNNING, TAG_STATUS
+    from .tracking import KIND_TRIAL, find_runs, open_client, set_parent_status
     client = open_client(uri)
     unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")] if tracker else []
     counts: dict[str, int] = {}
     for run in find_runs(client, experiment_id, KIND_TRIAL):
-        status = run.data.tags.get("status", "running")
-        if status == "running":  # stopped mid-way: shown as killed in the UI until resumed
-            status = "interrupted"
-            client.set_tag(run.info.run_id, "status", status)
+        status = run.data.tags.get(TAG_STATUS, RUNNING)
+        if status == RUNNING:  # stopped mid-way: shown as killed in the UI until resumed
+            status = INTERRUPTED
+            client.set_tag(run.info.run_id, TAG_STATUS, status)
             client.set_terminated(run.info.run_id, status="KILLED")
         counts[status] = counts.get(status, 0) + 1
     finished = sum(counts.get(s, 0) for s in ENDED)
-    wall_time = ""
-    if wall is not None:
-        from .callback import clock
-        wall_time = f"; wall time {clock(wall)}"
+    complete = not unfinished and finished >= study.n_trials
+    if parent_id is not None:
+        set_parent_status(client, parent_id, "FINISHED" if complete else "KILLED")
+    wall_time = f"; wall time {clock(wall)}" if wall is not None else ""
     print(f"\nstudy {study.name}: {counts.get('converged', 0)} converged, {counts.get('not_converged', 0)} not converged, "
           f"{counts.get('diverged', 0)} diverged, {counts.get('error', 0)} failed "
           f"of {study.n_trials} trials{wall_time}")
-    print(f"MLflow experiment {study.name!r} in {uri}")
-    print(f"browse it: {browse_hint(uri)}")
-    if unfinished or finished < study.n_trials:
+    print(f"MLflow experiment {study.name!r} (id {experiment_id}) in {uri}")
+    for line in browse_lines(uri, experiment_id):
+        print(line)
+    if not complete:
         print(f"study {study.name} is not finished ({finished}/{study.n_trials} trials done); "
               f"run the same command again to resume it", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_FAILED_TRIALS if counts.get("error", 0) else 0
+    flag = "" if uri == default_uri() else f" --tracking-uri {uri}"
+    print(f"next: nc-study analyze {study.name}{flag}")
+    if counts.get("error", 0):
+        print(f"{counts['error']} trials failed; running the same command again retries them from their "
+              "last checkpoints", file=sys.stderr)
+        return EXIT_FAILED_TRIALS
+    return 0
+
+
+def default_uri() -> str:
+    from .tracking import resolve_uri
+    return resolve_uri(None)
+
+
+def browse_lines(uri: str, experiment_id: str) -> list[str]:
+    """How to look at the runs: the UI command for a database, then the runs view's address
+    (MLflow's UI opens an experiment on its GenAI overview otherwise)."""
+    from .schema import runs_link
+    from .tracking import browse_hint
+    if uri.startswith(("http://", "https://")):
+        return [f"browse it: {runs_link(uri, experiment_id)}"]
+    return [f"browse it: {browse_hint(uri)}", f"  then open {runs_link('http://127.0.0.1:5000', experiment_id)}"]

@@ -1,7 +1,7 @@
 """Study definitions: a YAML search-space file, read with a safe loader and validated in full
 before Ray starts (unknown keys, bad values, empty grids, a key in both grid and search).
 
-    name: fig3_1                       # experiment name in MLflow, [A-Za-z0-9_-]
+    name: fig3_1                       # experiment name in MLflow: a letter or digit, then [A-Za-z0-9_.-]
     description: ...
     trial: {dataset: teacher, depth: 6}    # fixed TrialConfig fields
     grid: {bn: [affine, none], seed: [0, 1, 2]}   # full cartesian product
@@ -13,6 +13,7 @@ before Ray starts (unknown keys, bad values, empty grids, a key in both grid and
       space: {weight_decay: {loguniform: [1.0e-4, 1.0e-2]}}
     resources: {cpu: 1, gpu: 0}        # per trial; gpu may be fractional
     checkpoint_every: 3                # evaluations between trial checkpoints
+    max_failures: 2                    # retries of a trial whose worker or node dies
 """
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ import yaml
 
 from .config import FIELD_NAMES, FIELDS_HINT, ConfigError, TrialConfig, did_you_mean, from_flags
 
-TOP_KEYS = ("name", "description", "trial", "grid", "search", "resources", "checkpoint_every")
+TOP_KEYS = ("name", "description", "trial", "grid", "search", "resources", "checkpoint_every", "max_failures")
+MAX_TRIALS = 100_000   # a larger grid is a mistake more often than a plan; split it into studies
+# TrialConfig fields whose validity depends on other fields: their combinations are checked
+# cell by cell; every other grid axis is checked value by value
+COUPLED = ("dataset", "data_path", "data_root", "num_classes", "conic_kind", "model", "lr_milestones")
 SEARCH_KEYS = ("algorithm", "metric", "mode", "num_samples", "space", "seed")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ALGORITHMS = ("optuna",)
@@ -59,6 +64,7 @@ class Study:
     cpu: float = 1.0
     gpu: float = 0.0
     checkpoint_every: int = 3
+    max_failures: int = 2
 
     @property
     def n_cells(self) -> int:
@@ -113,8 +119,9 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
         raise fail(f"unknown key {unknown[0]!r}; "
                    f"{did_you_mean(unknown[0], TOP_KEYS, 'allowed: ' + ', '.join(TOP_KEYS))}")
     name = raw.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise fail(f"'name' must be a word of letters, digits, '_', '-' or '.', got {name!r}")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise fail(f"'name' must start with a letter or digit and use only letters, digits, '_', '-' "
+                   f"and '.' (at most 100), got {name!r}")
     fixed = _mapping(raw.get("trial") or {}, "trial", fail)
     grid = _mapping(raw.get("grid") or {}, "grid", fail)
     for key in list(fixed) + list(grid):
@@ -135,9 +142,15 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
         if key in grid:
             raise SpaceError(f"--set {key}={value}: {key!r} is a grid axis in {path}; edit the grid instead")
     fixed = {**_resolve_paths(fixed, path.parent), **_resolve_paths(overrides, Path.cwd())}
-    grid = {k: [_resolve_path(v, path.parent) for v in vs] if k == "data_path" else vs
+    grid = {k: [_resolve_path(v, path.parent) for v in vs] if k in PATH_FIELDS else vs
             for k, vs in grid.items()}
 
+    n_cells = 1
+    for values in grid.values():
+        n_cells *= len(values)
+    if n_cells > MAX_TRIALS:
+        raise fail(f"the grid has {n_cells:,} cells, more than {MAX_TRIALS:,} trials in one study; "
+                   "split it into several studies or search it with `search:`")
     search = _parse_search(raw.get("search"), grid, fixed, fail)
     resources = _mapping(raw.get("resources") or {}, "resources", fail)
     bad = [k for k in resources if k not in ("cpu", "gpu")]
@@ -151,9 +164,13 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
     every = raw.get("checkpoint_every", 3)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise fail(f"checkpoint_every must be a whole number >= 1, got {every!r}")
+    retries = raw.get("max_failures", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise fail(f"max_failures must be a whole number >= 0, got {retries!r}")
     description = raw.get("description") or ""
     study = Study(name=name, path=path, description=str(description).strip(), fixed=fixed,
-                  grid=grid, search=search, cpu=float(cpu), gpu=float(gpu), checkpoint_every=every)
+                  grid=grid, search=search, cpu=float(cpu), gpu=float(gpu), checkpoint_every=every,
+                  max_failures=retries)
     _validate_trials(study, overrides, fail)
     return study
 
@@ -210,9 +227,15 @@ def _parse_search(raw: Any, grid: dict, fixed: dict, fail) -> Search | None:
 
 
 def _validate_trials(study: Study, overrides: dict[str, str], fail) -> None:
-    """Build the config of every grid cell (and the search's corner values) so that a bad
-    value fails now, naming its key and where it came from (a --set flag or the file),
-    rather than inside a trial."""
+    """Build the configs that can fail so that a bad value fails now, naming its key and
+    where it came from (a --set flag or the file), rather than inside a trial. A field whose
+    check involves no other field is tried once per value of its axis; the coupled fields
+    (COUPLED) in every combination they take; the search's corner values likewise."""
+    coupled = {k: v for k, v in study.grid.items() if k in COUPLED}
+    single = {k: v for k, v in study.grid.items() if k not in COUPLED}
+    base = {k: v[0] for k, v in single.items()}
+    cells = [dict(zip(coupled, combo)) for combo in itertools.product(*coupled.values())]
+    cells += [{**cells[0], k: value} for k, values in single.items() for value in values[1:]]
     corners = [{}]
     if study.search:
         lows = {k: args[0] for k, (dist, args) in study.search.space.items()}
@@ -220,15 +243,26 @@ def _validate_trials(study: Study, overrides: dict[str, str], fail) -> None:
         for key, (dist, args) in study.search.space.items():
             values = args if dist == "choice" else [args[1] - 1 if dist == "randint" else args[1]]
             corners += [{**lows, key: v} for v in values]
-    for cell in study.cells():
+    for cell in cells:
         for corner in corners:
-            values = {**study.fixed, **cell, **corner}
             try:
-                TrialConfig.from_dict(values)
+                TrialConfig.from_dict({**study.fixed, **base, **cell, **corner})
             except ConfigError as exc:
                 if exc.key in overrides:
                     raise SpaceError(str(from_flags(exc, overrides))) from None
-                raise fail(f"{_describe(cell, corner)}: {exc}") from None
+                shown = {k: v for k, v in {**cell, **corner}.items()
+                         if k in coupled or k == exc.key or k in corner}
+                raise fail(f"{_describe(shown, {})}: {exc}") from None
+
+
+def distinct_configs(study: Study) -> list[dict]:
+    """One config dict per combination of the coupled fields (data, classes, model), the rest
+    at their first value: what a driver-side data check has to look at."""
+    coupled = {k: v for k, v in study.grid.items() if k in COUPLED}
+    base = {k: v[0] for k, v in study.grid.items() if k not in COUPLED}
+    corner = {k: args[0] for k, (dist, args) in study.search.space.items()} if study.search else {}
+    return [{**study.fixed, **base, **dict(zip(coupled, combo)), **corner}
+            for combo in itertools.product(*coupled.values())]
 
 
 def _describe(cell: dict, corner: dict) -> str:
@@ -236,12 +270,13 @@ def _describe(cell: dict, corner: dict) -> str:
     return "in trial " + ", ".join(f"{k}={v}" for k, v in items.items()) if items else "in every trial"
 
 
+PATH_FIELDS = ("data_path", "data_root")
+
+
 def _resolve_paths(values: dict, base: Path) -> dict:
-    """data_path in a study file is relative to the file; from --set, to the working folder.
-    Made absolute because Ray runs each trial in a folder of its own."""
-    if "data_path" in values:
-        return {**values, "data_path": _resolve_path(values["data_path"], base)}
-    return values
+    """data_path and data_root in a study file are relative to the file; from --set, to the
+    working folder. Made absolute because Ray runs each trial in a folder of its own."""
+    return {k: _resolve_path(v, base) if k in PATH_FIELDS else v for k, v in values.items()}
 
 
 def _resolve_path(value: Any, base: Path) -> Any:

@@ -8,23 +8,28 @@ from its last checkpoint leaves one value per (metric, step).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import os
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 # the client prints two links per run on a server store; the summary gives the one link
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# a few quick HTTP retries per call; longer outages are the writer's (study/writer.py), which
+# says so on the terminal instead of blocking silently for minutes inside one request
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-KIND_STUDY, KIND_TRIAL = "study", "trial"
-STATUSES = ("running", "converged", "not_converged", "diverged", "error")
+from .schema import DEFAULT_URI, KIND_STUDY, KIND_TRIAL  # noqa: F401 - re-exported for callers
+
 MAX_TAG = 5000
 # keys Ray adds to every result; they are not measurements
 RAY_KEYS = frozenset(("timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid",
@@ -96,8 +101,43 @@ def browse_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+_READY: set[str] = set()   # URIs whose store this process has opened (created or migrated) once
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """A cross-process lock for a SQLite store (a `.lock` file beside it): creating or migrating
+    the schema, or creating an experiment, from two processes at once corrupts the store."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(f"{db}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    """A client of the store; the first open in this process (which creates or migrates a
+    SQLite schema) holds the store lock, and a store that cannot be opened is one line."""
+    if uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    try:
+        with store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)   # builds (creates, migrates) a SQL store
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any store failure here is the user's to fix
+        raise TrackingError(f"tracking store {uri} cannot be opened: {first_line(exc)}") from None
+    _READY.add(uri)
+    return client
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
@@ -153,7 +193,12 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
 
 
 class TrialRuns:
-    """Child runs of one study: create or find, log reports, close with a status."""
+    """Child runs of one study: create or find, log reports, close with a status.
+
+    Driven by the writer (study/writer.py) with operations that are plain dicts, so they can
+    be journaled and re-sent; each is idempotent: `start` finds the run of a trial key again,
+    `log` skips a step at or below the last one logged and gives metrics the timestamp of
+    the report, `finish` only sets tags, an artifact and the end."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study_name: str) -> None:
         self.client = client
@@ -168,13 +213,29 @@ class TrialRuns:
                 self.run_ids[key] = run.info.run_id
                 self.last_step[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
 
-    def start(self, key: str, trial_id: str, params: dict[str, str], index: int) -> str:
-        """The run of trial `key`: the existing one (resume) or a new child of the parent."""
+    def apply(self, op: dict) -> None:
+        """Carry out one writer operation: {"op": "start" | "log" | "finish", ...}."""
+        kind = op["op"]
+        if kind == "start":
+            self.start(op["key"], op["trial_id"], op["params"], op["name"], op.get("start_ms"), op.get("tags"))
+        elif kind == "log":
+            self.log(op["key"], op["step"], op["metrics"], op["ts_ms"], op.get("tags"))
+        elif kind == "finish":
+            self.finish(op["key"], op["status"], op.get("layers_csv", ""), op.get("error", ""),
+                        op.get("end_ms"), op.get("description", ""))
+        else:
+            raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def start(self, key: str, trial_id: str, params: dict[str, str], name: str,
+              start_ms: int | None = None, tags: dict[str, str] | None = None) -> str:
+        """The run of trial `key`: the existing one (resume, retry) or a new child of the parent,
+        started at the trial's own start time."""
         run_id = self.run_ids.get(key)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.study_name}_{index:04d}", tags={
+            run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms, tags={
                 "mlflow.parentRunId": self.parent_id, "study": self.study_name,
-                "nc_study.kind": KIND_TRIAL, "trial_key": key, "trial_id": trial_id, "status": "running"})
+                "nc_study.kind": KIND_TRIAL, "trial_key": key, "trial_id": trial_id, "status": "running",
+                **(tags or {})})
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
             self.run_ids[key], self.last_step[run_id] = run_id, 0
@@ -183,34 +244,47 @@ class TrialRuns:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    def log(self, key: str, result: dict) -> bool:
+    def log(self, key: str, step: int, metrics: dict[str, float], ts_ms: int,
+            tags: dict[str, str] | None = None) -> bool:
         """One batched call per report; a step already logged (a replay after resume) is skipped."""
         run_id = self.run_ids[key]
-        step = int(result.get("epoch", 0))
         if step <= self.last_step.get(run_id, 0):
             return False
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.client.log_batch(run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts_ms, step) for k, v in metrics.items()],
+                              tags=[RunTag(k, v) for k, v in (tags or {}).items()])
         self.last_step[run_id] = step
         return True
 
-    def finish(self, key: str, status: str, last: dict | None, error: str = "") -> None:
+    def finish(self, key: str, status: str, layers_csv: str = "", error: str = "",
+               end_ms: int | None = None, description: str = "") -> None:
         run_id = self.run_ids[key]
         tags = [RunTag("status", status)]
         if error:
             tags.append(RunTag("error", error[-MAX_TAG:]))
+        if description:
+            tags.append(RunTag("mlflow.note.content", description))
         self.client.log_batch(run_id, tags=tags)
-        if last:
-            table = layer_table(last)
-            if table:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "layers.csv"
-                    path.write_text(table)
-                    self.client.log_artifact(run_id, str(path))
+        if layers_csv:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "layers.csv"
+                path.write_text(layers_csv)
+                self.client.log_artifact(run_id, str(path))
         state = RunStatus.to_string(RunStatus.FAILED if status == "error" else RunStatus.FINISHED)
-        self.client.set_terminated(run_id, status=state)
+        self.client.set_terminated(run_id, status=state, end_time=end_ms)
+
+
+def set_parent_status(client: MlflowClient, parent_id: str, status: str) -> None:
+    """RUNNING while a session runs the study, FINISHED once it is complete, KILLED when stopped."""
+    if status == "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        client.set_terminated(parent_id, status=status)
+
+
+def report_metrics(result: dict) -> dict[str, float]:
+    """The measurements of one Tune result: numbers only, without Ray's bookkeeping keys."""
+    return {k: float(v) for k, v in result.items()
+            if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def layer_table(result: dict) -> str:

@@ -2,7 +2,8 @@
 
 `Trainer(cfg).run()` yields one dict of §5 metrics per evaluation; `state()` / `load_state()`
 let a caller checkpoint and resume (the shuffling RNG included, so a resumed trial continues
-exactly as the uninterrupted one would).
+exactly as the uninterrupted one would). The model is the one `cfg.model` names (mlp, cnn,
+resnet) for the data's sample shape.
 """
 from __future__ import annotations
 
@@ -16,8 +17,18 @@ import torch.nn.functional as F
 
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
-from .metrics import measure
-from .models import MLP, build_model
+from .metrics import measure, measure_stream
+from .models import Model, build_model
+
+# evaluate() measures the whole training set at once (every block's features in memory, one
+# block at a time) unless one activation of the whole set would take more than
+# IN_MEMORY_BYTES; then it streams batches of about STREAM_BATCH_BYTES of activations through
+# metrics.measure_stream, whose memory does not grow with N but which recomputes the forward
+# once per BN (exact statistics) and twice for the measures: 3.5-4.4x the in-memory time at
+# the thesis' size (N = 10 000, depth 6, width 300: 12 MB per activation), so streaming is
+# kept for sets that would not fit (docs/models.md).
+IN_MEMORY_BYTES = 128 << 20
+STREAM_BATCH_BYTES = 8 << 20
 
 
 def pick_device(cfg: TrialConfig) -> torch.device:
@@ -39,12 +50,13 @@ class Trainer:
         self.y = data.y.to(self.device)
         self.num_classes = data.num_classes
         torch.manual_seed(cfg.seed)
-        self.model: MLP = build_model(cfg, self.X.shape[1], data.num_classes).to(self.device)
+        self.model: Model = build_model(cfg, tuple(self.X.shape[1:]), data.num_classes).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0                # epochs completed
         self.status = "running"       # then converged / not_converged / diverged
         self.seconds = {"train": 0.0, "measure": 0.0}
+        self._stream_rows: int | None | bool = False   # not decided yet
 
     # ------------------------------------------------------------------ checkpointing
     def state(self) -> dict:
@@ -110,12 +122,56 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """All §5 measures on the full training set, BN in eval mode, one layer at a time.
         With `bn_stats=exact` (the default) every BN normalises with the exact statistics of
-        the training set, so train_acc and "converged" do not depend on the running averages."""
+        the training set, so train_acc and "converged" do not depend on the running averages.
+        Sets too large for memory go through metrics.measure_stream in batches (same results)."""
         self.model.eval()
         clf = self.model.classifier
-        return measure(self.model.hidden(self.X, self.cfg.bn_stats), self.y, clf.weight, clf.bias,
-                       num_classes=self.num_classes, depth=self.cfg.depth,
-                       epsilon=self.cfg.ncc_epsilon)
+        kwargs = dict(num_classes=self.num_classes, depth=len(self.model.blocks) + 1,
+                      epsilon=self.cfg.ncc_epsilon)
+        rows = self.stream_rows()
+        if rows is None:
+            return measure(self.model.hidden(self.X, self.cfg.bn_stats), self.y, clf.weight, clf.bias,
+                           **kwargs)
+        return measure_stream(self.model, self.X, self.y, clf.weight, clf.bias, bn_stats=self.cfg.bn_stats,
+                              batch_size=rows, **kwargs)
+
+    def stream_rows(self) -> int | None:
+        """Rows per batch when evaluate() streams, None when it measures in memory."""
+        if self._stream_rows is False:
+            self._stream_rows = eval_batch_rows(self.model, self.X)
+        return self._stream_rows
+
+
+@torch.no_grad()
+def activation_numel(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The largest number of values per sample in the input or any module's output on the
+    batch x (a forward in eval mode; the model's mode is restored)."""
+    sizes = [x[0].numel()]
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() // max(1, len(x)))
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        for _ in model.hidden(x):
+            pass
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return max(sizes)
+
+
+def eval_batch_rows(model: torch.nn.Module, X: torch.Tensor) -> int | None:
+    """None if the largest activation of the whole set X fits IN_MEMORY_BYTES, else the batch
+    rows that keep one activation near STREAM_BATCH_BYTES."""
+    per_sample = activation_numel(model, X[:2]) * X.element_size()
+    if len(X) * per_sample <= IN_MEMORY_BYTES:
+        return None
+    return max(1, STREAM_BATCH_BYTES // per_sample)
 
 
 def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

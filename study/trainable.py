@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -38,12 +39,14 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
             trainer.load_state(torch.load(Path(folder) / STATE_FILE, weights_only=False))
     since, saved_at = 0, time.monotonic()
     started = time.perf_counter()
+    node_id = ray.get_runtime_context().get_node_id()   # a run tag: which node trained it last
     for metrics in trainer.run():
         since += 1
         metrics["status"] = trainer.status
         metrics["time_train_s"] = trainer.seconds["train"]
         metrics["time_measure_s"] = trainer.seconds["measure"]
         metrics["time_wall_s"] = time.perf_counter() - started   # since this (re)start of the trial
+        metrics["node_id"] = node_id
         due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
         if trainer.status == "running" and due:
             with tempfile.TemporaryDirectory() as folder:

@@ -568,3 +568,79 @@ def test_loss_floor_holds_for_optimised_unbalanced_features():
     assert out["alpha"] == pytest.approx(alpha) and out["beta"] == pytest.approx(beta)
     thesis_m = math.log(1 + (C - 1) * math.exp(-C / (C - 1) * alpha * beta))
     assert out["loss_floor"] <= out["train_loss"] < thesis_m
+
+
+# ------------------------------------------------------------------ 6. streamed measurement
+
+def streaming_model(kind: str, placement: str, shape: tuple[int, ...], C: int = 4) -> torch.nn.Module:
+    """A float64 model of `kind` with running buffers moved away from 0 and 1 (so running and
+    exact statistics differ) and a classifier bias."""
+    from types import SimpleNamespace
+    from study.models import build_model
+    torch.manual_seed(3)
+    model = build_model(SimpleNamespace(model=kind, depth=3, width=6, bn="affine", bn_placement=placement,
+                                        bias=True), shape, C).double()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(20, *shape, dtype=torch.float64) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+@pytest.mark.parametrize("bn_stats", ["exact", "running"])
+@pytest.mark.parametrize("kind, placement, shape", [("mlp", "every", (16,)), ("mlp", "last", (16,)),
+                                                    ("cnn", "every", (2, 6, 6)), ("cnn", "last", (30,)),
+                                                    ("resnet", "every", (30,))])
+def test_measure_stream_equals_in_memory(kind, placement, shape, bn_stats, chunk_rows, monkeypatch):
+    """Same features (float64 model), batches of 23 rows (ragged last), labels {0, 1, 3} of
+    C = 4: every measure within 1e-6 of measure(model.hidden(X, bn_stats), ...)."""
+    model = streaming_model(kind, placement, shape)
+    g = np.random.default_rng(0)
+    y = t(g.choice([0, 1, 3], size=130, p=[0.5, 0.2, 0.3]))
+    X = torch.randn(130, *shape, dtype=torch.float64) + 0.3
+    W, b = model.classifier.weight, model.classifier.bias
+    if chunk_rows:                             # class sweeps split inside each batch too
+        monkeypatch.setattr(metrics, "CHUNK_BYTES", chunk_rows * 6 * 8)
+    with torch.no_grad():
+        want = measure(model.hidden(X, bn_stats), y, W, b, num_classes=4)
+    got = metrics.measure_stream(model, X, y, W, b, num_classes=4, bn_stats=bn_stats, batch_size=23)
+    n_layers = 2 if kind == "mlp" else 3                      # depth 3: L-1 blocks, or 3 conv blocks
+    assert got.keys() == want.keys()
+    assert len(want) == (n_layers + 1) * len(LAYER_KEYS) + len(CLASSIFIER_KEYS) + 1
+    bad = [f"{k}: {got[k]!r} vs {want[k]!r}" for k in want if abs(got[k] - want[k]) > 1e-6 * max(1.0, abs(want[k]))]
+    assert not bad, "\n".join(bad)
+    assert want["train_acc"] < 1.0 and 0 < want["nc4"] < 1       # the counted parts are exercised
+
+
+def test_measure_stream_without_classifier_and_with_a_wrong_one():
+    model = streaming_model("mlp", "every", (16,))
+    X, y = torch.randn(40, 16, dtype=torch.float64), torch.arange(40) % 4
+    got = metrics.measure_stream(model, X, y, num_classes=4, batch_size=9)
+    assert "nc3" not in got and "layer02/nc1" in got and "layer03/nc1" not in got
+    with pytest.raises(ValueError, match="classifier W"):
+        metrics.measure_stream(model, X, y, torch.zeros(4, 5, dtype=torch.float64), batch_size=9)
+
+
+def test_accumulator_state_does_not_grow_with_N():
+    """Fed N = 100 or N = 5000 rows in batches of 50, the accumulator holds the same O(C D)
+    numbers, none of them per sample, and gives class_stats' result on the whole matrix."""
+    C, D = 4, 16
+    held = {}
+    for N in (100, 5000):
+        g = torch.Generator().manual_seed(N)
+        y = torch.randint(0, C, (N,), generator=g)
+        H = torch.randn(C, D, generator=g, dtype=torch.float64)[y] + torch.randn(N, D, generator=g, dtype=torch.float64)
+        acc = metrics.ClassStatsAccumulator(torch.bincount(y, minlength=C))
+        for start in range(0, N, 50):
+            acc.sweep1(H[start:start + 50], y[start:start + 50])
+        acc.finish_sweep1()
+        for start in range(0, N, 50):
+            acc.sweep2(H[start:start + 50], y[start:start + 50])
+        held[N] = acc.state_numel()
+        assert all(N not in v.shape for v in vars(acc).values() if isinstance(v, torch.Tensor))
+        streamed, whole = acc.result(), metrics.class_stats(H, y, C)
+        assert streamed.H is None and streamed.ncc is None
+        assert torch.allclose(streamed.u_bar, whole.u_bar, rtol=1e-10, atol=1e-13)
+        assert torch.allclose(streamed.mu_c, whole.mu_c, rtol=1e-10, atol=1e-13)
+        assert metrics.layer_metrics(streamed) == pytest.approx(metrics.layer_metrics(whole, whole.ncc), rel=1e-10)
+    assert held[100] == held[5000] <= 10 * C * D + 4 * D + 4 * C * C

@@ -237,3 +237,37 @@ def test_smoke_training_on_conic_npz():
     assert evals[-1]["train_acc"] > 0.8 and evals[-1]["train_acc"] >= evals[0]["train_acc"] - 0.02
     assert all(e["loss_gap"] >= 0 for e in evals)
     assert trainer.status in ("converged", "not_converged")
+
+
+# ------------------------------------------------------------------ streamed evaluation (issue 14)
+
+@pytest.mark.parametrize("bn_stats", ["exact", "running"])
+def test_streamed_evaluation_matches_in_memory(bn_stats, monkeypatch):
+    """With the in-memory limit at 0, evaluate() streams batches of 300 rows through
+    metrics.measure_stream; float32 features, so within 1e-4 of the in-memory evaluation."""
+    import study.train as train_module
+    trainer = Trainer(small(epochs=2, bn_stats=bn_stats))
+    list(trainer.run())
+    assert trainer.stream_rows() is None                     # small sets stay in memory
+    in_memory = trainer.evaluate()
+    monkeypatch.setattr(train_module, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(train_module, "STREAM_BATCH_BYTES", 300 * 64 * 4)
+    trainer._stream_rows = False
+    assert trainer.stream_rows() == 300
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    streamed = trainer.evaluate()
+    assert streamed.keys() == in_memory.keys()
+    bad = {k: (streamed[k], in_memory[k]) for k in in_memory
+           if not streamed[k] == pytest.approx(in_memory[k], rel=1e-4, abs=1e-5)}
+    assert not bad
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_stream_rows_threshold_at_the_thesis_size():
+    """fig3_1's shape (N = 10 000, width 300) is measured in memory; 20x the samples stream."""
+    from study.train import IN_MEMORY_BYTES, STREAM_BATCH_BYTES, activation_numel, eval_batch_rows
+    model = MLP(16, 4, depth=6, width=300)
+    assert activation_numel(model, torch.randn(2, 16)) == 300 and model.training
+    assert eval_batch_rows(model, torch.randn(10_000, 16)) is None
+    rows = eval_batch_rows(model, torch.randn(200_000, 16))
+    assert 200_000 * 300 * 4 > IN_MEMORY_BYTES and rows == STREAM_BATCH_BYTES // (300 * 4)

@@ -1,0 +1,244 @@
+"""What real clusters do to a study, done for real on this machine: a trial worker killed (as
+an out-of-memory kill does), the tracking server stopped for longer than the client's own
+retries with the driver killed meanwhile, several studies opening one new SQLite store at
+once. After each, every trial ends complete and each MLflow run holds every step once."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from test_cluster import BIN, free_port, wait_for
+from test_study import _kill_session, histories, nc_study, trial_runs
+
+EVALS = list(range(20, 401, 20))
+
+
+def tiny_study(folder: Path, name: str = "faults", trials: int = 2, epochs: int = 400) -> Path:
+    """`trials` trials of a few seconds each that checkpoint every other evaluation."""
+    space = folder / f"{name}.yaml"
+    space.write_text(textwrap.dedent(f"""
+        name: {name}
+        trial: {{n_samples: 2000, depth: 3, width: 32, epochs: {epochs}, eval_every: 20}}
+        grid: {{seed: {list(range(trials))}}}
+        checkpoint_every: 2
+    """))
+    return space
+
+
+def start(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "study", *args], cwd=cwd, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def wait_in_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.time() < deadline, f"{text!r} not in the log after {timeout:.0f} s:\n{log.read_text()}"
+        time.sleep(0.3)
+
+
+def trial_workers(session: int) -> list[int]:
+    """PIDs of the Ray worker processes that train trials, in the driver's session."""
+    pids = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            if os.getsid(pid) != session:
+                continue
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                pids.append(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def checkpoints(folder: Path, name: str) -> list[Path]:
+    return list((folder / "ray_results" / name).glob("*/checkpoint_*"))
+
+
+def assert_every_step_once(uri: str, name: str, n: int, steps: list[int] = EVALS) -> list:
+    runs = trial_runs(uri, name)
+    assert len(runs) == n
+    for run in runs:
+        assert run.data.tags["status"] in ("converged", "not_converged"), run.data.tags
+        assert run.info.status == "FINISHED"
+        for key in ("nc_score", "train_acc", "layer01/nc1"):
+            assert histories(uri, run.info.run_id, key) == steps, key
+    return runs
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
+    """SIGKILL of a trial's worker mid-training: Ray retries the trial from its last
+    checkpoint (max_failures, default 2), the study ends complete with exit 0."""
+    space = tiny_study(tmp_path)
+    log = tmp_path / "run.log"
+    driver = start(["run", str(space)], tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        deadline = time.time() + 240
+        while not checkpoints(tmp_path, "faults"):
+            assert driver.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.3)
+        workers = trial_workers(driver.pid)
+        assert workers, log.read_text()
+        os.kill(workers[0], signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, log.read_text()
+    finally:
+        _kill_session(driver.pid)
+    text = log.read_text()
+    assert "retrying" in text and "from its last checkpoint" in text, text
+    runs = assert_every_step_once(f"sqlite:///{tmp_path}/mlflow.db", "faults", 2)
+    parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    for run in runs:
+        # the run spans the trial's own training time, not the instant the writer created it
+        wall = max(m.value for m in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+                   .get_metric_history(run.info.run_id, "time_wall_s"))
+        assert (run.info.end_time - run.info.start_time) / 1000 >= 0.9 * wall
+        assert run.data.tags["ray.node_id"]
+
+
+def test_a_rerun_retries_failed_trials_from_their_checkpoints(tmp_path):
+    """With --max-failures 0 a killed worker fails its trial (exit 1, run FAILED); running the
+    same command again retries it from its checkpoint and completes the study."""
+    space = tiny_study(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    log = tmp_path / "run.log"
+    driver = start(["run", str(space), "--max-failures", "0"], tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        deadline = time.time() + 240
+        while not checkpoints(tmp_path, "faults"):
+            assert driver.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.3)
+        os.kill(trial_workers(driver.pid)[0], signal.SIGKILL)
+        assert driver.wait(timeout=300) == 1, log.read_text()
+    finally:
+        _kill_session(driver.pid)
+    assert "retries them from their last checkpoints" in log.read_text()
+    failed = [r for r in trial_runs(uri, "faults") if r.data.tags["status"] == "error"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    logged = histories(uri, failed[0].info.run_id, "nc_score")
+
+    again = nc_study("run", str(space), cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming study faults" in again.stdout
+    assert_every_step_once(uri, "faults", 2)
+    assert logged and logged[0] == 20   # the retry continued the same run
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """An `mlflow server` on 127.0.0.1 that a test can stop and start again on the same port
+    and backend store."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+
+    def up() -> None:
+        procs.append(subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+            stdout=(tmp_path / f"mlflow{len(procs)}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server")
+
+    def down() -> None:
+        for proc in procs:
+            _kill_session(proc.pid)
+            proc.wait()
+
+    up()
+    yield uri, up, down
+    down()
+
+
+def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_dies(tmp_path, mlflow_server):
+    """The server is killed mid-study and stays down past the client's own retries; the
+    driver says so once, keeps training and journals its writes; it is then killed too. With
+    the server back, the same command re-sends the journal and resumes: every step once."""
+    uri, up, down = mlflow_server
+    space = tiny_study(tmp_path, trials=2, epochs=600)
+    args = ["run", str(space), "--tracking-uri", uri]
+    log = tmp_path / "run.log"
+    driver = start(args, tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        deadline = time.time() + 240
+        while not checkpoints(tmp_path, "faults"):
+            assert driver.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.3)
+        down()
+        wait_in_log(log, "unreachable", driver, timeout=120)
+        time.sleep(8)                      # trials keep reporting into the journal
+        journal = tmp_path / "ray_results" / "faults" / "mlflow_journal.jsonl"
+        assert journal.is_file() and journal.read_text().count("\n") > 0
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        _kill_session(driver.pid)
+    assert log.read_text().count("unreachable") == 1
+    up()
+    again = nc_study(*args, cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept from an earlier tracking outage" in again.stdout
+    assert not journal.exists()
+    assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
+
+
+def test_a_short_outage_is_ridden_out(tmp_path, mlflow_server):
+    """The server is down for ~10 s mid-study: one line when it goes, one when it is back,
+    the study completes in the same session with every step once."""
+    uri, up, down = mlflow_server
+    space = tiny_study(tmp_path, trials=2, epochs=600)
+    log = tmp_path / "run.log"
+    driver = start(["run", str(space), "--tracking-uri", uri], tmp_path, log)
+    try:
+        wait_in_log(log, "starting study", driver)
+        time.sleep(6)
+        down()
+        wait_in_log(log, "unreachable", driver, timeout=120)
+        time.sleep(5)
+        up()
+        assert driver.wait(timeout=300) == 0, log.read_text()
+    finally:
+        _kill_session(driver.pid)
+    text = log.read_text()
+    assert text.count("unreachable") == 1 and text.count("reachable again") == 1, text
+    assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
+
+
+def test_studies_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
+    """Three studies started at once on a store that does not exist yet: the store lock lets
+    one create the schema; all three finish."""
+    uri = f"sqlite:///{tmp_path}/shared.db"
+    procs = []
+    for i in range(3):
+        space = tiny_study(tmp_path, name=f"together{i}", trials=1, epochs=40)
+        procs.append(start(["run", str(space), "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr")],
+                           tmp_path, tmp_path / f"run{i}.log"))
+    try:
+        codes = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            _kill_session(p.pid)
+    assert codes == [0, 0, 0], [(tmp_path / f"run{i}.log").read_text() for i in range(3)]
+    for i in range(3):
+        (run,) = trial_runs(uri, f"together{i}")
+        assert histories(uri, run.info.run_id, "nc_score") == [20, 40]
+
+
+def test_a_broken_store_is_one_line(tmp_path):
+    """A file that is not a database, given as the SQLite store: one line, exit 2, file untouched."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"this is not a database" * 10)
+    done = nc_study("run", str(tiny_study(tmp_path)), "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be opened" in lines[0], done.stderr
+    assert db.read_bytes() == b"this is not a database" * 10
