@@ -116,8 +116,11 @@ def bound_text(r: dict, unit: str = "") -> str:
     elif r["state"] == VIOLATED:
         p = f", {p_is(r['p_violated_adjusted'], 'p_adj')}"
     ratio = r.get("sd_ratio")
-    caveat = (f" (seed SDs differ {num(ratio)}-fold across λ: the pooled-SD interval may undercover)"
-              if ratio is not None and ratio > SD_RATIO_WARN else "")
+    caveat = ""
+    if ratio is not None and ratio > SD_RATIO_WARN:
+        spread = (f"seed SDs differ {num(ratio)}-fold across λ" if math.isfinite(ratio) else
+                  "the seeds agree exactly at some λ and not at others")
+        caveat = f" ({spread}: the pooled-SD interval may undercover)"
     return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{caveat}{floor}; τ = {r['tau']:g}{p}"
 
 

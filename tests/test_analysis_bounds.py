@@ -139,6 +139,8 @@ def test_unequal_seed_sds_are_flagged():
     r = bounds.pair_bound(strata, w, tau=0.1)
     assert r["sd_ratio"] == math.inf
     r["epsilon_hat"], r["state"] = 0.0, "inconclusive"
-    assert "seed SDs differ inf-fold" in bound_text(r)
+    assert "the seeds agree exactly at some λ and not at others" in bound_text(r)
+    r["sd_ratio"] = 12.0
+    assert "seed SDs differ 12-fold across λ" in bound_text(r)
     even = bounds.pair_bound([np.array([0.5, 0.6, 0.4])] * 4, w, tau=0.1)
     assert even["sd_ratio"] == pytest.approx(1.0)
