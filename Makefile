@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 SPACE   ?= search_spaces/smoke.yaml
 
-.PHONY: install test test-all study reproduce bench clean
+.PHONY: install test test-all test-ui study reproduce bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
+
+# The MLflow UI in headless Chromium (about 3 min); needs the `ui` extra and a system Chromium
+# (tests/ui/check_mlflow_ui.py says how). Refreshes the screenshots in docs/screenshots.
+test-ui: $(STAMP)
+	$(PY) tests/ui/check_mlflow_ui.py --screenshots docs/screenshots
 
 study: $(STAMP)
 	$(VENV)/bin/nc-study run $(SPACE)

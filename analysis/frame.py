@@ -6,12 +6,13 @@ One row per trial × evaluation × layer:
     label), weight_decay (float), seed (int), depth (int), bn (str), epoch (int, the MLflow
     step), layer (int), then one column per metric name, then one column per param.
 
-`layer` 0 holds the run-level and penultimate-layer metrics, logged unprefixed
-(`train_loss`, `nc_score`, `loss_gap`, …); layer l >= 1 holds the per-layer measures of
-hidden block l, logged as `layerNN/<name>`, under the same unprefixed names (`ncc_acc`,
-`nc_score`, …). So the penultimate block's measures appear twice, at layer 0 and at layer
-L-1. The `epoch` metric is the step itself and becomes the `epoch` column. Metrics a row
-does not have are NaN (e.g. `train_loss` at layer >= 1).
+`layer` 0 holds the run-level and penultimate-layer metrics (logged as `headline/<name>`,
+`last_block/<name>` and bare `epoch`, `lr`, …; unprefixed in stores written before that
+layout), under their plain names (`train_loss`, `nc_score`, `loss_gap`, …); layer l >= 1
+holds the per-layer measures of hidden block l, logged as `layerNN/<name>`, under the same
+plain names (`ncc_acc`, `nc_score`, …). So the penultimate block's measures appear twice,
+at layer 0 and at layer L-1. The `epoch` metric is the step itself and becomes the `epoch`
+column. Metrics a row does not have are NaN (e.g. `train_loss` at layer >= 1).
 
 Param columns carry the trial's params, typed as `study.config.TrialConfig` declares them
 (unknown params stay strings); a param whose name is also a metric or a key column is

@@ -6,9 +6,14 @@ Two sources, one result:
   MLflow client needs one request per run and metric key (268 keys for a depth-16 model),
   which takes minutes for a 200-trial study; this path takes seconds (BENCHMARKS.analysis.md).
 - Any other tracking URI goes through `MlflowClient`: `search_runs` for runs, params, tags
-  and the latest value of every metric, `get_metric_history` for the unprefixed (run-level
-  and penultimate) keys. Per-layer rows then hold only the final evaluation (the latest
+  and the latest value of every metric, `get_metric_history` for the run-level and
+  last-block keys. Per-layer rows then hold only the final evaluation (the latest
   values), which is all the analysis uses; `full_layers=True` fetches their histories too.
+
+Metric names: both layouts read the same (`parse_key`). Stores written since the headline
+layout (docs/mlflow_layout.md) log `headline/nc_score`, `last_block/nc1`, …; older ones the
+same measures unprefixed (`nc_score`, `nc1`, …). `study.schema.plain_name` maps either to
+the plain name the frame's columns carry; `layerNN/<name>` is the same in both.
 
 Cache: `<cache_dir>/<hash of the tracking URI>/<run_id>.pkl` holds a run's metric rows,
 keyed on the run's end time, `status` tag, number of metric keys and last metric timestamp,
@@ -41,10 +46,12 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from study.schema import plain_name
+
 from .frame import NOT_GROUP_PARAMS, TRIAL_COLUMNS, param_column
 
 CACHE_DIR = Path(".nc_cache")
-CACHE_VERSION = 1
+CACHE_VERSION = 2                        # 2: reads the headline/, last_block/ names
 REQUIRED_PARAMS = ("weight_decay", "seed", "depth", "bn")
 MLFLOW_TABLES = {"experiments", "runs", "metrics", "latest_metrics", "params", "tags"}
 _LAYER_KEY = re.compile(r"^layer(\d+)/(.+)$")
@@ -233,13 +240,14 @@ class ClientSource:
             return parsed is not None and (parsed[0] == 0 or layer_metrics is None or parsed[1] in layer_metrics)
 
         latest = {k: v for k, v in run.latest.items() if wanted(k)}
-        keys = [k for k in latest if self.full_layers or "/" not in k]
+        per_layer = {k for k in latest if parse_key(k)[0] > 0}
+        keys = [k for k in latest if self.full_layers or k not in per_layer]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:    # one request per key: overlap them
             histories = self._call(f"read the metric history of run {run.run_id}", list,
                                    pool.map(lambda k: self.client.get_metric_history(run.run_id, k), keys))
         rows = [(m.key, m.step, m.value, m.timestamp) for h in histories for m in h]
         if not self.full_layers:          # per-layer: the latest value only
-            rows += [(k, step, value, 0) for k, (value, step) in latest.items() if "/" in k]
+            rows += [(k, step, value, 0) for k, (value, step) in latest.items() if k in per_layer]
         rows.sort(key=lambda r: r[3])
         if not rows:
             return wide_history([], [], [])
@@ -308,8 +316,10 @@ def _finite(value: float) -> float:
 # ------------------------------------------------------------------ pure: rows -> frames
 
 def parse_key(key: str) -> tuple[int, str] | None:
-    """'layer03/ncc_acc' -> (3, 'ncc_acc'); 'nc_score' -> (0, 'nc_score'); other
-    prefixed keys (e.g. MLflow's 'system/...') -> None."""
+    """'layer03/ncc_acc' -> (3, 'ncc_acc'); 'headline/nc_score', 'last_block/nc1' and the
+    older stores' 'nc_score', 'nc1' -> (0, plain name); other prefixed keys (e.g. MLflow's
+    'system/...') -> None."""
+    key = plain_name(key)
     if "/" not in key:
         return 0, key
     match = _LAYER_KEY.match(key)

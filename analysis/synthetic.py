@@ -8,7 +8,10 @@ grow with the block index; the effective depth falls as λ grows; loss_gap > 0 t
 
 `write_study()` writes them through the MLflow client exactly as docs/mlflow_layout.md
 says (parent run, one child run per trial, params from `TrialConfig.to_params()`, status
-tags, metrics with step = epoch, `layerNN/<name>` per hidden block, `layers.csv`).
+tags, metrics with step = epoch under their MLflow names: `headline/<name>`,
+`last_block/<name>`, `layerNN/<name>` per hidden block; `layers.csv`), or with
+`legacy_names=True` as stores written before the headline layout have them (unprefixed
+headline and last-block measures).
 `write_metrics_sql()` is the benchmark's shortcut for millions of metric rows: it inserts
 them straight into a SQLite store's `metrics` and `latest_metrics` tables.
 """
@@ -24,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from study.config import TrialConfig
+from study.schema import metric_key
 
 C = 4                                  # classes of the planted data
 LAMBDA_GRID = (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3, 7e-3, 1e-2)
@@ -151,7 +155,7 @@ def effective_depth(ncc_accs: Sequence[float], depth: int, epsilon: float) -> in
 # ------------------------------------------------------------------ writing to MLflow
 
 def write_study(client, name: str, trials: Sequence[PlantedTrial], artifact_location: str | None = None,
-                log_metrics: bool = True) -> tuple[str, str, list[str]]:
+                log_metrics: bool = True, legacy_names: bool = False) -> tuple[str, str, list[str]]:
     """Create experiment `name` with a parent run and one child run per trial, per
     docs/mlflow_layout.md. Returns (experiment id, parent run id, child run ids)."""
     exp = client.get_experiment_by_name(name)
@@ -169,7 +173,7 @@ def write_study(client, name: str, trials: Sequence[PlantedTrial], artifact_loca
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in trial.cfg.to_params().items()])
         if log_metrics:
-            log_history(client, run_id, trial)
+            log_history(client, run_id, trial, legacy_names)
             client.log_text(run_id, layers_csv(trial), "layers.csv")
         client.log_batch(run_id, tags=[RunTag("status", trial.status)])
         client.set_terminated(run_id, "FINISHED")
@@ -178,10 +182,11 @@ def write_study(client, name: str, trials: Sequence[PlantedTrial], artifact_loca
     return exp_id, parent_id, child_ids
 
 
-def metric_rows(trial: PlantedTrial) -> list[tuple[str, float, int]]:
-    """(key, value, step) of every logged value; NaN entries are not logged."""
+def metric_rows(trial: PlantedTrial, legacy_names: bool = False) -> list[tuple[str, float, int]]:
+    """(MLflow key, value, step) of every logged value; NaN entries are not logged."""
     rows = []
-    for key, values in trial.metrics.items():
+    for name, values in trial.metrics.items():
+        key = name if legacy_names else metric_key(name)
         for step, value in zip(trial.steps, values):
             if not math.isnan(value):
                 rows.append((key, float(value), int(step)))
@@ -189,10 +194,10 @@ def metric_rows(trial: PlantedTrial) -> list[tuple[str, float, int]]:
     return rows
 
 
-def log_history(client, run_id: str, trial: PlantedTrial) -> None:
+def log_history(client, run_id: str, trial: PlantedTrial, legacy_names: bool = False) -> None:
     from mlflow.entities import Metric
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now + step, step) for k, v, step in metric_rows(trial)]
+    metrics = [Metric(k, v, now + step, step) for k, v, step in metric_rows(trial, legacy_names)]
     for start in range(0, len(metrics), 1000):          # MLflow's batch limit
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
 

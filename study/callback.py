@@ -1,4 +1,8 @@
-"""Ray Tune callback that mirrors a study's trials into MLflow, from the driver."""
+"""Ray Tune callback that mirrors a study's trials into MLflow, from the driver.
+
+A Ray trial trains one trial config, or a pack of several (`pack:` in the study file,
+spaces.members_of, trainable.run_pack). Each trial config, packed or not, is one MLflow
+run with the same record: packing is how trials run, not what they are."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +16,10 @@ from ray.tune import Callback
 
 from .config import TrialConfig
 from .data import resolve_num_classes
-from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_NODE_ID, TAG_NODE_IP, cell_id, run_name)
-from .spaces import Study
+from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id, metric_key,
+                     run_name)
+from .spaces import MEMBERS as MEMBERS_KEY
+from .spaces import Study, member_name, members_of
 from .tracking import TrialRuns, layer_table, open_client, report_metrics
 from .writer import Journal, Writer, replay
 
@@ -45,6 +51,7 @@ class MlflowTracker(Callback):
         self.study_name, self.n_trials = study.name, study.n_trials
         self.labels = list(study.grid) + (list(study.search.space) if study.search else [])
         self.axes = list(study.grid)
+        self.packed = study.pack_size > 1
         self.cell_index = {} if study.search else \
             {cell_id(cell, self.axes): i for i, cell in enumerate(study.cells(), start=1)}
         self.journal_path, self.max_outage_s = journal, max_outage_s
@@ -97,29 +104,57 @@ class MlflowTracker(Callback):
     def on_experiment_end(self, trials, **info):
         self.flush(timeout=0 if self.gave_up else None)
 
-    def _key(self, trial) -> str:
-        return trial_key(trial.config)
-
     def _describe(self, trial) -> str:
-        return self.names.get(self._key(trial)) or ", ".join(f"{k}={trial.config.get(k)}" for k in self.labels)
+        if MEMBERS_KEY in trial.config:
+            names = [self.run_name(config) for config in members_of(trial.config)]
+            return f"the pack of {len(names)} ({'; '.join(names)})"
+        return self._describe_config(trial.config)
 
-    def run_name(self, trial) -> str:
-        key = self._key(trial)
+    def _describe_config(self, config: dict) -> str:
+        return self.names.get(trial_key(config)) or ", ".join(f"{k}={config.get(k)}" for k in self.labels)
+
+    def run_name(self, config: dict) -> str:
+        """The MLflow run name of a trial config (a Ray trial's, or a pack member's)."""
+        key = trial_key(config)
         if key not in self.names:
-            index = self.cell_index.get(cell_id(trial.config, self.axes)) or \
+            index = self.cell_index.get(cell_id(config, self.axes)) or \
                 len(self.cell_index) + len(self.names) + 1
-            cell = {k: trial.config.get(k) for k in self.labels}
+            cell = {k: config.get(k) for k in self.labels}
             self.names[key] = run_name(self.study_name, index, self.n_trials, cell)
         return self.names[key]
 
+    def members(self, trial, result: dict | None = None) -> list[tuple[str, dict, dict | None]]:
+        """(trial key, config, its part of `result`) for each trial config the Ray trial
+        trains: for a plain trial the result itself; for a pack the member's sub-dict
+        (trainable.run_pack; None when it has none), with the node's address added."""
+        configs = members_of(trial.config)
+        if MEMBERS_KEY not in trial.config:
+            return [(trial_key(configs[0]), configs[0], result)]
+        out = []
+        for i, config in enumerate(configs):
+            part = (result or {}).get(member_name(i))
+            if isinstance(part, dict) and result and "node_ip" in result:
+                part = {**part, "node_ip": result["node_ip"]}
+            out.append((trial_key(config), config, part if isinstance(part, dict) else None))
+        return out
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        cfg = TrialConfig.from_dict(trial.config)
-        params = cfg.replace(num_classes=resolve_num_classes(cfg)).to_params()  # C read from the labels
-        self.writer.submit({"op": "start", "key": self._key(trial), "trial_id": trial.trial_id,
-                            "params": params, "name": self.run_name(trial), "start_ms": now_ms()})
+        for key, config, _ in self.members(trial):
+            cfg = TrialConfig.from_dict(config)
+            params = cfg.replace(num_classes=resolve_num_classes(cfg)).to_params()  # C read from the labels
+            self.writer.submit({"op": "start", "key": key, "trial_id": trial.trial_id,
+                                "params": params, "name": self.run_name(config), "start_ms": now_ms()})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        key = self._key(trial)
+        for key, _, part in self.members(trial, result):
+            if part is None:
+                continue
+            seen = self.last.get(key)
+            if MEMBERS_KEY in trial.config and seen is not None and seen.get("epoch") == part.get("epoch"):
+                continue   # a pack repeats an ended member's last report, logged already
+            self._log(key, part)
+
+    def _log(self, key: str, result: dict) -> None:
         tags = {}
         node = str(result.get("node_id") or "")
         if node and self.node.get(key) != node:   # first report, or the trial moved to another node
@@ -140,18 +175,23 @@ class MlflowTracker(Callback):
         return str(limit) if limit is not None else "?"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        key = self._key(trial)
-        last = self.last.get(key) or trial.last_result or {}
-        status = last.get("status", NOT_CONVERGED)
-        if status == RUNNING:
-            status = NOT_CONVERGED
-        self._finish(key, status, last)
-        self._done_line(trial, status, last)
+        for n, (key, config, part) in enumerate(self.members(trial, trial.last_result)):
+            last = self.last.get(key) or part or {}
+            status = last.get("status", NOT_CONVERGED)
+            if status == RUNNING:
+                status = NOT_CONVERGED
+            self._finish(key, status, last)
+            self._done_line(trial, n, config, status, last)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        key = self._key(trial)
-        self._finish(key, ERROR, self.last.get(key) or {}, _error_text(trial))
-        self._done_line(trial, ERROR, {})
+        for n, (key, config, _) in enumerate(self.members(trial)):
+            last = self.last.get(key) or {}
+            if MEMBERS_KEY in trial.config and last.get("status") in TRAINED:
+                self._finish(key, last["status"], last)   # a member that had ended (diverged) keeps its outcome
+                self._done_line(trial, n, config, last["status"], last)
+            else:
+                self._finish(key, ERROR, last, _error_text(trial))
+                self._done_line(trial, n, config, ERROR, {})
 
     def _finish(self, key: str, status: str, last: dict, error: str = "") -> None:
         self.writer.submit({"op": "finish", "key": key, "status": status, "layers_csv": layer_table(last),
@@ -166,26 +206,29 @@ class MlflowTracker(Callback):
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
         running = [t for t in trials if t.status == "RUNNING"]
-        epochs = ", ".join(f"{int((t.last_result or {}).get('epoch', 0))}/{t.config.get('epochs', '?')}"
+        epochs = ", ".join(f"{int((t.last_result or {}).get('epoch', 0))}/{members_of(t.config)[0].get('epochs', '?')}"
                            for t in running[:4])
         done, total = epochs_done(trials, self.n_trials)
         if self.baseline is None:
             self.baseline = (done, time.time())
         left = eta(done - self.baseline[0], total - done, time.time() - self.baseline[1])
         backlog = self._writer.pending if self._writer is not None and self._writer.down_since else 0
-        print(f"  … {clock(time.time() - self.started)}: "
+        unit = "packs" if self.packed else "trials"
+        print(f"  … {clock(time.time() - self.started)}: " + ("packs: " if self.packed else "")
               + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-              + (f"; epochs of running trials: {epochs}" if epochs else "")
+              + (f"; epochs of running {unit}: {epochs}" if epochs else "")
               + (f"; about {clock(left)} left" if left is not None else "")
               + (f"; {backlog} MLflow writes waiting for the store" if backlog else ""), flush=True)
 
-    def _done_line(self, trial, status: str, last: dict) -> None:
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in self.trials) + 1
-        score = last.get("nc_score")
-        acc = last.get("train_acc")
+    def _done_line(self, trial, n: int, config: dict, status: str, last: dict) -> None:
+        """`[  3/6] converged  <run name> ...` for the n-th trial config of the Ray trial."""
+        done = sum(len(members_of(t.config)) for t in self.trials
+                   if t.status in ("TERMINATED", "ERROR") and t is not trial) + n + 1
+        score = last.get(metric_key("nc_score"), last.get("nc_score"))
+        acc = last.get(metric_key("train_acc"), last.get("train_acc"))
         extra = (f" nc_score={score:+.3f}" if isinstance(score, float) else "") + \
                 (f" train_acc={acc:.4f}" if isinstance(acc, float) else "")
-        print(f"  [{min(done, self.n_trials):>3}/{self.n_trials}] {status:<13} {self._describe(trial)}{extra}"
+        print(f"  [{min(done, self.n_trials):>3}/{self.n_trials}] {status:<13} {self._describe_config(config)}{extra}"
               f"  ({clock(time.time() - self.started)})", flush=True)
 
 
@@ -198,7 +241,7 @@ def describe_outcome(status: str, last: dict) -> str:
     parts = [status.replace("_", " ")]
     for key, fmt in (("epoch", "after {:.0f} epochs"), ("nc_score", "final nc_score {:.3f}"),
                      ("train_acc", "train_acc {:.4f}")):
-        value = last.get(key)
+        value = last.get(metric_key(key), last.get(key))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parts.append(fmt.format(value))
     return ", ".join(parts)
@@ -207,14 +250,18 @@ def describe_outcome(status: str, last: dict) -> str:
 def epochs_done(trials, n_trials: int) -> tuple[int, int]:
     """(epochs trained, epochs in all) over a study of `n_trials`: an ended trial counts whole
     (a diverged one ends early but needs nothing more), a running one up to its last report,
-    and trials a search has not created yet as many epochs as the mean of those it has."""
-    done = total = 0
+    and trials a search has not created yet as many epochs as the mean of those it has.
+    A Ray trial training a pack counts as its members, which share its epochs."""
+    done = total = count = 0
     for t in trials:
-        epochs = int(t.config.get("epochs", 0) or 0)
-        total += epochs
-        done += epochs if t.status in ("TERMINATED", "ERROR") else min(epochs, int((t.last_result or {}).get("epoch", 0)))
-    if trials and n_trials > len(trials):
-        total += round(total / len(trials) * (n_trials - len(trials)))
+        members = members_of(t.config)
+        epochs = int(members[0].get("epochs", 0) or 0)
+        count += len(members)
+        total += len(members) * epochs
+        done += len(members) * (epochs if t.status in ("TERMINATED", "ERROR")
+                                else min(epochs, int((t.last_result or {}).get("epoch", 0))))
+    if trials and n_trials > count:
+        total += round(total / count * (n_trials - count))
     return done, total
 
 

@@ -23,10 +23,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-COSINE_KEYS = ("intra_min", "intra_mean", "inter_max", "inter_mean", "nc_score")
-LAYER_KEYS = (COSINE_KEYS + tuple("raw_" + k for k in COSINE_KEYS)
-              + ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "ncc_acc", "cdnv"))
-CLASSIFIER_KEYS = ("nc3", "nc4", "train_loss", "train_acc", "alpha", "beta", "loss_floor", "loss_gap")
+# the measures' plain names and `layerNN/<name>` live with the rest of the MLflow layout
+from .schema import CLASSIFIER_KEYS, COSINE_KEYS, LAYER_KEYS, layer_key  # noqa: F401 - re-exported
 
 # Rows per sweep step on CPU: about 2 MiB of features, so a chunk's temporaries stay in
 # cache instead of allocating and streaming whole (N, D) arrays (1-4 MiB measured best on
@@ -435,11 +433,6 @@ def layer_metrics(stats: ClassStats, ncc_pred: torch.Tensor | None = None) -> di
     return out
 
 
-def layer_key(l: int, name: str) -> str:
-    """Metric name of measure `name` at hidden block l (1-based): 'layer03/nc1'."""
-    return f"layer{l:02d}/{name}"
-
-
 def measure(features: Iterable[torch.Tensor], y: torch.Tensor,
             W: torch.Tensor | None = None, b: torch.Tensor | None = None,
             num_classes: int | None = None, depth: int | None = None,
@@ -447,7 +440,8 @@ def measure(features: Iterable[torch.Tensor], y: torch.Tensor,
     """All docs/science.md §5 measures for hidden features h_1..h_{L-1} (any iterable, consumed
     one layer at a time so only one layer is held): `layerNN/...` for each block, the last
     block's unprefixed, plus classifier measures when W (C, D_last) is given, and
-    `effective_depth` (L = `depth`, default number of layers + 1)."""
+    `effective_depth` (L = `depth`, default number of layers + 1). Plain names: MLflow gets
+    them as `schema.mlflow_metrics` renames them (headline/..., last_block/...)."""
     return summarise((class_stats(H, y, num_classes) for H in features), y, W, b, depth, epsilon)
 
 

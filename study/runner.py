@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
-from .spaces import SpaceError, Study, distinct_configs, load_study
+from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, packs
 
 EXIT_FAILED_TRIALS = 1
 EXIT_TRACKING_DOWN = 75   # sysexits' EX_TEMPFAIL: the store was gone too long; re-run to resume
@@ -24,6 +24,8 @@ EXIT_INTERRUPTED = 130
 STATE_PERIOD_S = 5.0  # how often Ray saves the experiment state, unless TUNE_GLOBAL_CHECKPOINT_S says
 OUTAGE_LIMIT_S = 3600.0
 JOURNAL = "mlflow_journal.jsonl"
+FINGERPRINT_MARKER = "nc_study_fingerprint"
+PACK_MARKER = "nc_study_pack"   # Ray's trials of a packed study are packs: a resume must pack alike
 
 
 def add_run_parser(sub) -> None:
@@ -171,8 +173,15 @@ def check_resources(study: Study) -> None:
 # ------------------------------------------------------------------------------ Tune pieces
 
 def param_space(study: Study) -> dict:
+    """What Tune expands into trials: the grid (one trial per cell), the grid packed (one
+    trial per pack: the fixed fields and MEMBERS, its list of cells; spaces.members_of), or
+    the search space."""
     from ray import tune
     space: dict = dict(study.fixed)
+    if study.search is None and study.pack_size > 1:
+        cells = list(study.cells())
+        space[MEMBERS] = tune.grid_search([[cells[i] for i in pack] for pack in packs(study)])
+        return space
     if study.search is None:
         space |= {k: tune.grid_search(v) for k, v in study.grid.items()}
         return space
@@ -219,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(study, uri, storage)
     address = ray_address(args)
+    prepare_ray_env(address)   # before anything imports ray: it reads RAY_AUTH_MODE on import
     try:
         resend_journal(study, uri, journal_path(storage, study.name))
         experiment_id = completed_experiment(study, uri)
@@ -239,7 +249,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = str(state_period)  # see trainable.run_trial
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    prepare_ray_env(address)
     import ray
     start_ray(address)
     try:
@@ -277,11 +286,11 @@ def open_study_record(study: Study, uri: str) -> tuple[str, str]:
 
 def resend_journal(study: Study, uri: str, journal: Path) -> None:
     """Writes an earlier driver kept during a tracking outage go to the store first."""
-    from .callback import MlflowTracker
     from .tracking import KIND_STUDY, find_runs, open_client
     from .writer import Journal
     if not Journal(journal).read():
         return
+    from .callback import MlflowTracker
     client = open_client(uri)
     experiment = client.get_experiment_by_name(study.name)
     parents = find_runs(client, experiment.experiment_id, KIND_STUDY) if experiment else []
@@ -316,6 +325,8 @@ def completed_experiment(study: Study, uri: str) -> str | None:
 
 def dry_run(study: Study, uri: str, storage: str) -> int:
     from .schema import run_name
+    if study.pack_size > 1:
+        return dry_run_packed(study, uri, storage)
     print(f"study {study.name}: {study.n_trials} trials, resources per trial cpu={study.cpu:g} gpu={study.gpu:g}, "
           f"up to {study.max_failures} retries per trial")
     print(f"  tracking {uri}; Ray storage {storage}/{study.name}")
@@ -328,16 +339,34 @@ def dry_run(study: Study, uri: str, storage: str) -> int:
     return 0
 
 
+def dry_run_packed(study: Study, uri: str, storage: str) -> int:
+    """The packs, each with the run names of the trials it trains together."""
+    from .schema import run_name
+    groups = packs(study)
+    cells = list(study.cells())
+    print(f"study {study.name}: {study.n_trials} trials in {len(groups)} packs of up to {study.pack_size} "
+          f"(pack: {study.pack}), resources per pack cpu={study.cpu:g} gpu={study.gpu:g}, "
+          f"up to {study.max_failures} retries per pack")
+    print(f"  tracking {uri}; Ray storage {storage}/{study.name}")
+    width = len(str(len(groups)))
+    for p, group in enumerate(groups, start=1):
+        for j, i in enumerate(group):
+            head = f"pack {p:>{width}}:" if j == 0 else " " * (width + 6)
+            print(f"  {head} {run_name(study.name, i + 1, study.n_trials, cells[i])}")
+    return 0
+
+
 def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage: str,
             max_concurrent: int, state_period: float = STATE_PERIOD_S, outage_limit: float = OUTAGE_LIMIT_S) -> int:
     from ray import tune
     from .callback import MlflowTracker
-    from .trainable import run_trial
+    from .trainable import run_pack, run_trial
 
     threads = max(1, int(study.cpu))
+    packed = study.pack_size > 1
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, checkpoint_every=study.checkpoint_every, threads=threads,
-                             min_checkpoint_s=2 * state_period + 0.5),
+        tune.with_parameters(run_pack if packed else run_trial, checkpoint_every=study.checkpoint_every,
+                             threads=threads, min_checkpoint_s=2 * state_period + 0.5),
         {"cpu": study.cpu, "gpu": study.gpu})
     tracker = MlflowTracker(uri, experiment_id, parent_id, study, journal_path(storage, study.name), outage_limit)
     exp_dir = f"{storage}/{study.name}"
@@ -348,6 +377,12 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         if recorded not in (None, study.fingerprint()):
             raise UsageError(f"{exp_dir} holds an earlier run of a different definition of {study.name!r}; "
                              f"rename the study in {study.path} or pass another --storage-path")
+        packed_as = int(read_marker(exp_dir, PACK_MARKER) or 1)
+        if packed_as != study.pack_size:
+            raise UsageError(f"{exp_dir} holds a run of {study.name!r} with up to {packed_as} trials per Ray trial, "
+                             f"this command packs {study.pack_size}; resume with the pack: of that run in "
+                             f"{study.path} (pack: auto follows resources.gpu and --gpus-per-trial) or pass "
+                             "another --storage-path")
         print(f"resuming study {study.name} from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
@@ -359,10 +394,16 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         tune_kwargs = {}
         if study.search:
             from ray.tune.search.optuna import OptunaSearch
-            search_alg = OptunaSearch(metric=study.search.metric, mode=study.search.mode, seed=study.search.seed)
-            tune_kwargs = dict(metric=study.search.metric, mode=study.search.mode)
-        print(f"starting study {study.name}: {study.n_trials} trials "
-              f"(cpu={study.cpu:g}, gpu={study.gpu:g} per trial) -> {uri}", flush=True)
+            from .schema import metric_key
+            metric = metric_key(study.search.metric)   # `nc_score` in the file is `headline/nc_score` in results
+            search_alg = OptunaSearch(metric=metric, mode=study.search.mode, seed=study.search.seed)
+            tune_kwargs = dict(metric=metric, mode=study.search.mode)
+        if packed:
+            print(f"starting study {study.name}: {study.n_trials} trials in {len(packs(study))} packs of up to "
+                  f"{study.pack_size} (cpu={study.cpu:g}, gpu={study.gpu:g} per pack) -> {uri}", flush=True)
+        else:
+            print(f"starting study {study.name}: {study.n_trials} trials "
+                  f"(cpu={study.cpu:g}, gpu={study.gpu:g} per trial) -> {uri}", flush=True)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(study),
@@ -374,6 +415,8 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
                                       failure_config=failure),
         )
         write_marker(exp_dir, study.fingerprint())
+        if packed:
+            write_marker(exp_dir, str(study.pack_size), PACK_MARKER)
     tracker.runs   # read the study's runs back now, while the store is known to answer
     tuner.fit()
     if tracker.gave_up or not tracker.flush():
@@ -385,23 +428,24 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id)
 
 
-def read_marker(exp_dir: str) -> str | None:
-    """The fingerprint of the definition that created `exp_dir` (a local folder or a URI)."""
+def read_marker(exp_dir: str, name: str = FINGERPRINT_MARKER) -> str | None:
+    """A marker of the run that created `exp_dir` (a local folder or a URI): the fingerprint
+    of its definition, or (PACK_MARKER, written only when packed) its trials per Ray trial."""
     import pyarrow.fs
     fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
     try:
-        with fs.open_input_stream(f"{path}/nc_study_fingerprint") as stream:
+        with fs.open_input_stream(f"{path}/{name}") as stream:
             return stream.read().decode().strip()
     except (FileNotFoundError, OSError):
         return None
 
 
-def write_marker(exp_dir: str, fingerprint: str) -> None:
+def write_marker(exp_dir: str, value: str, name: str = FINGERPRINT_MARKER) -> None:
     import pyarrow.fs
     fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
     fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/nc_study_fingerprint") as stream:
-        stream.write((fingerprint + "\n").encode())
+    with fs.open_output_stream(f"{path}/{name}") as stream:
+        stream.write((value + "\n").encode())
 
 
 def clock(seconds: float) -> str:

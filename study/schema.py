@@ -1,8 +1,8 @@
 """The layout of a study's MLflow record, in one place (docs/mlflow_layout.md).
 
-Writers (study/tracking.py, study/callback.py) and readers (study/runner.py, study/timing.py,
-analysis/load.py) import the names from here. Torch-free and MLflow-free, so the analysis
-side can import it cheaply.
+Writers (study/tracking.py, study/callback.py, study/trainable.py) and readers
+(study/runner.py, study/timing.py, analysis/load.py) import the names from here. Torch-free
+and MLflow-free, so the analysis side can import it cheaply.
 """
 from __future__ import annotations
 
@@ -35,11 +35,6 @@ ABBREVIATIONS = {"weight_decay": "wd", "bn_placement": "bn_at", "learning_rate":
                  "n_samples": "N", "batch_size": "B", "optimizer": "opt", "dataset": "data"}
 
 
-def layer_key(l: int, name: str) -> str:
-    """Per-layer metric name: layer01/nc1, ..."""
-    return f"layer{l:02d}/{name}"
-
-
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}" if math.isfinite(value) else str(value)
@@ -66,3 +61,60 @@ def cell_id(cell: dict[str, Any], keys: Iterable[str]) -> str:
 def runs_link(base_url: str, experiment_id: str) -> str:
     """The MLflow UI's page of an experiment's training runs (not its GenAI overview)."""
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+# ---------------------------------------------------------------- metric names (docs/science.md §5)
+# The measures by their plain names, as study.metrics returns them and the analysis frame
+# names its columns.
+COSINE_KEYS = ("intra_min", "intra_mean", "inter_max", "inter_mean", "nc_score")
+LAYER_KEYS = (COSINE_KEYS + tuple("raw_" + k for k in COSINE_KEYS)
+              + ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "ncc_acc", "cdnv"))
+CLASSIFIER_KEYS = ("nc3", "nc4", "train_loss", "train_acc", "alpha", "beta", "loss_floor", "loss_gap")
+
+# Their names in MLflow. The UI (3.x) draws one chart section per prefix before the last "/",
+# sections in code-point order and the unprefixed metrics last, under "Model metrics"; the
+# run page lists a run's metrics in the order they were first logged. So the headline
+# measures go under a prefix that sorts before the per-layer `layerNN/` ones ("h" < "l"),
+# and `mlflow_metrics` logs them first:
+#   headline/<name>    HEADLINE, of the whole network (nc_score is the last block's)
+#   last_block/<name>  the other measures of the last hidden block, and the classifier's on it
+#   layerNN/<name>     every hidden block's LAYER_KEYS, NN = 01 .. L-1
+#   <name>             bookkeeping: epoch (the step), lr, diverged, time_*_s
+# Stores written before this layout have the headline and last-block measures unprefixed;
+# `plain_name` reads both.
+HEADLINE = ("nc_score", "train_acc", "train_loss", "loss_gap", "effective_depth")
+HEADLINE_PREFIX, LAST_BLOCK_PREFIX = "headline/", "last_block/"
+LAST_BLOCK = tuple(k for k in LAYER_KEYS + CLASSIFIER_KEYS if k not in HEADLINE)
+_MLFLOW_KEY = {k: HEADLINE_PREFIX + k for k in HEADLINE} | {k: LAST_BLOCK_PREFIX + k for k in LAST_BLOCK}
+
+
+def layer_key(l: int, name: str) -> str:
+    """Metric name of measure `name` at hidden block l (1-based): 'layer03/nc1'."""
+    return f"layer{l:02d}/{name}"
+
+
+def metric_key(name: str) -> str:
+    """The MLflow name of a plain metric name: 'nc_score' -> 'headline/nc_score', 'nc1' ->
+    'last_block/nc1'; per-layer, bookkeeping and already-prefixed names are unchanged."""
+    return _MLFLOW_KEY.get(name, name)
+
+
+def plain_name(key: str) -> str:
+    """The plain name of an MLflow metric name of either layout: 'headline/nc_score' and
+    'nc_score' -> 'nc_score', 'last_block/nc1' -> 'nc1'; 'layer03/nc1' is unchanged."""
+    for prefix in (HEADLINE_PREFIX, LAST_BLOCK_PREFIX):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """One evaluation's metrics (plain names) under their MLflow names, in the order the run
+    page should list them: headline, bookkeeping, last block, then block by block."""
+    def rank(name: str) -> tuple[int, int]:
+        if name in HEADLINE:
+            return 0, HEADLINE.index(name)
+        if name in _MLFLOW_KEY:
+            return 2, 0
+        return (3, 0) if "/" in name else (1, 0)
+    return {metric_key(k): metrics[k] for k in sorted(metrics, key=rank)}

@@ -14,6 +14,18 @@ before Ray starts (unknown keys, bad values, empty grids, a key in both grid and
     resources: {cpu: 1, gpu: 0}        # per trial; gpu may be fractional
     checkpoint_every: 3                # evaluations between trial checkpoints
     max_failures: 2                    # retries of a trial whose worker or node dies
+    pack: 1                            # grid cells trained together as one Ray trial: K or auto
+
+Packing (`pack: K`, grid studies only): cells that may share one batched model
+(study.packed: same `pack_key`, differing only in MEMBER_FIELDS such as seed and
+weight_decay) are grouped, in `--dry-run` order, into packs of at most K (`packs`); each
+pack is one Ray trial on one trial's resources, and each of its cells keeps its own MLflow
+run, as if unpacked (docs/mlflow_layout.md). `auto` means 1 on CPU-only trials
+(resources.gpu == 0) and AUTO_PACK_GPU with a GPU. Measured on the shared 2-core CPU box
+(study/bench_pack.py, fig3_1's shape): a pack trains each member only about 15 % faster
+than an unpacked trial on 1 thread, too little for a Ray trial that runs K times as long
+and loses K trials' progress to one killed worker. On a GPU one small MLP's kernels leave
+the device mostly idle and a pack fills it; 8 is a starting point, not measured here.
 """
 from __future__ import annotations
 
@@ -29,7 +41,8 @@ import yaml
 
 from .config import FIELD_NAMES, FIELDS_HINT, ConfigError, TrialConfig, did_you_mean, from_flags
 
-TOP_KEYS = ("name", "description", "trial", "grid", "search", "resources", "checkpoint_every", "max_failures")
+TOP_KEYS = ("name", "description", "trial", "grid", "search", "resources", "checkpoint_every", "max_failures",
+            "pack")
 MAX_TRIALS = 100_000   # a larger grid is a mistake more often than a plan; split it into studies
 # TrialConfig fields whose validity depends on other fields: their combinations are checked
 # cell by cell; every other grid axis is checked value by value
@@ -37,6 +50,8 @@ COUPLED = ("dataset", "data_path", "data_root", "num_classes", "conic_kind", "mo
 SEARCH_KEYS = ("algorithm", "metric", "mode", "num_samples", "space", "seed")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 ALGORITHMS = ("optuna",)
+AUTO_PACK_GPU = 8      # `pack: auto` with resources.gpu > 0 (1 without; see the module docstring)
+MEMBERS = "members"    # a packed Ray trial's config: the shared fields, and MEMBERS: [grid cell, ...]
 
 
 class SpaceError(ValueError):
@@ -65,6 +80,17 @@ class Study:
     gpu: float = 0.0
     checkpoint_every: int = 3
     max_failures: int = 2
+    pack: int | str = 1      # K, or "auto"
+
+    @property
+    def pack_size(self) -> int:
+        """At most this many grid cells per Ray trial: `pack`, with auto resolved on the
+        trial's resources (AUTO_PACK_GPU with a GPU, else 1); 1 for a search."""
+        if self.search:
+            return 1
+        if self.pack == "auto":
+            return AUTO_PACK_GPU if self.gpu > 0 else 1
+        return int(self.pack)
 
     @property
     def n_cells(self) -> int:
@@ -167,10 +193,16 @@ def parse_study(raw: Any, path: Path, overrides: dict[str, str]) -> Study:
     retries = raw.get("max_failures", 2)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise fail(f"max_failures must be a whole number >= 0, got {retries!r}")
+    pack = raw.get("pack", 1)
+    if pack != "auto" and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
+        raise fail(f"pack must be a whole number >= 1 (grid cells per Ray trial) or auto, got {pack!r}")
+    if pack != 1 and search is not None:
+        raise fail(f"pack: {pack} trains several grid cells as one Ray trial, but search: gives each trial "
+                   "one configuration of its own; remove pack (or set pack: 1) to search with Optuna")
     description = raw.get("description") or ""
     study = Study(name=name, path=path, description=str(description).strip(), fixed=fixed,
                   grid=grid, search=search, cpu=float(cpu), gpu=float(gpu), checkpoint_every=every,
-                  max_failures=retries)
+                  max_failures=retries, pack=pack)
     _validate_trials(study, overrides, fail)
     return study
 
@@ -263,6 +295,50 @@ def distinct_configs(study: Study) -> list[dict]:
     corner = {k: args[0] for k, (dist, args) in study.search.space.items()} if study.search else {}
     return [{**study.fixed, **base, **dict(zip(coupled, combo)), **corner}
             for combo in itertools.product(*coupled.values())]
+
+
+def packs(study: Study) -> list[list[int]]:
+    """The grid's cells grouped into Ray trials, as positions in `study.cells()` order.
+
+    Cells go in `--dry-run` order; each joins the open pack of the cells that share its
+    `pack_key` (study.packed: everything but MEMBER_FIELDS) and a pack closes at
+    `study.pack_size` cells, so a pack's members are the first cells of their kind not yet
+    packed, and packs come in the order of their first cell. A cell whose model is not an
+    MLP (PackedTrainer batches MLPs only) is a pack of its own. Without packing: one cell each."""
+    cells = list(study.cells())
+    size = study.pack_size
+    if size == 1:
+        return [[i] for i in range(len(cells))]
+    from .packed import pack_key   # torch: only for a packed study
+    groups: list[list[int]] = []
+    open_packs: dict = {}
+    for i, cell in enumerate(cells):
+        cfg = TrialConfig.from_dict({**study.fixed, **cell})
+        if cfg.model != "mlp":
+            groups.append([i])
+            continue
+        key = pack_key(cfg)
+        group = open_packs.get(key)
+        if group is None or len(group) == size:
+            group = open_packs[key] = []
+            groups.append(group)
+        group.append(i)
+    return groups
+
+
+def member_name(i: int) -> str:
+    """The key of member i's part of a pack's Tune result (trainable.run_pack): member00, ..."""
+    return f"member{i:02d}"
+
+
+def members_of(config: dict) -> list[dict]:
+    """The trial config dicts a Ray trial trains: its own config, or for a pack
+    ({shared fields, MEMBERS: [cell, ...]}) each cell over the shared fields: the very dict
+    the unpacked trial of that cell would get."""
+    if MEMBERS not in config:
+        return [config]
+    shared = {k: v for k, v in config.items() if k != MEMBERS}
+    return [{**shared, **cell} for cell in config[MEMBERS]]
 
 
 def _describe(cell: dict, corner: dict) -> str:

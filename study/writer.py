@@ -46,11 +46,11 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
 
     def append(self, op: dict) -> None:
-        if self._file is None:
+        if self._file is None:   # the folder is made on the first write, not before any work starts
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a")
         self._file.write(json.dumps(op) + "\n")
         self._file.flush()   # in the kernel's hands: survives the driver being killed
@@ -149,7 +149,7 @@ class Writer:
         if self.down_since is None:
             self.down_since = now
             self.outages += 1
-            where = f", kept in {self.journal.path}" if self.journal is not None else ""
+            where = f" in {self.journal.path}" if self.journal is not None else ""
             self.say(f"  ! {self.label} unreachable ({first_line(exc)}); training goes on, "
                      f"writes are kept{where} and retried")
         elif not self.gave_up and now - self.down_since > self.max_outage_s:

@@ -276,11 +276,12 @@ def test_theorem_lists_every_violation_and_ignores_biased_models():
 def test_run_tests_on_planted_study_has_every_test_per_group():
     from analysis.load import tidy_frame, wide_history, RunRecord
     from analysis.synthetic import planted_trials
+    from study.schema import metric_key
     trials = planted_trials(bns=("affine", "nonaffine"), lambdas=GRID[::2], seeds=range(2), depth=5,
                             epochs=30, eval_every=10)
     records, histories = [], []
     for i, t in enumerate(trials):
-        keys = [k for k, v in t.metrics.items() for _ in v]
+        keys = [metric_key(k) for k, v in t.metrics.items() for _ in v]     # the names MLflow holds
         steps = [s for k, v in t.metrics.items() for s in t.steps]
         values = [x for v in t.metrics.values() for x in v]
         records.append(RunRecord(f"r{i}", "planted", f"planted_{i}", 1, {"status": t.status},

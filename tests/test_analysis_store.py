@@ -19,6 +19,7 @@ from mlflow.entities import Metric                                   # noqa: E40
 from analysis.load import load_study, wide_history                   # noqa: E402
 from analysis.synthetic import planted_trials, write_study           # noqa: E402
 from study.cli import UsageError, main                               # noqa: E402
+from study.schema import HEADLINE, metric_key, mlflow_metrics        # noqa: E402
 
 LAMBDAS = (1e-4, 1e-3, 5e-3, 1e-2)
 
@@ -45,17 +46,48 @@ def store(tmp_path_factory):
 # ------------------------------------------------------------------ loading
 
 def test_wide_history_layers_nan_inf_and_duplicates():
-    keys = ["nc_score", "layer01/nc_score", "layer02/ncc_acc", "epoch", "train_loss", "nc_score", "system/cpu"]
-    steps = [5, 5, 5, 5, 10, 5, 5]
-    values = [0.1, 0.2, 0.9, 5.0, 1.7976931348623157e308, 0.3, 42.0]
+    keys = ["headline/nc_score", "layer01/nc_score", "layer02/ncc_acc", "epoch", "headline/train_loss",
+            "headline/nc_score", "system/cpu", "last_block/nc1"]
+    steps = [5, 5, 5, 5, 10, 5, 5, 10]
+    values = [0.1, 0.2, 0.9, 5.0, 1.7976931348623157e308, 0.3, 42.0, 0.7]
     w = wide_history(keys, steps, values)
     assert list(w.columns[:2]) == ["epoch", "layer"] and "epoch" not in w.columns[2:]
     assert "cpu" not in w.columns
     row = w[(w.epoch == 5) & (w.layer == 0)].iloc[0]
     assert row["nc_score"] == 0.3                       # the later duplicate wins
     assert np.isinf(w[(w.epoch == 10) & (w.layer == 0)]["train_loss"]).all()
+    assert w[(w.epoch == 10) & (w.layer == 0)]["nc1"].item() == 0.7
     assert w[(w.epoch == 5) & (w.layer == 2)]["ncc_acc"].item() == 0.9
     assert len(w) == 4                                  # (5,0) (5,1) (5,2) (10,0); empty rows dropped
+
+
+def test_wide_history_reads_the_names_of_older_stores_alike():
+    """Before the headline layout, headline and last-block measures were logged unprefixed; a
+    trial resumed across the change has both, and they fill the same columns."""
+    old = ["nc_score", "nc1", "train_loss", "layer01/ncc_acc", "epoch"]
+    new = [metric_key(k) for k in old]
+    assert new == ["headline/nc_score", "last_block/nc1", "headline/train_loss", "layer01/ncc_acc", "epoch"]
+    steps, values = [5, 5, 5, 5, 5], [0.1, 0.2, 0.3, 0.4, 5.0]
+    pd.testing.assert_frame_equal(wide_history(old, steps, values), wide_history(new, steps, values))
+    mixed = wide_history(old + new, steps + [10] * 5, values + [0.5, 0.6, 0.7, 0.8, 10.0])
+    assert mixed[mixed.layer == 0]["nc_score"].tolist() == [0.1, 0.5]
+
+
+def test_mlflow_names_put_the_headline_first():
+    """The MLflow UI draws one chart section per prefix (before the last '/') in code-point
+    order, unprefixed metrics last, and the run page lists metrics in the order first
+    logged (docs/mlflow_layout.md): the headline section sorts first and is logged first."""
+    measured = {"epoch": 10.0, "lr": 0.1} | {f"layer{l:02d}/{k}": 0.0 for l in (1, 2, 12) for k in ("cdnv", "nc1")}
+    measured |= {"nc1": 0.0, "nc3": 0.0, "alpha": 0.0, "train_loss": 0.1, "train_acc": 1.0, "loss_gap": 0.0,
+                 "nc_score": 0.5, "effective_depth": 3.0}
+    logged = mlflow_metrics(measured)
+    assert list(logged)[:len(HEADLINE)] == [f"headline/{k}" for k in HEADLINE]
+    assert list(logged.values())[:2] == [0.5, 1.0]
+    assert max(i for i, k in enumerate(logged) if k.startswith("headline/")) < \
+        min(i for i, k in enumerate(logged) if k.startswith("layer"))
+    sections = sorted({k.rsplit("/", 1)[0] for k in logged if "/" in k})
+    assert sections == ["headline", "last_block", "layer01", "layer02", "layer12"]
+    assert {k for k in logged if "/" not in k} == {"epoch", "lr"}
 
 
 def test_load_frame_schema_and_skips(store, tmp_path):
@@ -96,6 +128,35 @@ def test_sqlite_reader_matches_mlflow_client(store):
     assert (last == 1).all()
 
 
+def test_stores_with_the_older_names_analyze_identically(tmp_path, monkeypatch, capsys):
+    """The same planted trials logged with today's names and with those of stores written
+    before the headline layout (unprefixed headline and last-block measures): the same frame
+    from both readers, the same verdicts."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    trials = planted_trials(bns=("affine", "none"), lambdas=(1e-4, 1e-3, 1e-2), seeds=range(2), depth=3,
+                            epochs=10, eval_every=5, seed=2)
+    write_study(client, "new", trials, artifact_location=str(tmp_path / "art_new"))
+    write_study(client, "old", trials, artifact_location=str(tmp_path / "art_old"), legacy_names=True)
+    logged = {m.key for m in client.search_runs([client.get_experiment_by_name("old").experiment_id])[0]
+              .data._metric_objs}
+    assert "nc_score" in logged and "headline/nc_score" not in logged
+    same = ["run_id", "experiment", "trial"]
+    for reader in ({}, {"backend": "client", "full_layers": True}):
+        new, old = (load_study([name], uri, cache_dir=None, **reader).frame.drop(columns=same)
+                    for name in ("new", "old"))
+        assert {"nc_score", "nc1", "alpha", "train_acc", "effective_depth"} <= set(new.columns)
+        pd.testing.assert_frame_equal(new, old)
+    monkeypatch.chdir(tmp_path)
+    verdicts = {}
+    for name in ("new", "old"):
+        assert main(["analyze", name, "--tracking-uri", uri, "--out", name, "--no-log"]) == 0
+        verdicts[name] = json.loads((tmp_path / name / "conjectures.json").read_text(),
+                                    object_hook=lambda d: {k: v for k, v in d.items() if k not in ("trial", "run_id")})
+    capsys.readouterr()
+    assert verdicts["new"]["tests"] == verdicts["old"]["tests"]    # the runs that set a value differ by name only
+
+
 def test_cache_skips_unchanged_runs_and_rereads_changed(store, tmp_path):
     cache = tmp_path / "cache"
     first = load_study(["toy"], store["uri"], cache_dir=cache)
@@ -105,7 +166,7 @@ def test_cache_skips_unchanged_runs_and_rereads_changed(store, tmp_path):
     pd.testing.assert_frame_equal(first.frame, second.frame)
     # a changed run (a new evaluation) is read again, the rest come from the cache
     client, rid = store["client"], store["children"][1]
-    client.log_batch(rid, metrics=[Metric("nc_score", 0.5, int(time.time() * 1000) + 10**6, 25)])
+    client.log_batch(rid, metrics=[Metric("headline/nc_score", 0.5, int(time.time() * 1000) + 10**6, 25)])
     try:
         third = load_study(["toy"], store["uri"], cache_dir=cache)
         assert (third.n_cached, third.n_queried) == (len(store["trials"]) - 1, 1)
@@ -113,7 +174,7 @@ def test_cache_skips_unchanged_runs_and_rereads_changed(store, tmp_path):
     finally:   # restore the store for the other tests
         con = sqlite3.connect(store["uri"][len("sqlite:///"):])
         con.execute("DELETE FROM metrics WHERE run_uuid = ? AND step = 25", (rid,))
-        con.execute("UPDATE latest_metrics SET step = 20, value = ? WHERE run_uuid = ? AND key = 'nc_score'",
+        con.execute("UPDATE latest_metrics SET step = 20, value = ? WHERE run_uuid = ? AND key = 'headline/nc_score'",
                     (float(store["trials"][1].metrics["nc_score"][-1]), rid))
         con.commit()
         con.close()

@@ -91,6 +91,72 @@ def test_smoke_study_on_a_ray_cluster_with_an_mlflow_server(cluster):
     assert len(runs) == 6
     client = MlflowClient(uri)
     for run in runs:
-        assert histories(uri, run.info.run_id, "nc_score") == [10, 20, 30, 40, 50, 60]
+        assert histories(uri, run.info.run_id, "headline/nc_score") == [10, 20, 30, 40, 50, 60]
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
     assert not (work / "mlflow.db").exists()  # everything went to the server
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A token-protected head and a second node (`ray start --address`), one CPU each, every
+    node in a session of its own so a test can kill one whole node."""
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--include-dashboard", "false", *common],
+        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    nodes = [head]
+    try:
+        wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), "ray head")
+        second = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common],
+            env=env, stdout=(tmp_path / "node.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        nodes.append(second)
+        wait_for(lambda: "Ray runtime started" in (tmp_path / "node.log").read_text(), "second ray node")
+        yield {"address": f"127.0.0.1:{port}", "token": token, "second": second, "folder": tmp_path}
+    finally:
+        for proc in nodes:
+            proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        for proc in nodes:
+            _kill_session(proc.pid)
+
+
+def test_a_lost_node_does_not_lose_its_trials(two_nodes):
+    """Trials run on both nodes (run tag ray.node_id); the second node is killed whole
+    (SIGKILL of every process it runs) mid-trial; its trial is retried from its checkpoint
+    on the head and the study ends complete, exit 0, every step logged once."""
+    folder = two_nodes["folder"]
+    work = folder / "work"
+    work.mkdir()
+    space = work / "nodes.yaml"
+    space.write_text("name: nodes\ntrial: {n_samples: 2000, depth: 3, width: 32, epochs: 400, eval_every: 20}\n"
+                     "grid: {seed: [0, 1]}\ncheckpoint_every: 2\n")
+    uri = f"sqlite:///{work}/mlflow.db"
+    log = work / "run.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "study", "run", str(space), "--address", two_nodes["address"]],
+        cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_AUTH_TOKEN": two_nodes["token"], "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        deadline = time.time() + 240
+        while len({p.parent for p in (work / "ray_results" / "nodes").glob("*/checkpoint_*")}) < 2:
+            assert driver.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.3)
+        nodes_seen = {r.data.tags.get("ray.node_id") for r in trial_runs(uri, "nodes")}
+        assert len(nodes_seen) == 2, nodes_seen          # one trial on each node
+        _kill_session(two_nodes["second"].pid)
+        assert driver.wait(timeout=400) == 0, log.read_text()
+    finally:
+        _kill_session(driver.pid)
+    assert "note: checkpoints go to" in log.read_text()   # local storage with --address: the one-line hint
+    runs = trial_runs(uri, "nodes")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.tags["status"] in ("converged", "not_converged")
+        assert histories(uri, run.info.run_id, "headline/nc_score") == list(range(20, 401, 20))
+    assert len({r.data.tags["ray.node_id"] for r in runs}) == 1   # both ended on the head

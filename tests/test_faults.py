@@ -71,7 +71,7 @@ def assert_every_step_once(uri: str, name: str, n: int, steps: list[int] = EVALS
     for run in runs:
         assert run.data.tags["status"] in ("converged", "not_converged"), run.data.tags
         assert run.info.status == "FINISHED"
-        for key in ("nc_score", "train_acc", "layer01/nc1"):
+        for key in ("headline/nc_score", "headline/train_acc", "layer01/nc1"):
             assert histories(uri, run.info.run_id, key) == steps, key
     return runs
 
@@ -125,7 +125,7 @@ def test_a_rerun_retries_failed_trials_from_their_checkpoints(tmp_path):
     assert "retries them from their last checkpoints" in log.read_text()
     failed = [r for r in trial_runs(uri, "faults") if r.data.tags["status"] == "error"]
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
-    logged = histories(uri, failed[0].info.run_id, "nc_score")
+    logged = histories(uri, failed[0].info.run_id, "headline/nc_score")
 
     again = nc_study("run", str(space), cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     assert again.returncode == 0, again.stdout + again.stderr
@@ -159,6 +159,7 @@ def mlflow_server(tmp_path):
     down()
 
 
+@pytest.mark.slow  # 2–4 min each here; `make test-all` runs them
 def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_dies(tmp_path, mlflow_server):
     """The server is killed mid-study and stays down past the client's own retries; the
     driver says so once, keeps training and journals its writes; it is then killed too. With
@@ -191,6 +192,7 @@ def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_dies(tmp_path, 
     assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
 
 
+@pytest.mark.slow  # 2–4 min each here; `make test-all` runs them
 def test_a_short_outage_is_ridden_out(tmp_path, mlflow_server):
     """The server is down for ~10 s mid-study: one line when it goes, one when it is back,
     the study completes in the same session with every step once."""
@@ -230,7 +232,7 @@ def test_studies_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
     assert codes == [0, 0, 0], [(tmp_path / f"run{i}.log").read_text() for i in range(3)]
     for i in range(3):
         (run,) = trial_runs(uri, f"together{i}")
-        assert histories(uri, run.info.run_id, "nc_score") == [20, 40]
+        assert histories(uri, run.info.run_id, "headline/nc_score") == [20, 40]
 
 
 def test_a_broken_store_is_one_line(tmp_path):

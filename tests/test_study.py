@@ -60,11 +60,16 @@ def test_smoke_study_records_every_trial(smoke_study):
         assert set(FIELD_NAMES) <= set(run.data.params), set(FIELD_NAMES) - set(run.data.params)
         assert run.data.params["epochs"] == "60" and run.data.params["depth"] == "4"
         status = run.data.tags["status"]
-        assert status == ("converged" if run.data.metrics["train_acc"] == 1.0 else "not_converged")
+        assert status == ("converged" if run.data.metrics["headline/train_acc"] == 1.0 else "not_converged")
         assert status == ("converged" if run.data.params["bn"] == "affine" else "not_converged")
-        for key in ("nc_score", "layer01/intra_min", "layer03/ncc_acc", "loss_gap", "effective_depth"):
+        for key in ("headline/nc_score", "layer01/intra_min", "layer03/ncc_acc", "headline/loss_gap",
+                    "headline/effective_depth", "last_block/nc1", "last_block/alpha"):
             assert histories(uri, run.info.run_id, key) == [10, 20, 30, 40, 50, 60], key
-        gaps = [m.value for m in client.get_metric_history(run.info.run_id, "loss_gap")]
+        logged = list(run.data.metrics)              # in the order first logged, as the run page lists them
+        assert logged[:5] == ["headline/nc_score", "headline/train_acc", "headline/train_loss",
+                              "headline/loss_gap", "headline/effective_depth"], logged[:8]
+        assert "nc_score" not in logged and "nc1" not in logged     # no unprefixed copies
+        gaps = [m.value for m in client.get_metric_history(run.info.run_id, "headline/loss_gap")]
         assert min(gaps) >= 0
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
         assert run.info.status == "FINISHED"
@@ -80,7 +85,7 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
     assert "resuming" not in again.stdout and "wall time" not in again.stdout
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
-    assert all(histories(uri, r.info.run_id, "nc_score") == [10, 20, 30, 40, 50, 60] for r in runs)
+    assert all(histories(uri, r.info.run_id, "headline/nc_score") == [10, 20, 30, 40, 50, 60] for r in runs)
 
 
 def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_name: str) -> int:
@@ -133,7 +138,7 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
     for run in runs:
         assert run.data.tags["status"] in ("converged", "not_converged")
         assert run.info.status == "FINISHED"
-        assert histories(uri, run.info.run_id, "nc_score") == list(range(20, 401, 20))
+        assert histories(uri, run.info.run_id, "headline/nc_score") == list(range(20, 401, 20))
 
 
 def _kill_session(sid: int) -> None:
@@ -242,7 +247,8 @@ def test_optuna_search_samples_the_space(tmp_path):
     assert all(1e-4 <= w <= 1e-2 for w in wds) and len(set(wds)) == 4
     assert all(0.01 <= v <= 0.1 for v in lrs)
     assert {r.data.params["bn"] for r in runs} <= {"affine", "none"}
-    assert all(histories(f"sqlite:///{tmp_path}/mlflow.db", r.info.run_id, "nc_score") == [3, 6] for r in runs)
+    assert all(histories(f"sqlite:///{tmp_path}/mlflow.db", r.info.run_id, "headline/nc_score") == [3, 6]
+               for r in runs)
 
 
 @pytest.mark.parametrize("space", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)

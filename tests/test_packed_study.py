@@ -1,0 +1,203 @@
+"""`pack: K` in real studies: the real CLI on a local Ray and a SQLite store in a temp folder.
+A packed study leaves the record the same study leaves unpacked (one MLflow run per grid
+cell, same keys, names, params, statuses, metric steps; values within float tolerance),
+and resumes after a SIGKILL of its driver from the packs' checkpoints with every step once."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from study.cli import main as cli_main
+from study.runner import param_space
+from study.spaces import AUTO_PACK_GPU, MEMBERS, load_study, members_of, packs
+from test_study import _kill_session, histories, nc_study, trial_runs
+
+STUDY = """
+    name: packs
+    trial: {{n_samples: 1000, depth: 3, width: 32, teacher_width: 32, epochs: 60, eval_every: 20}}
+    grid: {{bn: [affine, none], seed: [0, 1, 2]}}
+    {pack}
+"""
+CLOCKS = ("time_train_s", "time_measure_s", "time_wall_s")
+
+
+def write(folder: Path, text: str, name: str = "packs.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    space = folder / name
+    space.write_text(textwrap.dedent(text))
+    return space
+
+
+def record(uri: str, name: str) -> dict[str, dict]:
+    """Each trial run by run name: its trial key, params, statuses, metric histories, artifacts."""
+    client = MlflowClient(uri)
+    out = {}
+    for run in trial_runs(uri, name):
+        metrics = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                             key=lambda m: m.step)]
+                   for key in run.data.metrics}
+        out[run.info.run_name] = dict(
+            key=run.data.tags["trial_key"], params=run.data.params, status=run.data.tags["status"],
+            run_status=run.info.status, metrics=metrics, node=run.data.tags.get("ray.node_id"),
+            artifacts=[a.path for a in client.list_artifacts(run.info.run_id)],
+            layers=client.download_artifacts(run.info.run_id, "layers.csv"))
+    return out
+
+
+def test_a_packed_study_records_what_the_unpacked_study_does(tmp_path):
+    plain = write(tmp_path / "plain", STUDY.format(pack=""))
+    packed = write(tmp_path / "packed", STUDY.format(pack="pack: 3"))
+    done_plain = nc_study("run", str(plain), cwd=plain.parent)
+    assert done_plain.returncode == 0, done_plain.stdout + done_plain.stderr
+    done_packed = nc_study("run", str(packed), cwd=packed.parent)
+    assert done_packed.returncode == 0, done_packed.stdout + done_packed.stderr
+    assert "starting study packs: 6 trials in 2 packs of up to 3" in done_packed.stdout
+    summary = [line for line in done_plain.stdout.splitlines() if line.startswith("study packs: ")]
+    assert summary and summary[0].split(";")[0] in done_packed.stdout   # same counts, "of 6 trials"
+    for n in range(1, 7):
+        assert f"[  {n}/6] " in done_packed.stdout
+
+    ours = record(f"sqlite:///{packed.parent}/mlflow.db", "packs")
+    reference = record(f"sqlite:///{plain.parent}/mlflow.db", "packs")
+    assert len(reference) == 6 and ours.keys() == reference.keys()
+    apart = []
+    for name, ref in reference.items():
+        run = ours[name]
+        for field in ("key", "params", "status", "run_status", "artifacts"):
+            assert run[field] == ref[field], (name, field)
+        assert run["node"]
+        assert run["metrics"].keys() == ref["metrics"].keys(), name
+        assert Path(run["layers"]).read_text().splitlines()[0] == Path(ref["layers"]).read_text().splitlines()[0]
+        for key, history in ref["metrics"].items():
+            steps = [s for s, _ in run["metrics"][key]]
+            assert steps == [s for s, _ in history] == [20, 40, 60], (name, key)
+            # packed and unpacked round differently (bmm vs mm), so trajectories part by a few
+            # ulps per step: measured here, every metric within 3e-6 relative, except the
+            # accuracies, which count samples (1/N = 0.001 apart) and may differ by one
+            apart += [(name, key, a, b) for (_, a), (_, b) in zip(run["metrics"][key], history)
+                      if key not in CLOCKS and not math.isclose(a, b, rel_tol=1e-3, abs_tol=2e-3)]
+    assert not apart, apart
+
+@pytest.mark.slow  # ~2 min here; the unpacked resume test runs by default
+def test_a_killed_driver_resumes_the_packs_from_their_checkpoints(tmp_path):
+    """Two packs of two, each with one member that diverges in its first epoch; the driver is
+    SIGKILLed once the packs hold checkpoints. Resuming with another `pack` is refused;
+    the same command resumes: every step once, the diverged members still diverged (their
+    outcome comes back from the checkpoints), the others complete."""
+    space = write(tmp_path, """
+        name: packs
+        trial: {n_samples: 1000, depth: 3, width: 32, teacher_width: 32, bn: none, epochs: 240, eval_every: 20}
+        grid: {seed: [0, 1], lr: [0.05, 10000.0]}
+        checkpoint_every: 2
+        pack: 2
+    """)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}   # pack checkpoints >= 2.5 s apart (trainable.run_trial)
+    log = tmp_path / "kill.log"
+    driver = subprocess.Popen([sys.executable, "-m", "study", "run", str(space)], cwd=tmp_path,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, **env})
+    try:
+        deadline = time.time() + 300
+        while len(list((tmp_path / "ray_results" / "packs").glob("*/checkpoint_*"))) < 2:
+            assert driver.poll() is None, log.read_text()
+            assert time.time() < deadline, "no pack checkpoint in time:\n" + log.read_text()
+            time.sleep(0.3)
+        time.sleep(2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        time.sleep(1)
+        _kill_session(driver.pid)
+    before = trial_runs(uri, "packs")
+    assert len(before) == 4 and all(r.data.tags["status"] == "running" for r in before)
+
+    unpacked = space.read_text().replace("pack: 2", "pack: 1")
+    other = write(tmp_path, unpacked, "unpacked.yaml")   # same definition, other packing
+    refused = nc_study("run", str(other), cwd=tmp_path, env=env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "up to 2 trials per Ray trial, this command packs 1" in refused.stderr
+
+    again = nc_study("run", str(space), cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming study packs" in again.stdout
+    assert "2 diverged, 0 failed of 4 trials" in again.stdout
+    runs = trial_runs(uri, "packs")
+    assert {r.info.run_id for r in runs} == {r.info.run_id for r in before}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        diverged = run.data.params["lr"] == "10000.0"
+        assert run.data.tags["status"] in ("converged", "not_converged", "diverged")
+        assert (run.data.tags["status"] == "diverged") == diverged == ("diverged" in run.data.metrics)
+        for key in run.data.metrics:     # every metric once per evaluation (diverged: at epoch 1 only)
+            assert histories(uri, run.info.run_id, key) == ([1] if diverged else list(range(20, 241, 20))), key
+
+
+def test_pack_with_a_search_is_refused(tmp_path, monkeypatch, capsys):
+    space = write(tmp_path, """
+        name: x
+        grid: {bn: [affine, none]}
+        pack: 2
+        search: {metric: nc_score, num_samples: 2, space: {weight_decay: {loguniform: [1.0e-4, 1.0e-2]}}}
+    """, "bad.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(space)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml" in lines[0] and "set pack: 1" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+@pytest.mark.parametrize("value", ["0", "many", "2.5", "true"])
+def test_a_bad_pack_value_is_refused(tmp_path, monkeypatch, capsys, value):
+    space = write(tmp_path, f"name: x\ngrid: {{seed: [0, 1]}}\npack: {value}\n", "bad.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(space), "--dry-run"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml: pack must be a whole number >= 1" in lines[0], lines
+
+
+def test_pack_auto_is_one_on_cpu_and_several_with_a_gpu(tmp_path, monkeypatch, capsys):
+    space = write(tmp_path, STUDY.format(pack="pack: auto"))
+    study = load_study(space)
+    assert study.pack_size == 1 and MEMBERS not in param_space(study)
+    assert packs(study) == [[i] for i in range(6)]
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(space), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("study packs: 6 trials, resources per trial cpu=1 gpu=0")
+    on_gpu = dataclasses.replace(study, gpu=0.5)
+    assert on_gpu.pack_size == AUTO_PACK_GPU
+    assert packs(on_gpu) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_cells_are_packed_in_dry_run_order_by_pack_key(tmp_path, monkeypatch, capsys):
+    """Cells join the open pack of their kind (here: one per bn) until it holds K; a model
+    PackedTrainer cannot batch is a pack of its own; each member's config is the unpacked
+    trial's config."""
+    space = write(tmp_path, """
+        name: order
+        trial: {epochs: 5}
+        grid: {seed: [0, 1, 2], model: [mlp, cnn], bn: [affine, none]}
+        pack: 2
+    """)
+    study = load_study(space)
+    assert packs(study) == [[0, 4], [1, 5], [2], [3], [6], [7], [8], [9], [10], [11]]   # [8]: [0, 4] was full
+    (_, grid), = [(k, v) for k, v in param_space(study).items() if k == MEMBERS]
+    cells = list(study.cells())
+    first = members_of({**study.fixed, MEMBERS: grid["grid_search"][0]})
+    assert first == [{**study.fixed, **cells[0]}, {**study.fixed, **cells[4]}]
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["run", str(space), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("study order: 12 trials in 10 packs of up to 2 (pack: 2)")
+    assert out[2:4] == ["  pack  1: order-001 model=mlp bn=affine s0", "           order-005 model=mlp bn=affine s1"]
+    assert list(tmp_path.iterdir()) == [space]
