@@ -244,3 +244,33 @@ def test_a_broken_store_is_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be opened" in lines[0], done.stderr
     assert db.read_bytes() == b"this is not a database" * 10
+
+
+@pytest.mark.slow  # ~2 min here; `make test-all` runs it
+def test_a_long_outage_stops_the_study_cleanly_and_it_resumes(tmp_path, mlflow_server):
+    """Past --tracking-outage-limit the study stops: one line, exit 75, the writes journaled;
+    with the server back the same command sends them and finishes: every step once."""
+    uri, up, down = mlflow_server
+    space = tiny_study(tmp_path, trials=2, epochs=600)
+    args = ["run", str(space), "--tracking-uri", uri, "--tracking-outage-limit", "5"]
+    log = tmp_path / "run.log"
+    driver = start(args, tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        wait_in_log(log, "starting study", driver)
+        deadline = time.time() + 240
+        while not checkpoints(tmp_path, "faults"):
+            assert driver.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.3)
+        down()
+        assert driver.wait(timeout=300) == 75, log.read_text()
+    finally:
+        _kill_session(driver.pid)
+    text = log.read_text()
+    assert "was unreachable for over 0m05s" in text and "run the same command again" in text, text
+    assert "Traceback" not in text
+    up()
+    again = nc_study(*args, cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    runs = assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
+    parent = MlflowClient(uri).get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"

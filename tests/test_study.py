@@ -121,6 +121,8 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
     stopped = trial_runs(uri, "smoke")
     assert "interrupted" in {r.data.tags["status"] for r in stopped}
     assert all(r.info.status == "KILLED" for r in stopped if r.data.tags["status"] == "interrupted")
+    parent_id = stopped[0].data.tags["mlflow.parentRunId"]
+    assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"   # the study, stopped short
 
     interrupt_after_first_trial(tmp_path, args, signal.SIGKILL, "kill.log")
     assert "resuming study smoke" in (tmp_path / "kill.log").read_text()
@@ -135,6 +137,7 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
     assert {r.info.run_id for r in stopped} <= {r.info.run_id for r in before} <= {r.info.run_id for r in runs}
+    assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"   # complete after the resume
     for run in runs:
         assert run.data.tags["status"] in ("converged", "not_converged")
         assert run.info.status == "FINISHED"
