@@ -86,7 +86,7 @@ def test_smoke_study_on_a_ray_cluster_with_an_mlflow_server(cluster):
     done = nc_study("run", str(SMOKE), "--address", cluster["address"], "--tracking-uri", uri, cwd=work,
                     env={"RAY_AUTH_TOKEN": cluster["token"]})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"open {uri} in a browser" in done.stdout
+    assert f"browse it: {uri}/#/experiments/" in done.stdout and "workflowType=machine_learning" in done.stdout
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
     client = MlflowClient(uri)
