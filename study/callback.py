@@ -16,14 +16,13 @@ from ray.tune import Callback
 
 from .config import TrialConfig
 from .data import resolve_num_classes
+from .progress import Progress
 from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id, metric_key,
                      run_name)
 from .spaces import MEMBERS as MEMBERS_KEY
 from .spaces import Study, member_name, members_of
 from .tracking import TrialRuns, layer_table, open_client, report_metrics
 from .writer import Journal, Writer, replay
-
-HEARTBEAT_S = 30.0
 
 
 def trial_key(config: dict) -> str:
@@ -57,8 +56,9 @@ class MlflowTracker(Callback):
         self.journal_path, self.max_outage_s = journal, max_outage_s
         self._runs: TrialRuns | None = None
         self._writer: Writer | None = None
+        self._progress: Progress | None = None
         self.started = time.time()
-        self.last_beat = time.time()
+        self.last_beat = 0.0
         self.last: dict[str, dict] = {}
         self.node: dict[str, str] = {}
         self.names: dict[str, str] = {}
@@ -67,8 +67,14 @@ class MlflowTracker(Callback):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_runs=None, _writer=None, trials=[], last={}, node={})
+        state.update(_runs=None, _writer=None, _progress=None, trials=[], last={}, node={})
         return state
+
+    @property
+    def progress(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress()
+        return self._progress
 
     @property
     def runs(self) -> TrialRuns:
@@ -81,7 +87,7 @@ class MlflowTracker(Callback):
         if self._writer is None:
             journal = Journal(self.journal_path) if self.journal_path else None
             self._writer = Writer(self.apply, journal, self.max_outage_s, on_give_up=interrupt_driver,
-                                  say=lambda line: print(line, flush=True))
+                                  say=self.progress.line)
         return self._writer
 
     def apply(self, op: dict) -> None:
@@ -103,6 +109,7 @@ class MlflowTracker(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.flush(timeout=0 if self.gave_up else None)
+        self.progress.close()
 
     def _describe(self, trial) -> str:
         if MEMBERS_KEY in trial.config:
@@ -165,8 +172,8 @@ class MlflowTracker(Callback):
         self.last[key] = result
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"  retrying {self._describe(trial)} from its last checkpoint "
-              f"(failure {trial.run_metadata.num_failures} of at most {self.max_failures(trial)})", flush=True)
+        self.progress.line(f"  retrying {self._describe(trial)} from its last checkpoint "
+                           f"(failure {trial.run_metadata.num_failures} of at most {self.max_failures(trial)})")
 
     @staticmethod
     def max_failures(trial) -> str:
@@ -199,7 +206,7 @@ class MlflowTracker(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.trials = trials
-        if time.time() - self.last_beat < HEARTBEAT_S:
+        if not trials or time.time() - self.last_beat < self.progress.period:
             return
         self.last_beat = time.time()
         counts: dict[str, int] = {}
@@ -214,11 +221,12 @@ class MlflowTracker(Callback):
         left = eta(done - self.baseline[0], total - done, time.time() - self.baseline[1])
         backlog = self._writer.pending if self._writer is not None and self._writer.down_since else 0
         unit = "packs" if self.packed else "trials"
-        print(f"  … {clock(time.time() - self.started)}: " + ("packs: " if self.packed else "")
-              + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-              + (f"; epochs of running {unit}: {epochs}" if epochs else "")
-              + (f"; about {clock(left)} left" if left is not None else "")
-              + (f"; {backlog} MLflow writes waiting for the store" if backlog else ""), flush=True)
+        self.progress.status(
+            f"  … {clock(time.time() - self.started)}: " + ("packs: " if self.packed else "")
+            + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+            + (f"; epochs of running {unit}: {epochs}" if epochs else "")
+            + (f"; about {clock(left)} left" if left is not None else "")
+            + (f"; {backlog} MLflow writes waiting for the store" if backlog else ""))
 
     def _done_line(self, trial, n: int, config: dict, status: str, last: dict) -> None:
         """`[  3/6] converged  <run name> ...` for the n-th trial config of the Ray trial."""
@@ -228,8 +236,8 @@ class MlflowTracker(Callback):
         acc = last.get(metric_key("train_acc"), last.get("train_acc"))
         extra = (f" nc_score={score:+.3f}" if isinstance(score, float) else "") + \
                 (f" train_acc={acc:.4f}" if isinstance(acc, float) else "")
-        print(f"  [{min(done, self.n_trials):>3}/{self.n_trials}] {status:<13} {self._describe_config(config)}{extra}"
-              f"  ({clock(time.time() - self.started)})", flush=True)
+        self.progress.line(f"  [{min(done, self.n_trials):>3}/{self.n_trials}] {status:<13} "
+                           f"{self._describe_config(config)}{extra}  ({clock(time.time() - self.started)})")
 
 
 def now_ms() -> int:

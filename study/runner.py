@@ -82,6 +82,10 @@ def prepare(args: argparse.Namespace) -> Study:
         study = dataclasses.replace(study, max_failures=args.max_failures)
     if not args.tracking_outage_limit > 0:
         raise UsageError(f"--tracking-outage-limit must be > 0 seconds, got {args.tracking_outage_limit}")
+    if not args.dry_run:   # at once: what follows (torch, MLflow, Ray start-up) takes seconds
+        where = f"the Ray cluster at {ray_address(args)}" if ray_address(args) else "a local Ray"
+        print(f"study {study.name}: {study.n_trials} trials; checking the data and the tracking store, "
+              f"then starting {where} ...", flush=True)
     check_data(study, overrides)
     return study
 
@@ -217,8 +221,8 @@ def journal_path(storage: str, name: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .tracking import TrackingError, check_uri, resolve_uri
     study = prepare(args)
+    from .tracking import TrackingError, check_uri, resolve_uri   # MLflow takes seconds to import
     uri = resolve_uri(args.tracking_uri)
     try:
         check_uri(uri)
@@ -419,6 +423,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             write_marker(exp_dir, str(study.pack_size), PACK_MARKER)
     tracker.runs   # read the study's runs back now, while the store is known to answer
     tuner.fit()
+    tracker.progress.close()
     if tracker.gave_up or not tracker.flush():
         journal = journal_path(storage, study.name)
         print(f"study {study.name} stopped: the tracking store {uri} was unreachable for over "
