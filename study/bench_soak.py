@@ -15,7 +15,6 @@ import argparse
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,39 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from .procs import BIN, free_port, kill_session, spawn, wait_until
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_session(sid: int) -> None:
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            if os.getsid(pid) == sid:
-                os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def wait_until(check, what: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not come up in {timeout:.0f} s")
-
-
-def spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+UP_S = 120   # how long the Ray nodes and the MLflow server may take to come up
 
 
 class Server:
@@ -70,7 +39,8 @@ class Server:
         self.proc = spawn([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                            "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
                            "--artifacts-destination", str(self.folder / "art")], self.folder / "mlflow.log")
-        wait_until(lambda: urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200, "mlflow server")
+        wait_until(lambda: urllib.request.urlopen(self.uri + "/health", timeout=2).status == 200, "mlflow server",
+                   UP_S)
 
     def down(self) -> None:
         if self.proc is not None:
@@ -127,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(folder)
     driver = None
     try:
-        wait_until(lambda: "Ray runtime started" in (folder / "head.log").read_text(), "ray head")
+        wait_until(lambda: "Ray runtime started" in (folder / "head.log").read_text(), "ray head", UP_S)
         nodes.append(spawn([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", *common],
                            folder / "node.log", ray_env))
-        wait_until(lambda: "Ray runtime started" in (folder / "node.log").read_text(), "second node")
+        wait_until(lambda: "Ray runtime started" in (folder / "node.log").read_text(), "second node", UP_S)
         server.up()
         space = folder / "soak.yaml"
         space.write_text(f"name: soak\ntrial: {{n_samples: 300, depth: 3, width: 16, epochs: 40, eval_every: 5}}\n"
@@ -188,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 def count_steps(uri: str, n_trials: int) -> tuple[int, int, int, int]:
     """(steps lost, steps duplicated, trials not complete, runs) over every trial run."""
     from mlflow import MlflowClient
-    from .schema import KIND_TRIAL, TAG_KIND, TRAINED
+    from .schema import KIND_TRIAL, TAG_KIND, TAG_STATUS, TRAINED
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("soak")
     runs = [r for r in client.search_runs([experiment.experiment_id], max_results=5000)
@@ -200,7 +170,7 @@ def count_steps(uri: str, n_trials: int) -> tuple[int, int, int, int]:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         lost += len(set(expected) - set(steps))
         dup += len(steps) - len(set(steps))
-        incomplete += run.data.tags.get("status") not in TRAINED
+        incomplete += run.data.tags.get(TAG_STATUS) not in TRAINED
     return lost, dup, incomplete, len(runs)
 
 

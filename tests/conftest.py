@@ -1,5 +1,33 @@
 """Shared test setup. Tests run on small tensors on a shared 2-core machine: one intra-op
-thread avoids OpenMP spin-waiting against other processes (and makes timings steadier)."""
+thread avoids OpenMP spin-waiting against other processes (and makes timings steadier).
+
+Also plain helpers the tests import (`from conftest import …`): waiting for a study's
+checkpoints while its driver runs."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Collection
+
 import torch
 
 torch.set_num_threads(1)
+
+
+def checkpoints(folder: Path, name: str) -> list[Path]:
+    """Study `name`'s checkpoint folders under the local default storage in `folder`."""
+    return list((folder / "ray_results" / name).glob("*/checkpoint_*"))
+
+
+def wait_for_checkpoints(listing: Callable[[], Collection], driver: subprocess.Popen, log: Path,
+                         at_least: int = 1, timeout: float = 240, poll: float = 0.3) -> None:
+    """Poll `listing` (checkpoints on whatever storage) every `poll` s until it holds
+    `at_least` entries. Fails the test, with the driver's `log`, if the driver exits first
+    or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while len(listing()) < at_least:
+        assert driver.poll() is None, \
+            f"the driver exited ({driver.returncode}) before {at_least} checkpoint(s):\n{log.read_text()}"
+        assert time.time() < deadline, f"fewer than {at_least} checkpoint(s) after {timeout:.0f} s:\n{log.read_text()}"
+        time.sleep(poll)

@@ -5,37 +5,17 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from test_study import SMOKE, histories, nc_study, trial_runs, _kill_session
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, what: str, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not come up in {timeout:.0f} s")
+from conftest import checkpoints, wait_for_checkpoints
+from study.procs import BIN, free_port, kill_session, spawn, wait_until
+from test_study import SMOKE, histories, nc_study, trial_runs
 
 
 @pytest.fixture
@@ -49,21 +29,21 @@ def cluster(tmp_path):
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
          "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
         env=env, stdout=(tmp_path / "ray.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    server = subprocess.Popen(
+    server = spawn(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=(tmp_path / "mlflow.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        tmp_path / "mlflow.log")
     try:
         uri = f"http://127.0.0.1:{mlflow_port}"
-        wait_for(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server")
-        wait_for(lambda: "Ray runtime started" in (tmp_path / "ray.log").read_text(), "ray head")
+        wait_until(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server")
+        wait_until(lambda: "Ray runtime started" in (tmp_path / "ray.log").read_text(), "ray head")
         yield {"address": f"127.0.0.1:{ray_port}", "uri": uri, "token": token, "folder": tmp_path}
     finally:
         for proc in (head, server):
             proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         for proc in (head, server):
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
 
 
 def test_smoke_study_on_a_ray_cluster_with_an_mlflow_server(cluster):
@@ -111,19 +91,19 @@ def two_nodes(tmp_path):
         env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     nodes = [head]
     try:
-        wait_for(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), "ray head")
+        wait_until(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), "ray head")
         second = subprocess.Popen(
             [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common],
             env=env, stdout=(tmp_path / "node.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append(second)
-        wait_for(lambda: "Ray runtime started" in (tmp_path / "node.log").read_text(), "second ray node")
+        wait_until(lambda: "Ray runtime started" in (tmp_path / "node.log").read_text(), "second ray node")
         yield {"address": f"127.0.0.1:{port}", "token": token, "second": second, "folder": tmp_path}
     finally:
         for proc in nodes:
             proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         for proc in nodes:
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
 
 
 def test_a_lost_node_does_not_lose_its_trials(two_nodes):
@@ -138,21 +118,17 @@ def test_a_lost_node_does_not_lose_its_trials(two_nodes):
                      "grid: {seed: [0, 1]}\ncheckpoint_every: 2\n")
     uri = f"sqlite:///{work}/mlflow.db"
     log = work / "run.log"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "study", "run", str(space), "--address", two_nodes["address"]],
-        cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_TOKEN": two_nodes["token"], "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    driver = spawn([sys.executable, "-m", "study", "run", str(space), "--address", two_nodes["address"]], log,
+                   {"RAY_AUTH_TOKEN": two_nodes["token"], "TUNE_GLOBAL_CHECKPOINT_S": "1"}, cwd=work)
     try:
-        deadline = time.time() + 240
-        while len({p.parent for p in (work / "ray_results" / "nodes").glob("*/checkpoint_*")}) < 2:
-            assert driver.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        # one checkpoint in each trial's folder
+        wait_for_checkpoints(lambda: {p.parent for p in checkpoints(work, "nodes")}, driver, log, at_least=2)
         nodes_seen = {r.data.tags.get("ray.node_id") for r in trial_runs(uri, "nodes")}
         assert len(nodes_seen) == 2, nodes_seen          # one trial on each node
-        _kill_session(two_nodes["second"].pid)
+        kill_session(two_nodes["second"].pid)
         assert driver.wait(timeout=400) == 0, log.read_text()
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     assert "note: checkpoints go to" in log.read_text()   # local storage with --address: the one-line hint
     runs = trial_runs(uri, "nodes")
     assert len(runs) == 2

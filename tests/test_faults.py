@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from test_cluster import BIN, free_port, wait_for
-from test_study import _kill_session, histories, nc_study, trial_runs
+from conftest import checkpoints, wait_for_checkpoints
+from study.procs import BIN, free_port, kill_session, spawn, wait_until
+from test_study import histories, nc_study, trial_runs
 
 EVALS = list(range(20, 401, 20))
 
@@ -35,8 +36,8 @@ def tiny_study(folder: Path, name: str = "faults", trials: int = 2, epochs: int 
 
 
 def start(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "study", *args], cwd=cwd, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+    """`nc-study *args` in `cwd`, in a session of its own, its output in `log`."""
+    return spawn([sys.executable, "-m", "study", *args], log, env, cwd=cwd)
 
 
 def wait_in_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -61,10 +62,6 @@ def trial_workers(session: int) -> list[int]:
     return pids
 
 
-def checkpoints(folder: Path, name: str) -> list[Path]:
-    return list((folder / "ray_results" / name).glob("*/checkpoint_*"))
-
-
 def assert_every_step_once(uri: str, name: str, n: int, steps: list[int] = EVALS) -> list:
     runs = trial_runs(uri, name)
     assert len(runs) == n
@@ -83,16 +80,13 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
     log = tmp_path / "run.log"
     driver = start(["run", str(space)], tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
-        deadline = time.time() + 240
-        while not checkpoints(tmp_path, "faults"):
-            assert driver.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_for_checkpoints(lambda: checkpoints(tmp_path, "faults"), driver, log)
         workers = trial_workers(driver.pid)
         assert workers, log.read_text()
         os.kill(workers[0], signal.SIGKILL)
         assert driver.wait(timeout=300) == 0, log.read_text()
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     text = log.read_text()
     assert "retrying" in text and "from its last checkpoint" in text, text
     runs = assert_every_step_once(f"sqlite:///{tmp_path}/mlflow.db", "faults", 2)
@@ -114,14 +108,11 @@ def test_a_rerun_retries_failed_trials_from_their_checkpoints(tmp_path):
     log = tmp_path / "run.log"
     driver = start(["run", str(space), "--max-failures", "0"], tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
-        deadline = time.time() + 240
-        while not checkpoints(tmp_path, "faults"):
-            assert driver.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_for_checkpoints(lambda: checkpoints(tmp_path, "faults"), driver, log)
         os.kill(trial_workers(driver.pid)[0], signal.SIGKILL)
         assert driver.wait(timeout=300) == 1, log.read_text()
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     assert "retries them from their last checkpoints" in log.read_text()
     failed = [r for r in trial_runs(uri, "faults") if r.data.tags["status"] == "error"]
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
@@ -143,15 +134,15 @@ def mlflow_server(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def up() -> None:
-        procs.append(subprocess.Popen(
+        procs.append(spawn(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-            stdout=(tmp_path / f"mlflow{len(procs)}.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server")
+            tmp_path / f"mlflow{len(procs)}.log"))
+        wait_until(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server")
 
     def down() -> None:
         for proc in procs:
-            _kill_session(proc.pid)
+            kill_session(proc.pid)
             proc.wait()
 
     up()
@@ -170,10 +161,7 @@ def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_dies(tmp_path, 
     log = tmp_path / "run.log"
     driver = start(args, tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
-        deadline = time.time() + 240
-        while not checkpoints(tmp_path, "faults"):
-            assert driver.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_for_checkpoints(lambda: checkpoints(tmp_path, "faults"), driver, log)
         down()
         wait_in_log(log, "unreachable", driver, timeout=120)
         time.sleep(8)                      # trials keep reporting into the journal
@@ -182,7 +170,7 @@ def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_dies(tmp_path, 
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     assert log.read_text().count("unreachable") == 1
     up()
     again = nc_study(*args, cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
@@ -209,7 +197,7 @@ def test_a_short_outage_is_ridden_out(tmp_path, mlflow_server):
         up()
         assert driver.wait(timeout=300) == 0, log.read_text()
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     text = log.read_text()
     assert text.count("unreachable") == 1 and text.count("reachable again") == 1, text
     assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
@@ -228,7 +216,7 @@ def test_studies_opening_a_new_sqlite_store_together_all_succeed(tmp_path):
         codes = [p.wait(timeout=400) for p in procs]
     finally:
         for p in procs:
-            _kill_session(p.pid)
+            kill_session(p.pid)
     assert codes == [0, 0, 0], [(tmp_path / f"run{i}.log").read_text() for i in range(3)]
     for i in range(3):
         (run,) = trial_runs(uri, f"together{i}")
@@ -257,14 +245,11 @@ def test_a_long_outage_stops_the_study_cleanly_and_it_resumes(tmp_path, mlflow_s
     driver = start(args, tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         wait_in_log(log, "starting study", driver)
-        deadline = time.time() + 240
-        while not checkpoints(tmp_path, "faults"):
-            assert driver.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_for_checkpoints(lambda: checkpoints(tmp_path, "faults"), driver, log)
         down()
         assert driver.wait(timeout=300) == 75, log.read_text()
     finally:
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     text = log.read_text()
     assert "was unreachable for over 0m05s" in text and "run the same command again" in text, text
     assert "Traceback" not in text

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
 
-from test_cluster import free_port, wait_for
+from conftest import wait_for_checkpoints
+from study.procs import free_port, kill_session, spawn, wait_until
 from test_faults import start, tiny_study
-from test_study import _kill_session, histories, nc_study, trial_runs
+from test_study import histories, nc_study, trial_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("moto_server", path=os.path.dirname(sys.executable)) is None,
                                 reason="moto[server] not installed (pip install 'moto[server]')")]
@@ -24,18 +24,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("moto_server", p
 def bucket(tmp_path):
     """An empty bucket on a local S3 server, and the environment that points Ray (pyarrow) at it."""
     port = free_port()
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-p", str(port)],
-                              stdout=(tmp_path / "s3.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = spawn([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-p", str(port)], tmp_path / "s3.log")
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "HOME": str(tmp_path)}
     try:
-        wait_for(lambda: urllib.request.urlopen(endpoint, timeout=2).status == 200, "S3 server")
+        wait_until(lambda: urllib.request.urlopen(endpoint, timeout=2).status == 200, "S3 server")
         request = urllib.request.Request(f"{endpoint}/nc-bucket", method="PUT")
         urllib.request.urlopen(request, timeout=10)
         yield "s3://nc-bucket/runs", env
     finally:
-        _kill_session(server.pid)
+        kill_session(server.pid)
 
 
 def bucket_checkpoints(env: dict, prefix: str) -> list[str]:
@@ -57,15 +56,12 @@ def test_a_study_resumes_from_checkpoints_in_a_bucket(tmp_path, bucket):
     log = tmp_path / "run.log"
     driver = start(args, tmp_path, log, env)
     try:
-        deadline = time.time() + 240
-        while not bucket_checkpoints(env, "nc-bucket/runs/bucketed"):
-            assert driver.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.5)
+        wait_for_checkpoints(lambda: bucket_checkpoints(env, "nc-bucket/runs/bucketed"), driver, log, poll=0.5)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
         time.sleep(1)
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     assert not (tmp_path / "ray_results").exists()       # nothing went to the local default
     again = nc_study(*args, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stdout + again.stderr

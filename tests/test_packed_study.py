@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -17,10 +15,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from conftest import checkpoints, wait_for_checkpoints
 from study.cli import main as cli_main
+from study.procs import kill_session, spawn
 from study.runner import param_space
 from study.spaces import AUTO_PACK_GPU, MEMBERS, load_study, members_of, packs
-from test_study import _kill_session, histories, nc_study, trial_runs
+from test_study import histories, nc_study, trial_runs
 
 STUDY = """
     name: packs
@@ -104,21 +104,15 @@ def test_a_killed_driver_resumes_the_packs_from_their_checkpoints(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {"TUNE_GLOBAL_CHECKPOINT_S": "1"}   # pack checkpoints >= 2.5 s apart (trainable.run_trial)
     log = tmp_path / "kill.log"
-    driver = subprocess.Popen([sys.executable, "-m", "study", "run", str(space)], cwd=tmp_path,
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, **env})
+    driver = spawn([sys.executable, "-m", "study", "run", str(space)], log, env, cwd=tmp_path)
     try:
-        deadline = time.time() + 300
-        while len(list((tmp_path / "ray_results" / "packs").glob("*/checkpoint_*"))) < 2:
-            assert driver.poll() is None, log.read_text()
-            assert time.time() < deadline, "no pack checkpoint in time:\n" + log.read_text()
-            time.sleep(0.3)
+        wait_for_checkpoints(lambda: checkpoints(tmp_path, "packs"), driver, log, at_least=2, timeout=300)
         time.sleep(2)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
         time.sleep(1)
-        _kill_session(driver.pid)
+        kill_session(driver.pid)
     before = trial_runs(uri, "packs")
     assert len(before) == 4 and all(r.data.tags["status"] == "running" for r in before)
 

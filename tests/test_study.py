@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from study.cli import main as cli_main
 from study.config import FIELD_NAMES
+from study.procs import kill_session, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -91,8 +92,7 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
 def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_name: str) -> int:
     """Start the study, wait until one trial has finished, send `sig` to the driver alone."""
     log_path = tmp_path / log_name
-    driver = subprocess.Popen(args, cwd=tmp_path, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    driver = spawn(args, log_path, cwd=tmp_path)
     try:
         deadline = time.time() + 240
         while "/6] " not in log_path.read_text():
@@ -104,7 +104,7 @@ def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_n
         return driver.wait(timeout=120)
     finally:
         time.sleep(1)
-        _kill_session(driver.pid)  # Ray processes orphaned by a SIGKILL
+        kill_session(driver.pid)  # Ray processes orphaned by a SIGKILL
 
 
 def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
@@ -142,15 +142,6 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
         assert run.data.tags["status"] in ("converged", "not_converged")
         assert run.info.status == "FINISHED"
         assert histories(uri, run.info.run_id, "headline/nc_score") == list(range(20, 401, 20))
-
-
-def _kill_session(sid: int) -> None:
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            if os.getsid(pid) == sid:
-                os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 # ------------------------------------------------------------------------------ refused input

@@ -7,14 +7,13 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from test_cluster import BIN, free_port, wait_for
-from test_study import _kill_session, histories, trial_runs
+from study.procs import BIN, free_port, kill_session, wait_until
+from test_study import histories, trial_runs
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (PG_BIN / "initdb").is_file(), reason="PostgreSQL 15 server binaries not installed")]
@@ -43,13 +42,13 @@ def postgres(tmp_path):
                      "-c", "listen_addresses=127.0.0.1"]),
         stdout=(tmp_path / "pg.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+        wait_until(lambda: subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
                                         capture_output=True).returncode == 0, "postgres")
         subprocess.run([str(PG_BIN.parent / "bin" / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "nc", "mlflow"],
                        check=True, capture_output=True)
         yield f"postgresql+psycopg2://nc@127.0.0.1:{port}/mlflow"   # SQLAlchemy 2.1 would pick psycopg 3
     finally:
-        _kill_session(server.pid)
+        kill_session(server.pid)
         shutil.rmtree(top, ignore_errors=True)
 
 
@@ -62,10 +61,10 @@ def team_server(tmp_path, postgres):
         stdout=(tmp_path / "mlflow.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server", 180)
+        wait_until(lambda: urllib.request.urlopen(uri + "/health", timeout=2).status == 200, "mlflow server", 180)
         yield uri
     finally:
-        _kill_session(server.pid)
+        kill_session(server.pid)
 
 
 def test_two_studies_log_to_a_postgres_backed_server_at_once(tmp_path, team_server):
@@ -87,7 +86,7 @@ def test_two_studies_log_to_a_postgres_backed_server_at_once(tmp_path, team_serv
         codes = [p.wait(timeout=400) for p in procs]
     finally:
         for p in procs:
-            _kill_session(p.pid)
+            kill_session(p.pid)
     assert codes == [0, 0], [(tmp_path / n / "run.log").read_text() for n in ("alice", "bob")]
     for name in ("alice", "bob"):
         runs = trial_runs(team_server, name)
