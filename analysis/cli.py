@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from study.errors import UsageError
+from study.schema import DEFAULT_URI
 
 
 def add_analyze_parser(sub) -> None:
@@ -19,7 +20,7 @@ def add_analyze_parser(sub) -> None:
                     "and log them under analysis/ on the study's parent run.")
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="MLflow experiment name(s): the study name(s)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+                   help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI})")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="output directory (default: reports/<first experiment>)")
     p.add_argument("--epsilons", default="0.001,0.01,0.05", metavar="E1,E2,…",
@@ -39,16 +40,14 @@ def add_analyze_parser(sub) -> None:
 
 
 def parse_epsilons(text: str) -> list[float]:
-    from analysis.load import usage_error
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise usage_error(f"--epsilons expects numbers separated by commas, got {text!r}") from None
+        raise UsageError(f"--epsilons expects numbers separated by commas, got {text!r}") from None
 
 
 def parse_taus(values: list[str]) -> dict[str, float]:
     """['0.1', '3.2.2=0.5'] -> {'conjecture_3_1_1': 0.1, 'conjecture_3_2_2': 0.5}."""
-    from analysis.load import usage_error
     out = {}
     for text in values:
         name, _, value = text.rpartition("=")
@@ -56,14 +55,14 @@ def parse_taus(values: list[str]) -> dict[str, float]:
         try:
             out[key] = float(value)
         except ValueError:
-            raise usage_error(f"--tau expects a number or CONJECTURE=NUMBER (e.g. --tau 3.2.2=0.5), got {text!r}") from None
+            raise UsageError(f"--tau expects a number or CONJECTURE=NUMBER (e.g. --tau 3.2.2=0.5), got {text!r}") from None
     return out
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from analysis.report import analyze
     start = time.perf_counter()
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     out = args.out or Path("reports") / args.experiments[0]
 
     def say(message: str) -> None:

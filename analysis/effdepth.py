@@ -1,7 +1,11 @@
 """Conjecture 3.2.2 (thesis): depth minimisation improves with weight decay.
 
 ε-effective depth d_ε (thesis Def. 3.2.2) = the smallest hidden block l whose NCC error
-1 − ncc_acc_l ≤ ε at the final evaluation, or the depth L if there is none. The logged
+1 − ncc_acc_l ≤ ε at the final evaluation, or L = (number of measured blocks) + 1 if there is
+none. The number of measured blocks is read from the data (`frame.measured_layers`, the
+highest `layerNN` the trial logged): L − 1 = depth − 1 for an MLP of depth L, but a cnn or
+resnet of `depth` blocks measures all of them, so there L = depth + 1, as the trainer's
+logged value has it (study/train.py passes len(model.blocks) + 1). The logged
 `effective_depth` uses the trial's own `ncc_epsilon`; here it is recomputed from the
 per-layer `ncc_acc` for each ε asked for. The conjecture: λ1 < λ2 ⇒ d_ε(λ1) ≥ d_ε(λ2).
 
@@ -30,23 +34,26 @@ MIN_TRIALS, MIN_LAMBDAS = 3, 2
 
 
 def effective_depth(ncc_acc: np.ndarray, depth: int, epsilon: float) -> int:
-    """Smallest 1-based block l with 1 − ncc_acc_l ≤ ε, else `depth` (same rule and float
-    tolerance as study.metrics.effective_depth)."""
+    """Smallest 1-based block l with 1 − ncc_acc_l ≤ ε, else `depth` (L: the number of
+    measured blocks + 1; same rule and float tolerance as study.metrics.effective_depth)."""
     hits = np.flatnonzero(1 - np.asarray(ncc_acc, float) <= epsilon + 1e-12)
     return int(hits[0]) + 1 if len(hits) else int(depth)
 
 
 def per_trial(frame: pd.DataFrame, epsilons=EPSILONS) -> pd.DataFrame:
-    """One row per trial: key columns, `logged` (the logged final effective_depth), and
-    `d_<ε>` for each ε (NaN when the final per-layer ncc_acc is missing or incomplete)."""
-    curves = final_layers(frame, "ncc_acc")
+    """One row per trial: key columns, `n_blocks` (measured hidden blocks), `logged` (the
+    logged final effective_depth), and `d_<ε>` for each ε (NaN when the final per-layer
+    ncc_acc is missing or incomplete). With no block under ε, d_ε = n_blocks + 1."""
+    curves = final_layers(frame, "ncc_acc")        # (n_blocks,): every block the trial measured
     table = trials(frame)
     logged = final_values(frame, "effective_depth")[["run_id", "effective_depth"]]
     table = table.merge(logged.rename(columns={"effective_depth": "logged"}), on="run_id", how="left")
+    table["n_blocks"] = [len(curves[r]) if r in curves else math.nan for r in table["run_id"]]
     for eps in epsilons:
         table[depth_column(eps)] = [
-            float(effective_depth(curves[r], d, eps)) if r in curves and np.isfinite(curves[r]).all() else math.nan
-            for r, d in zip(table["run_id"], table["depth"])]
+            float(effective_depth(curves[r], len(curves[r]) + 1, eps))
+            if r in curves and np.isfinite(curves[r]).all() else math.nan
+            for r in table["run_id"]]
     return table
 
 

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .frame import CONVERGED
+from .verdict import num
 
 PANEL = (4.0, 3.1)
 DPI = 90
@@ -311,16 +312,53 @@ def conjecture_3_1_1(scores: pd.DataFrame, results: list[dict], metric: str = "n
         elif _mark_failures(ax, every):
             _headroom(ax)
         r = by_group[group]
-        ci = (f" [{_n(r['ci_low'])}, {_n(r['ci_high'])}]" if r.get("ci_low") is not None else "")
+        ci = (f" [{num(r['ci_low'])}, {num(r['ci_high'])}]" if r.get("ci_low") is not None else "")
         missing = _unconverged(every) if len(g) else []
-        ax.set_title(f"{group}: {r.get('state')}\nε̂ = {_n(r.get('epsilon_hat'))}{ci}, τ = {_n(r.get('tau'))}, "
-                     f"ρ = {_n(r.get('statistic'))}"
+        ax.set_title(f"{group}: {r.get('state')}\nε̂ = {num(r.get('epsilon_hat'))}{ci}, τ = {num(r.get('tau'))}, "
+                     f"ρ = {num(r.get('statistic'))}"
                      + (f"\nno converged trial at λ = {_lambdas(missing)}" if missing else ""), fontsize=8)
         _log_x(ax)
         ax.set_xlabel("weight decay λ")
         ax.set_ylabel(f"final {metric}")
     _below(fig, list(_handles(axes).values()), ncol)
     fig.suptitle("Conjecture 3.1.1: NC against weight decay")
+    return fig
+
+
+def alpha_vs_lambda(alphas: pd.DataFrame, results: list[dict]) -> Figure:
+    """The paper's claim that the last-layer feature norm shrinks with λ: final alpha against
+    λ on log–log axes, one panel per group, converged trials as dots, the seed mean as a line
+    and the fitted slope of log alpha on log λ (`claims.alpha_vs_lambda`) in the title.
+    `alphas`: one row per trial with group, status, weight_decay and alpha."""
+    by_group = {r["group"]: r for r in results}
+    groups = sorted(by_group)
+    ncol, legend_rows = _legend_layout(len(groups), ["trial (converged)", "seed mean", FAILED_LABEL])
+    fig, axes = grid(max(len(groups), 1), legend_rows=legend_rows)
+    for ax, group in zip(axes, groups):
+        every = alphas[(alphas["group"] == group) & (alphas["weight_decay"] > 0)]
+        g = every[(every["status"] == CONVERGED) & (every["alpha"] > 0)]
+        ax.plot(g["weight_decay"], g["alpha"], "o", ms=3, alpha=0.5, color="C0", label="trial (converged)")
+        means = g.groupby("weight_decay")["alpha"].mean()
+        ax.plot(means.index, means.values, "-", color="C0", label="seed mean")
+        if g.empty:
+            _empty_note(ax, every)
+        else:
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.yaxis.set_major_locator(MaxNLocator(5))          # alpha spans less than a decade
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            if _mark_failures(ax, every):
+                low, high = ax.get_ylim()
+                ax.set_ylim(low, high * (high / low) ** 0.2)      # headroom for the marks, log axis
+        r = by_group[group]
+        ci = f" [{num(r['ci_low'])}, {num(r['ci_high'])}]" if r.get("ci_low") is not None else ""
+        ax.set_title(f"{group}: {r.get('state')}\nρ = {num(r.get('statistic'))}, slope {num(r.get('slope'))}{ci}",
+                     fontsize=8)
+        _log_x(ax)
+        ax.set_xlabel("weight decay λ")
+        ax.set_ylabel("final alpha (last block, RMS norm)")
+    _below(fig, list(_handles(axes).values()), ncol)
+    fig.suptitle("Paper claim: the last-layer feature norm alpha against weight decay")
     return fig
 
 
@@ -448,6 +486,3 @@ def _rate_panel(ax, rows: pd.DataFrame, relation: str, colors: dict) -> None:
                 label=f"fitted slope {fit}")
     ax.legend(fontsize=6, loc="upper left")
 
-
-def _n(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"

@@ -19,14 +19,19 @@ Param columns carry the trial's params, typed as `study.config.TrialConfig` decl
 prefixed `param_` (the initial `lr` is `param_lr`, since `lr` is the logged schedule).
 The architecture group is every param except `weight_decay`, `seed` and `device`
 (docs/mlflow_layout.md); `group` names it by the params that differ between groups
-("bn=affine, depth=6"), or "all" when there is a single group.
+("bn=affine, depth=6"), or "all" when there is a single group. Params the trial's data set
+never reads (`ignored_params`: teacher_depth for conic data, n_samples for a file, …) neither
+split nor label a group: `regroup` takes them out of the labels the loader wrote.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
+
+from study.config import FOLDER_DATASETS
 
 KEY_COLUMNS = ("run_id", "experiment", "trial", "status", "group",
                "weight_decay", "seed", "depth", "bn", "epoch", "layer")
@@ -75,8 +80,9 @@ def final_values(frame: pd.DataFrame, metric: str, layer: int = 0) -> pd.DataFra
 
 
 def final_layers(frame: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
-    """Per trial, `metric` at hidden blocks 1..L-1 at the last epoch that has per-layer rows
-    with a finite `metric`; run_id -> (L-1,) array (NaN where a block is missing)."""
+    """Per trial, `metric` at every hidden block it measures (`measured_layers`; at least
+    depth − 1) at the last epoch that has per-layer rows with a finite `metric`; run_id ->
+    (blocks,) array (NaN where a block is missing at that epoch)."""
     if metric not in frame.columns:
         return {}
     rows = frame[(frame["layer"] >= 1) & np.isfinite(frame[metric].to_numpy(float))]
@@ -84,13 +90,25 @@ def final_layers(frame: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
         return {}
     last_epoch = rows.groupby("run_id", sort=False)["epoch"].transform("max")
     rows = rows[rows["epoch"] == last_epoch]
+    measured = measured_layers(frame, metric)
     out = {}
     for run_id, sub in rows.groupby("run_id", sort=False):
         depth = int(sub["depth"].iloc[0])
-        curve = np.full(max(depth - 1, int(sub["layer"].max())), math.nan)
+        curve = np.full(max(depth - 1, measured.get(run_id, 0)), math.nan)
         curve[sub["layer"].to_numpy(int) - 1] = sub[metric].to_numpy(float)
         out[run_id] = curve
     return out
+
+
+def measured_layers(frame: pd.DataFrame, metric: str = "ncc_acc") -> dict[str, int]:
+    """Per trial, the highest hidden-block index with a finite `metric` at any evaluation:
+    the number of blocks the trial measures. An MLP of depth L logs L − 1 (layer01 …),
+    a cnn or resnet of `depth` blocks logs all `depth` of them (study.models), so this and
+    not the `depth` param says how many blocks a trial has."""
+    if metric not in frame.columns:
+        return {}
+    rows = frame[(frame["layer"] >= 1) & np.isfinite(frame[metric].to_numpy(float))]
+    return {str(k): int(v) for k, v in rows.groupby("run_id", sort=False)["layer"].max().items()}
 
 
 def exclusion_counts(trial_rows: pd.DataFrame) -> dict[str, int]:
@@ -114,5 +132,72 @@ def relax_convergence(frame: pd.DataFrame, min_train_acc: float) -> pd.DataFrame
     return out
 
 
-def lambda_label(weight_decay: float) -> str:
-    return f"{weight_decay:g}"
+# ------------------------------------------------------------------ params a data set ignores
+
+# The data params of study.config.TrialConfig, and those each data set reads (study/data.py,
+# docs/datasets.md); `data_seed` is read by every set when `subset` > 0 (the subset's draw).
+DATA_PARAMS = ("data_path", "data_root", "n_samples", "input_dim", "data_seed",
+               "teacher_depth", "teacher_width", "conic_kind")
+DATA_PARAMS_READ = {"teacher": {"n_samples", "input_dim", "data_seed", "teacher_depth", "teacher_width"},
+                    "conic": {"n_samples", "input_dim", "data_seed", "conic_kind"},
+                    "npz": {"data_path"}, "digits": set(), "mnist1d": {"n_samples", "data_seed"}}
+DATA_PARAMS_READ |= {name: {"data_root"} for name in FOLDER_DATASETS}
+_LABEL_SPLIT = re.compile(r", (?=[A-Za-z_]\w*=)")     # a value holding ', ' stays whole
+
+
+def ignored_params(params) -> set[str]:
+    """The data params (`DATA_PARAMS`) a trial's data set never reads, from its params (a
+    dict or a frame row): e.g. teacher_depth and teacher_width for dataset=conic. Empty for
+    an unknown data set."""
+    dataset = str(params.get("dataset", "teacher"))
+    if dataset not in DATA_PARAMS_READ:
+        return set()
+    read = set(DATA_PARAMS_READ[dataset])
+    try:
+        if float(params.get("subset", 0) or 0) > 0:
+            read.add("data_seed")
+    except (TypeError, ValueError):
+        read.add("data_seed")
+    return set(DATA_PARAMS) - read
+
+
+def label_parts(group: str) -> list[tuple[str, str]]:
+    """'bn=affine, depth=6' -> [('bn', 'affine'), ('depth', '6')]; 'all' -> []."""
+    parts = [p.split("=", 1) for p in _LABEL_SPLIT.split(group)]
+    return [(p[0], p[1]) for p in parts if len(p) == 2]
+
+
+def join_label(parts: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parts) or "all"
+
+
+def regroup(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with group labels that ignore the params each trial's data set ignores
+    (`ignored_params`): such a param's `key=value` leaves the trial's label, so conic trials
+    logged with different teacher_depth values form one group; a key then left with a single
+    value among the trials still showing it leaves every label. Trials that differ in a param
+    their data set reads stay apart. Returns `frame` itself when no label changes."""
+    if "group" not in frame.columns or "dataset" not in frame.columns or frame.empty:
+        return frame
+    table = frame.drop_duplicates("run_id")
+    parts = {}
+    changed = False
+    for row in table.to_dict("records"):
+        ignored = ignored_params(row)
+        mine = label_parts(str(row["group"]))
+        kept = [(k, v) for k, v in mine if k not in ignored]
+        changed |= len(kept) < len(mine)
+        parts[row["run_id"]] = (kept, {k for k, _ in mine} - {k for k, _ in kept})
+    if not changed:
+        return frame
+    dropped = set().union(*(d for _, d in parts.values()))
+    values: dict[str, set[str]] = {}
+    for kept, _ in parts.values():
+        for k, v in kept:
+            values.setdefault(k, set()).add(v)
+    constant = {k for k in dropped if len(values.get(k, ())) <= 1}
+    labels = {run_id: join_label([(k, v) for k, v in kept if k not in constant])
+              for run_id, (kept, _) in parts.items()}
+    out = frame.assign(group=frame["run_id"].map(labels))
+    out.attrs = dict(frame.attrs)
+    return out

@@ -10,19 +10,20 @@ Two sources, one result:
   last-block keys. Per-layer rows then hold only the final evaluation (the latest
   values), which is all the analysis uses; `full_layers=True` fetches their histories too.
 
-Metric names: both layouts read the same (`parse_key`). Stores written since the headline
-layout (docs/mlflow_layout.md) log `headline/nc_score`, `last_block/nc1`, …; older ones the
-same measures unprefixed (`nc_score`, `nc1`, …). `study.schema.plain_name` maps either to
-the plain name the frame's columns carry; `layerNN/<name>` is the same in both.
+Metric names and tags are those of `study.schema`. Both metric layouts read the same
+(`parse_key`): stores written since the headline layout (docs/mlflow_layout.md) log
+`headline/nc_score`, `last_block/nc1`, …; older ones the same measures unprefixed
+(`nc_score`, `nc1`, …). `study.schema.plain_name` maps either to the plain name the frame's
+columns carry; `layerNN/<name>` (`study.schema.parse_layer_key`) is the same in both.
 
 Cache: `<cache_dir>/<hash of the tracking URI>/<run_id>.pkl` holds a run's metric rows,
-keyed on the run's end time, `status` tag, number of metric keys and last metric timestamp,
+keyed on the run's end time, status tag, number of metric keys and last metric timestamp,
 so a re-run re-queries only runs that changed or are still running. (A value logged later
 at an older step leaves the latest metrics unchanged and is not noticed; pass
 `cache_dir=None` to bypass the cache.)
 
 Bad input (an unknown or empty experiment, a tracking URI that cannot be opened) raises
-`study.cli.UsageError` before anything is written; a SQLite URI whose file does not exist is
+`study.errors.UsageError` before anything is written; a SQLite URI whose file does not exist is
 refused rather than letting MLflow create an empty store there.
 """
 from __future__ import annotations
@@ -33,12 +34,9 @@ import hashlib
 import math
 import os
 import pickle
-import re
 import sqlite3
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Callable, Sequence
@@ -46,21 +44,21 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from study.schema import plain_name
+from study.errors import UsageError
+from study.schema import (DIVERGED, EPOCH, ERROR, KIND_STUDY, LAYER_PREFIX, TAG_KIND, TAG_RUN_NAME, TAG_STATUS,
+                          parse_layer_key, plain_name, server_problem, sqlite_path)
 
-from .frame import NOT_GROUP_PARAMS, TRIAL_COLUMNS, param_column
+from .frame import NOT_GROUP_PARAMS, TRIAL_COLUMNS, param_column, regroup
 
 CACHE_DIR = Path(".nc_cache")
 CACHE_VERSION = 2                        # 2: reads the headline/, last_block/ names
 REQUIRED_PARAMS = ("weight_decay", "seed", "depth", "bn")
 MLFLOW_TABLES = {"experiments", "runs", "metrics", "latest_metrics", "params", "tags"}
-_LAYER_KEY = re.compile(r"^layer(\d+)/(.+)$")
 _FLOAT_MAX = sys.float_info.max          # MLflow stores ±inf as ±max float
 
 
-def usage_error(message: str) -> Exception:
-    """The CLI's UsageError (imported late: study.cli pulls in torch)."""
-    from study.cli import UsageError
+def usage_error(message: str) -> UsageError:
+    """A mistake the user can fix: `nc-study` prints it as one line and exits with status 2."""
     return UsageError(message)
 
 
@@ -82,11 +80,11 @@ class RunRecord:
 
     @property
     def kind(self) -> str:
-        return self.tags.get("nc_study.kind", "")
+        return self.tags.get(TAG_KIND, "")
 
     @property
     def status(self) -> str:
-        return self.tags.get("status", "unknown")
+        return self.tags.get(TAG_STATUS, "unknown")
 
     def cache_key(self, source: str, layer_metrics: tuple[str, ...] | None = None) -> tuple:
         return (CACHE_VERSION, source, layer_metrics, self.end_time, self.status, self.n_metrics,
@@ -98,7 +96,7 @@ class Study:
     """What `load_study` read: the tidy frame and what it left out."""
     frame: pd.DataFrame
     skipped: pd.DataFrame                 # run_id, experiment, trial, reason
-    parents: dict[str, RunRecord | None]  # experiment name -> parent run (nc_study.kind=study)
+    parents: dict[str, RunRecord | None]  # experiment name -> parent run (kind KIND_STUDY)
     experiment_ids: dict[str, str]
     tracking_uri: str
     source: str                           # "sqlite" or "client"
@@ -108,26 +106,17 @@ class Study:
 
 # ------------------------------------------------------------------ sources
 
-def sqlite_path(uri: str) -> str | None:
-    """File path of a `sqlite:///` URI ('' for in-memory), None for other schemes."""
-    if not uri.startswith("sqlite:"):
-        return None
-    rest = uri[len("sqlite:"):]
-    if not rest.startswith("///"):
-        return ""
-    return rest[3:].split("?", 1)[0]
-
-
 class SqliteSource:
     """Read-only access to a SQLite MLflow store."""
     name = "sqlite"
 
     def __init__(self, uri: str) -> None:
-        path = sqlite_path(uri)
-        if not path or path == ":memory:":
+        db = sqlite_path(uri)
+        if db is None:
             raise usage_error(f"tracking URI {uri!r} is an in-memory database with no runs; "
                               f"pass --tracking-uri sqlite:///path/to/mlflow.db")
-        if not Path(path).is_file():
+        path = str(db)
+        if not db.is_file():
             raise usage_error(f"tracking URI {uri!r}: no such file {path!r}; pass --tracking-uri "
                               f"of an existing MLflow store (or set MLFLOW_TRACKING_URI)")
         try:
@@ -167,7 +156,7 @@ class SqliteSource:
             params[run_id][key] = value
         latest = {r[0]: (r[1], r[2]) for r in self.con.execute(
             f"SELECT run_uuid, count(*), max(timestamp) FROM latest_metrics WHERE run_uuid IN ({runs}) GROUP BY run_uuid", args)}
-        return [RunRecord(run_id, by_id[int(eid)], name or tags[run_id].get("mlflow.runName", run_id),
+        return [RunRecord(run_id, by_id[int(eid)], name or tags[run_id].get(TAG_RUN_NAME, run_id),
                           end_time, tags[run_id], params[run_id], *latest.get(run_id, (0, None)), artifact_uri or "")
                 for run_id, name, eid, end_time, artifact_uri in info]
 
@@ -176,7 +165,7 @@ class SqliteSource:
         args: list = [run.run_id]
         if layer_metrics is not None:      # per-layer keys only for the measures asked for
             marks = ",".join("?" * len(layer_metrics))
-            query += f" AND (key NOT LIKE 'layer%/%' OR substr(key, instr(key, '/') + 1) IN ({marks}))"
+            query += f" AND (key NOT LIKE '{LAYER_PREFIX}%/%' OR substr(key, instr(key, '/') + 1) IN ({marks}))"
             args += list(layer_metrics)
         rows = self.con.execute(query, args).fetchall()
         if not rows:
@@ -262,15 +251,10 @@ def check_reachable(uri: str) -> None:
     """Fail fast on a tracking URI that cannot be opened, before MLflow retries or creates it."""
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
-                pass
-        except urllib.error.HTTPError:
-            pass      # it answers; what it says about the API (auth, paths) the client reports
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise usage_error(f"tracking URI {uri!r} cannot be reached ({reason}); start the MLflow "
-                              f"server or pass another --tracking-uri") from None
+        problem = server_problem(uri)
+        if problem is not None:
+            raise usage_error(f"tracking URI {uri!r} cannot be reached ({problem}); start the MLflow "
+                              f"server or pass another --tracking-uri")
     elif scheme in ("", "file"):
         path = urllib.parse.unquote(urllib.parse.urlparse(uri).path) if scheme == "file" else uri
         if Path(path).is_file() or path.endswith(".db"):
@@ -320,22 +304,19 @@ def parse_key(key: str) -> tuple[int, str] | None:
     older stores' 'nc_score', 'nc1' -> (0, plain name); other prefixed keys (e.g. MLflow's
     'system/...') -> None."""
     key = plain_name(key)
-    if "/" not in key:
-        return 0, key
-    match = _LAYER_KEY.match(key)
-    return (int(match.group(1)), match.group(2)) if match else None
+    return (0, key) if "/" not in key else parse_layer_key(key)
 
 
 def wide_history(keys, steps, values) -> pd.DataFrame:
     """Metric rows (key, step, value), later rows winning duplicates, to one row per
-    (epoch, layer) and one column per metric name. The `epoch` metric is the step."""
+    (epoch, layer) and one column per metric name. The `epoch` metric (schema.EPOCH) is the step."""
     keys = np.asarray(keys, object)
     steps = np.asarray(steps, np.int64)
     values = np.asarray(values, float)
     values = np.where(np.abs(values) >= _FLOAT_MAX, np.copysign(np.inf, values), values)
     codes, uniq = pd.factorize(keys) if len(keys) else (np.zeros(0, np.int64), [])
     parsed = [parse_key(k) for k in uniq]
-    names = sorted({p[1] for p in parsed if p and p[1] != "epoch"}, key=_metric_order)
+    names = sorted({p[1] for p in parsed if p and p[1] != EPOCH}, key=_metric_order)
     col_of = {name: i for i, name in enumerate(names)}
     key_layer = np.array([p[0] if p else -1 for p in parsed], np.int64)
     key_col = np.array([col_of.get(p[1], -1) if p else -1 for p in parsed], np.int64)
@@ -444,7 +425,7 @@ def tidy_frame(records: list[RunRecord], histories: list[pd.DataFrame]) -> pd.Da
     frame["depth"] = frame["depth"].astype(np.int64)
     frame.attrs["metrics"] = metric_cols
     frame.attrs["params"] = param_cols
-    return frame
+    return regroup(frame)    # labels leave out params a trial's data set does not read
 
 
 # ------------------------------------------------------------------ the thin loading part
@@ -464,7 +445,7 @@ def _check_record(record: RunRecord) -> str | None:
 
 
 def _check_history(record: RunRecord, history: pd.DataFrame) -> str | None:
-    if record.status == "diverged" or record.status == "error":
+    if record.status in (DIVERGED, ERROR):
         return None if len(history) else "no metrics logged"
     if "nc_score" not in history.columns or not np.isfinite(history["nc_score"].to_numpy(float)).any():
         return "no nc_score metric (docs/science.md §5 names expected)"
@@ -494,7 +475,7 @@ class Listing:
     """A validated store and the runs of the named experiments, before any history is read."""
     source: object
     experiment_ids: dict[str, str]
-    parents: dict[str, RunRecord | None]     # experiment name -> parent run (nc_study.kind=study)
+    parents: dict[str, RunRecord | None]     # experiment name -> parent run (kind KIND_STUDY)
     trials: list[RunRecord]                  # every other run
 
 
@@ -514,7 +495,7 @@ def open_study(experiments: list[str], tracking_uri: str, backend: str = "auto",
     parents: dict[str, RunRecord | None] = {name: None for name in experiment_ids}
     trials = []
     for record in records:
-        if record.kind == "study":
+        if record.kind == KIND_STUDY:
             parents[record.experiment] = record      # runs come oldest first: keep the newest
         else:
             trials.append(record)

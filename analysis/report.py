@@ -20,8 +20,10 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from . import depth, effdepth, effects, stats, theorem, wd
-from .frame import CONVERGED, final_layers, final_values, relax_convergence, trials
+from study.schema import KIND_STUDY, TAG_KIND
+
+from . import claims, depth, effdepth, effects, stats, theorem, wd
+from .frame import CONVERGED, final_layers, final_values, regroup, relax_convergence, trials
 from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, usage_error
 from .report_html import markdown_html
 from .verdict import ALPHA, TAU_REASONS, TAUS, clean, interval, num, pval, summary
@@ -49,14 +51,17 @@ class Analysis:
     epsilons: tuple[float, ...]
     settings: dict = field(default_factory=dict)
     effects: list = field(default_factory=list)   # BN-kind effect cells (analysis.effects)
+    claims: dict = field(default_factory=dict)    # the paper's claims and §1.4 (analysis.claims)
 
 
 def run_tests(frame: pd.DataFrame, epsilons: Sequence[float] = effdepth.EPSILONS, taus: dict | None = None,
               n_perm: int = stats.N_PERM, seed: int = 0) -> Analysis:
-    """Every test of docs/science.md §6 on a tidy frame; `taus` overrides the tolerances of
-    `verdict.TAUS` (keys conjecture_3_1_1, conjecture_3_2_1, conjecture_3_2_2)."""
+    """Every test of docs/science.md §6 and §7 on a tidy frame (its groups first relabelled
+    by `frame.regroup`); `taus` overrides the tolerances of `verdict.TAUS` (keys
+    conjecture_3_1_1, conjecture_3_2_1, conjecture_3_2_2)."""
     epsilons = tuple(float(e) for e in epsilons)
     taus = TAUS | (taus or {})
+    frame = regroup(frame)               # a no-op on labels that already ignore unread data params
     scores = wd.final_scores(frame, "nc_score")
     for metric in ("intra_min", "inter_max"):
         scores = scores.merge(final_values(frame, metric)[["run_id", metric]], on="run_id", how="left")
@@ -64,11 +69,12 @@ def run_tests(frame: pd.DataFrame, epsilons: Sequence[float] = effdepth.EPSILONS
     r321, models = depth.conjecture_3_2_1(frame, "nc_score", taus["conjecture_3_2_1"], n_perm, seed)
     r322, depths = effdepth.conjecture_3_2_2(frame, epsilons, taus["conjecture_3_2_2"], n_perm, seed)
     r231, evals = theorem.theorem_2_3_1(frame)
+    paper, _ = claims.paper_claims(frame, n_perm, seed)
     return Analysis({"conjecture_3_1_1": r311, "conjecture_3_2_1": r321, "conjecture_3_2_2": r322,
                      "theorem_2_3_1": r231}, scores, models, depths, evals, epsilons,
                     {"alpha": ALPHA, "ci_level": 0.95, "n_perm": n_perm, "seed": seed, "taus": taus,
                      "multiplicity": "Holm within each conjecture's family of groups"},
-                    effects.bn_effects(scores))
+                    effects.bn_effects(scores), paper)
 
 
 # ------------------------------------------------------------------ outputs
@@ -82,6 +88,10 @@ def write_figures(frame: pd.DataFrame, analysis: Analysis, out_dir: Path) -> lis
              figures.save(figures.conjecture_3_2_1(analysis.models), out_dir / "conjecture_3_2_1.png"),
              figures.save(figures.conjecture_3_2_2(analysis.depths, analysis.epsilons), out_dir / "conjecture_3_2_2.png"),
              figures.save(figures.theorem_scatter(analysis.evals), out_dir / "theorem_2_3_1.png")]
+    if analysis.claims.get(claims.ALPHA_TEST):
+        alphas = trials(frame).merge(final_values(frame, "alpha")[["run_id", "alpha"]], on="run_id", how="left")
+        paths.append(figures.save(figures.alpha_vs_lambda(alphas, analysis.claims[claims.ALPHA_TEST]),
+                                  out_dir / "alpha_vs_lambda.png"))
     curves = {m: final_layers(frame, m) for m in ("ncc_acc", "intra_min", "inter_max")}
     for group, models in analysis.models.groupby("group", sort=True):
         converged = models.loc[models["status"] == CONVERGED, "run_id"]
@@ -102,7 +112,8 @@ def conjectures_json(study: Study, analysis: Analysis) -> dict:
                         "summary": summary_line(key, analysis.results[key]),
                         "groups": analysis.results[key]}
                   for key, title, claim in TESTS},
-        "bn_effects": {"claim": effects.CLAIM, "ci_of": effects.ci_of(), "cells": analysis.effects}})
+        "bn_effects": {"claim": effects.CLAIM, "ci_of": effects.ci_of(), "cells": analysis.effects},
+        "claims": claims.claims_json(analysis.claims)})
 
 
 def _md_table(headers: list[str], rows: list[list]) -> str:
@@ -194,6 +205,101 @@ def _bn_effects_section(cells: list[dict]) -> list[str]:
     return L
 
 
+CLAIM_TITLES = ((claims.ALPHA_TEST, "Paper claim: alpha"), (claims.LOSS_TEST, "Paper claim: NC and the loss"),
+                (claims.COMPLEXITY_TEST, "Data complexity (thesis §1.4)"))
+
+
+def _ci_text(r: dict, reason: str | None = None) -> str:
+    return interval(r["ci_low"], r["ci_high"], reason or r.get("no_interval_reason"))
+
+
+def _claims_section(results: dict, figures: list[Path]) -> list[str]:
+    """Lines of "Paper claims": alpha against λ and NC against the loss (each only when the
+    study has the data); [] when neither has."""
+    alpha, loss = results.get(claims.ALPHA_TEST, []), results.get(claims.LOSS_TEST, [])
+    if not alpha and not loss:
+        return []
+    L = ["## Paper claims", "",
+         "The claims of the paper's v3 (arXiv 2309.04644) checked one by one. BN and weight decay strengthen "
+         "NC: the Conjecture 3.1.1 trend (ρ and JT of the final nc_score against λ, per group) and the BN-kind "
+         "effect sizes above. The two below are trend tests with the trials as independent units, Holm-adjusted "
+         "over the groups (docs/science.md §7): **supported** = significant in the predicted direction, "
+         "**contradicted** = significant against it, else inconclusive.", ""]
+    if alpha:
+        L += ["**The last-layer feature norm alpha shrinks as λ grows.** ρ: Spearman of the final alpha (root "
+              "mean square feature norm of the last hidden block) against log λ over trials, permutation p; "
+              "slope: least squares of the per-λ seed mean of log alpha on log λ, with a 95 % t-interval from "
+              "the fit's residuals (K − 2 df).", ""]
+        rows = []
+        for r in alpha:
+            ci = "—" if r["slope"] is None else f"{num(r['slope'])} {_ci_text(r)}"
+            seeds = claims.seeds_text(r["seeds_per_lambda"]) if r["seeds_per_lambda"] else "—"
+            rows.append([f"`{r['group']}`", r["state"], r["n_converged"], seeds, _excl(r), num(r["statistic"]),
+                         _p_pair(r), ci])
+        L += [_md_table(["group", "verdict", "n", "seeds per λ", "excluded", "ρ (alpha, log λ)", "p (Holm)",
+                         "d log alpha / d log λ [95% CI]"], rows), ""]
+        lams = sorted({p["weight_decay"] for r in alpha for p in r["per_lambda"]})
+        rows = []
+        for r in alpha:
+            by = {p["weight_decay"]: p for p in r["per_lambda"]}
+            rows.append([f"`{r['group']}`"]
+                        + [f"{by[l]['mean']:.3g} ({by[l]['n']})" if l in by else "—" for l in lams])
+        L += ["Seed-mean final alpha (number of converged seeds):", "",
+              _md_table(["group"] + [f"λ={l:g}" for l in lams], rows), ""]
+        if any(p.name == "alpha_vs_lambda.png" for p in figures):
+            L += ["![alpha against λ](alpha_vs_lambda.png)", ""]
+    if loss:
+        L += ["**NC is stronger where the training loss is lower.** Per trial, ρ_i = Spearman of nc_score "
+              "against train_loss over its evaluations (predicted < 0); across the trials of a group, an exact "
+              "two-sided sign test of the ρ_i and the mean ρ_i with a 95 % t-interval over trials.", ""]
+        rows = [[f"`{r['group']}`", r["state"], r["n_converged"], _excl(r), r["n_negative"], r["n_positive"],
+                 _p_pair(r), f"{num(r['statistic'])} {_ci_text(r)}",
+                 num(r["median"])] for r in loss]
+        L += [_md_table(["group", "verdict", "trials", "excluded", "ρ_i < 0", "ρ_i > 0", "sign test p (Holm)",
+                         "mean ρ_i [95% CI]", "median ρ_i"], rows), ""]
+    return L
+
+
+def _complexity_section(results: list[dict]) -> list[str]:
+    """Lines of "Data complexity (thesis §1.4)", [] when the study does not vary teacher_depth."""
+    if not results:
+        return []
+    L = ["## Data complexity (thesis §1.4)", "",
+         "Data of lower distribution complexity should reach more NC. Complexity is ordered by the depth of the "
+         "random teacher that labels the data (teacher_depth 3 < 6 < 9); prediction: the final nc_score falls as "
+         "teacher_depth grows. Per λ: Jonckheere–Terpstra across teacher_depth on the converged trials (one "
+         "value per seed), z < 0 predicted, p Holm-adjusted over every comparison set × λ; the set's verdict: "
+         "the stratified JT (J summed over λ, values permuted within each λ), Holm over the sets. Conic-hull "
+         "data are reported beside the trend, not placed on it (docs/science.md §7): their seed mean and the "
+         "difference conic − lowest teacher depth with a Welch 95 % interval.", ""]
+    for r in results:
+        levels = r["levels"]
+        has_conic = any(s["conic"] for s in r["strata"])
+        L += [f"`{r['set']}`: **{r['state']}**: stratified JT z = {num(r['statistic'])}, "
+              f"p = {pval(r['p_value'])} (adj {pval(r.get('p_value_adjusted'))}).", ""]
+        rows = []
+        for s in r["strata"]:
+            by = {p["teacher_depth"]: p for p in s["per_level"]}
+            row = [f"{s['weight_decay']:g}"] + [f"{by[l]['mean']:.3f} ({by[l]['n']})" if l in by else "—"
+                                                 for l in levels]
+            if has_conic:
+                c = s["conic"]
+                if c is None:
+                    row += ["—", "—"]
+                else:
+                    diff = "—" if c["diff_vs_lowest"] is None else (
+                        f"{num(c['diff_vs_lowest'])} {_ci_text(c, 'too few seeds or no spread')}")
+                    row += [f"{c['mean']:.3f} ({c['n']})", diff]
+            row += [num(s["statistic"]), _p_pair(s), s["state"]]
+            rows.append(row)
+        head = ["λ"] + [f"teacher_depth={l}" for l in levels]
+        if has_conic:
+            head += ["conic", f"conic − teacher_depth={levels[0]} [95% CI]"]
+        L += ["Seed-mean final nc_score (converged seeds), per λ:", "",
+              _md_table(head + ["JT z", "p (Holm)", "trend"], rows), ""]
+    return L
+
+
 def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path) -> Path:
     res = analysis.results
     table = trials(study.frame)
@@ -230,6 +336,13 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
             at = f", ε = {r['epsilon']:g}" if "epsilon" in r and key == "conjecture_3_2_2" else ""
             L.append(f"- `{r['group']}`{at}: {r['verdict']}")
         L.append("")
+    for key, title in CLAIM_TITLES:
+        if analysis.claims.get(key):
+            unit = {"unit": "comparison set"} if key == claims.COMPLEXITY_TEST else {}
+            L += [f"**{title}** ({claims.CLAIMS[key]}): {summary([r['state'] for r in analysis.claims[key]], **unit)}.",
+                  ""]
+            L += [f"- `{r['group']}`: {r['verdict']}" for r in analysis.claims[key]]
+            L.append("")
     bad = theorem.violations(analysis.evals)
     if len(bad):
         L += [f"> **WARNING: loss_gap < 0 at {len(bad)} evaluation(s).** The loss floor of Theorem 2.3.1 "
@@ -305,7 +418,8 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     L += ["![Conjecture 3.2.1](conjecture_3_2_1.png)", ""]
 
     L += ["## Conjecture 3.2.2: depth minimisation improves with weight decay", "",
-          "d_ε = smallest hidden block with 1 − ncc_acc ≤ ε at the final evaluation (else the depth L), "
+          "d_ε = smallest hidden block with 1 − ncc_acc ≤ ε at the final evaluation (else L = the number "
+          "of measured blocks + 1: the depth of an MLP, depth + 1 for a cnn or resnet), "
           "recomputed from the per-layer ncc_acc. Prediction: ρ(d_ε, λ) < 0 and no λ1 < λ2 with "
           "d̄(λ1) < d̄(λ2). Worst rise: the largest such increase of the seed-mean depth, in blocks (ε̂), with "
           "its max-t interval; p-values Holm-adjusted over every group × ε test.", ""]
@@ -353,6 +467,8 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     L += ["![Theorem 2.3.1](theorem_2_3_1.png)", ""]
 
     L += _bn_effects_section(analysis.effects)
+    L += _claims_section(analysis.claims, figures)
+    L += _complexity_section(analysis.claims.get(claims.COMPLEXITY_TEST, []))
     L += ["## Figures", "", "![nc_score during training](nc_score_curves.png)", ""]
     L += [f"![{p.stem}]({p.name})" for p in figures if p.name.startswith("fig3_3_")]
     L.append("")
@@ -407,7 +523,7 @@ def log_artifacts(parents: dict, tracking_uri: str, files: list[Path], say: Call
     logged = 0
     for name, parent in parents.items():
         if parent is None:
-            warn(f"experiment {name!r} has no parent run (tag nc_study.kind=study): outputs not logged to MLflow")
+            warn(f"experiment {name!r} has no parent run (tag {TAG_KIND}={KIND_STUDY}): outputs not logged to MLflow")
             continue
         try:
             if parent.artifact_uri and urlparse(parent.artifact_uri).scheme in ("", "file"):
@@ -457,7 +573,7 @@ def analyze(experiments: list[str], tracking_uri: str, out_dir: Path,
             warn: Callable[[str], None] | None = None, min_train_acc: float = 1.0) -> Path:
     """Analyze `experiments` in the store at `tracking_uri`; write report.md (and the same as
     report.html), conjectures.json and PNGs into `out_dir` and log them on the parent run(s). Returns the report path.
-    Bad input raises study.cli.UsageError before anything is written.
+    Bad input raises study.errors.UsageError before anything is written.
 
     With a `cache_dir`, run histories are cached per run, and the outputs per set of inputs:
     a re-run over unchanged runs with the same settings rewrites the stored outputs (with a
@@ -493,7 +609,7 @@ def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict,
              say: Callable[[str], None], warn: Callable[[str], None]) -> list[Path]:
     """Read the runs, run the tests, write every output; returns the files written."""
     study = read_study(listing, tracking_uri, cache_dir, LAYER_METRICS, progress=say)
-    study.frame = relax_convergence(study.frame, settings["min_train_acc"])
+    study.frame = regroup(relax_convergence(study.frame, settings["min_train_acc"]))
     say("running the tests")
     analysis = run_tests(study.frame, settings["epsilons"], settings["taus"], settings["n_perm"], settings["seed"])
     analysis.settings = dict(analysis.settings, min_train_acc=settings["min_train_acc"])

@@ -27,15 +27,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from study.config import TrialConfig
-from study.schema import metric_key
+from study.schema import (CONVERGED, DIVERGED, KIND_STUDY, KIND_TRIAL, LAYER_KEYS, NOT_CONVERGED, RUNNING, TAG_KIND,
+                          TAG_PARENT, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID, layer_key, metric_key)
 
 C = 4                                  # classes of the planted data
 LAMBDA_GRID = (1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3, 7e-3, 1e-2)
-COSINE = ("intra_min", "intra_mean", "inter_max", "inter_mean", "nc_score")
-LAYER_MEASURES = (COSINE + tuple("raw_" + k for k in COSINE)
-                  + ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "ncc_acc", "cdnv"))
-PENULTIMATE_ONLY = ("nc3", "nc4", "alpha", "beta", "loss_floor", "loss_gap")
-RUN_LEVEL = ("epoch", "lr", "train_loss", "train_acc", "effective_depth")
 # nc_score at the end of training: a + b * t, t = log λ scaled to [0, 1] over the grid
 BN_SHAPE = {"affine": (0.70, 0.55), "nonaffine": (0.40, 0.20), "none": (0.55, -0.30)}
 
@@ -89,13 +85,13 @@ def planted_trials(bns: Sequence[str] = ("affine", "nonaffine", "none"),
 def planted_trial(cfg: TrialConfig, rng: np.random.Generator, noise: float = 0.02) -> PlantedTrial:
     t = lambda_position(cfg.weight_decay)
     a, b = BN_SHAPE[cfg.bn]
-    status = "converged"
+    status = CONVERGED
     if cfg.bn == "none" and cfg.weight_decay >= 7e-3:
-        status = "diverged"
+        status = DIVERGED
     elif cfg.bn == "none" and cfg.weight_decay >= 5e-3 or rng.random() < 0.04:
-        status = "not_converged"
+        status = NOT_CONVERGED
     steps = np.array(cfg.eval_epochs)
-    if status == "diverged":
+    if status == DIVERGED:
         steps = steps[: max(1, len(steps) // 2)]
     E, n_hidden = len(steps), cfg.depth - 1
     progress = 1 - np.exp(-4 * steps / cfg.epochs)                       # (E,)
@@ -111,20 +107,20 @@ def planted_trial(cfg: TrialConfig, rng: np.random.Generator, noise: float = 0.0
 
     m: dict[str, np.ndarray] = {}
     for l in range(n_hidden):
-        m |= {f"layer{l + 1:02d}/{k}": v for k, v in layer_measures(S_layers[:, l], ncc[:, l], progress).items()}
+        m |= {layer_key(l + 1, k): v for k, v in layer_measures(S_layers[:, l], ncc[:, l], progress).items()}
     m |= layer_measures(S, ncc[:, -1], progress)
     alpha = 2.0 + 4.0 * t * progress + 0.5 * progress
     beta = 1.0 + 1.5 * progress
     floor = loss_floor(alpha, beta, pi_max=0.27)
     train_acc = np.minimum(0.6 + 0.4 * progress + 0.02, 1.0)
-    train_acc[-1] = 1.0 if status == "converged" else 0.985
+    train_acc[-1] = 1.0 if status == CONVERGED else 0.985
     m |= {"epoch": steps.astype(float), "lr": np.array([cfg.lr_at(e - 1) for e in steps]),
           "train_loss": floor + 0.02 + 0.8 * (1 - progress), "train_acc": train_acc,
           "nc3": 0.8 * (1 - progress) + 0.05, "nc4": 0.1 * (1 - progress),
           "alpha": alpha, "beta": beta, "loss_floor": floor}
     m["loss_gap"] = m["train_loss"] - floor
     m["effective_depth"] = np.array([effective_depth(row, cfg.depth, cfg.ncc_epsilon) for row in ncc], float)
-    if status == "diverged":
+    if status == DIVERGED:
         last = float(cfg.epochs // 2 + 1)
         steps = np.append(steps, int(last))
         m = {k: np.append(v, np.nan) for k, v in m.items()}
@@ -161,21 +157,21 @@ def write_study(client, name: str, trials: Sequence[PlantedTrial], artifact_loca
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location)
     from mlflow.entities import Param, RunTag
-    parent = client.create_run(exp_id, run_name=name, tags={"study": name, "nc_study.kind": "study"})
+    parent = client.create_run(exp_id, run_name=name, tags={TAG_STUDY: name, TAG_KIND: KIND_STUDY})
     parent_id = parent.info.run_id
     grid = sorted({t.cfg.weight_decay for t in trials})
     client.log_batch(parent_id, params=[Param("grid", f"weight_decay: {grid}"), Param("n_trials", str(len(trials)))])
     child_ids = []
     for i, trial in enumerate(trials):
-        tags = {"mlflow.parentRunId": parent_id, "study": name, "nc_study.kind": "trial",
-                "trial_id": f"{i:05d}", "status": "running"}
+        tags = {TAG_PARENT: parent_id, TAG_STUDY: name, TAG_KIND: KIND_TRIAL,
+                TAG_TRIAL_ID: f"{i:05d}", TAG_STATUS: RUNNING}
         run = client.create_run(exp_id, run_name=f"{name}_{i}", tags=tags)
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in trial.cfg.to_params().items()])
         if log_metrics:
             log_history(client, run_id, trial, legacy_names)
             client.log_text(run_id, layers_csv(trial), "layers.csv")
-        client.log_batch(run_id, tags=[RunTag("status", trial.status)])
+        client.log_batch(run_id, tags=[RunTag(TAG_STATUS, trial.status)])
         client.set_terminated(run_id, "FINISHED")
         child_ids.append(run_id)
     client.set_terminated(parent_id, "FINISHED")
@@ -206,9 +202,9 @@ def layers_csv(trial: PlantedTrial) -> str:
     buf = io.StringIO()
     n_hidden = trial.cfg.depth - 1
     last = int(np.flatnonzero(~np.isnan(trial.metrics["nc_score"]))[-1])
-    buf.write(",".join(("layer",) + LAYER_MEASURES) + "\n")
+    buf.write(",".join(("layer",) + LAYER_KEYS) + "\n")
     for l in range(1, n_hidden + 1):
-        vals = [trial.metrics[f"layer{l:02d}/{k}"][last] for k in LAYER_MEASURES]
+        vals = [trial.metrics[layer_key(l, k)][last] for k in LAYER_KEYS]
         buf.write(",".join([str(l)] + [f"{v:.6g}" for v in vals]) + "\n")
     return buf.getvalue()
 

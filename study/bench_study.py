@@ -25,6 +25,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from .schema import DEFAULT_URI, KIND_TRIAL, SQLITE_PREFIX, TAG_KIND, TIME_WALL, sqlite_path
 
 HEAVY = dict(dataset="teacher", depth=6, width=300, n_samples=10_000, epochs=8, eval_every=1)
 TINY = dict(dataset="teacher", depth=3, width=16, n_samples=200, epochs=4, eval_every=1, batch_size=64)
@@ -49,10 +50,15 @@ def run_study(folder: Path, name: str, trial: dict, grid: dict, *flags: str) -> 
     return time.perf_counter() - start, peak
 
 
+def folder_client(folder: Path) -> MlflowClient:
+    """The store of the studies run in `folder`: the default one (`run_study` passes no URI)."""
+    return MlflowClient(SQLITE_PREFIX + str(folder / sqlite_path(DEFAULT_URI)))
+
+
 def trial_runs(folder: Path, name: str) -> list:
-    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    client = folder_client(folder)
     experiment = client.get_experiment_by_name(name)
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("nc_study.kind") == "trial"]
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(TAG_KIND) == KIND_TRIAL]
 
 
 def bare_seconds_per_epoch(trial: dict) -> float:
@@ -72,7 +78,7 @@ def study_seconds_per_epoch(folder: Path, name: str) -> float:
     trial lives through, reports and checkpoints included; driver-side log times are not
     used since the driver may log a result late without slowing the trial."""
     (run,) = trial_runs(folder, name)
-    history = MlflowClient(f"sqlite:///{folder}/mlflow.db").get_metric_history(run.info.run_id, "time_wall_s")
+    history = folder_client(folder).get_metric_history(run.info.run_id, TIME_WALL)
     walls = [m.value for m in sorted(history, key=lambda m: m.step)]
     return (walls[-1] - walls[0]) / (len(walls) - 1)
 
@@ -110,7 +116,7 @@ def memory_and_store(folder: Path, sizes: tuple[int, ...]) -> None:
         sub.mkdir()
         wall, peak = run_study(sub, f"many{n}", TINY, {"seed": list(range(n))})
         reports = n * TINY["epochs"]
-        db = (sub / "mlflow.db").stat().st_size
+        db = (sub / sqlite_path(DEFAULT_URI)).stat().st_size
         n_metrics = len(trial_runs(sub, f"many{n}")[0].data.metrics)
         print(f"3. {n} trials, {reports} reports of {n_metrics} metrics: wall {wall:.0f} s, driver peak RSS "
               f"{peak / 2**20:.0f} MiB (target < 1536), store {db / 2**20:.1f} MiB = {db / reports / 1024:.1f} KiB "

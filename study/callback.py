@@ -167,6 +167,8 @@ class MlflowTracker(Callback):
         if node and self.node.get(key) != node:   # first report, or the trial moved to another node
             self.node[key] = node
             tags = {TAG_NODE_ID: node, TAG_NODE_IP: str(result.get("node_ip", ""))}
+        if isinstance(result.get("dataset_input"), dict):   # a trial's first report in each session
+            self.writer.submit({"op": "input", "key": key, "dataset": result["dataset_input"]})
         self.writer.submit({"op": "log", "key": key, "step": int(result.get("epoch", 0)),
                             "metrics": report_metrics(result), "ts_ms": now_ms(), "tags": tags})
         self.last[key] = result

@@ -1,5 +1,6 @@
-"""`nc-study` command line: train one bare trial, measure exported features, run a study,
-analyze a study. A mistake a user can fix ends in one line on stderr and exit status 2."""
+"""`nc-study train` and `nc-study measure`, and how every `nc-study` subcommand ends on a
+mistake a user can fix: one line on stderr and exit status 2. The command itself (these two,
+`run` and `analyze`) is assembled in study/entry.py; this module imports nothing of analysis/."""
 from __future__ import annotations
 
 import argparse
@@ -14,25 +15,25 @@ from .config import CHOICES, ConfigError, TrialConfig, from_flags, parse_overrid
 from .errors import DataError, UsageError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the chosen subcommand; a UsageError, ConfigError or DataError
+    becomes one line on stderr and EXIT_USAGE, Ctrl-C EXIT_INTERRUPTED."""
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataError) as exc:
-        print(f"nc-study {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"nc-study {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nc-study", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_train_parser(sub) -> None:
+    """Register `train` on the subparsers object of `nc-study`."""
     p = sub.add_parser("train", help="train one bare trial (no Ray, no MLflow) and print its evaluations",
                        description="Train one trial bare (no Ray, no MLflow) and print a row per evaluation.",
                        epilog=fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,21 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="print every metric of each evaluation as JSON lines")
     p.set_defaults(func=cmd_train)
 
+
+def add_measure_parser(sub) -> None:
+    """Register `measure` on the subparsers object of `nc-study`."""
     p = sub.add_parser("measure", help="NC metrics of features exported from any model")
     p.add_argument("features", type=Path, help=".npz with y (N,), layer01..layerNN (N, D_l), optional W (C, D), b (C,)")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
     p.add_argument("--epsilon", type=float, default=0.01, help="NCC error bound of the effective depth")
     p.set_defaults(func=cmd_measure)
-
-    from .runner import add_run_parser
-    add_run_parser(sub)
-    try:
-        from analysis.cli import add_analyze_parser
-    except ImportError:  # analysis not installed alongside: `analyze` is unavailable
-        pass
-    else:
-        add_analyze_parser(sub)
-    return parser
 
 
 # ------------------------------------------------------------------------------ train
@@ -191,7 +185,3 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(text + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

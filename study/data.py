@@ -11,6 +11,8 @@ channel over their whole training split; teacher, conic and npz are used as they
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import math
 import random
 import zlib
@@ -70,6 +72,44 @@ def resolve_num_classes(cfg: TrialConfig) -> int:
     if cfg.dataset in SYNTHETIC_DATASETS:
         return cfg.num_classes
     return _label_count(cfg.dataset, _source(cfg), cfg.num_classes, cfg.n_samples, cfg.data_seed)
+
+
+def dataset_input(cfg: TrialConfig, data: Dataset) -> dict[str, str]:
+    """What a trial's MLflow run records as its dataset input (mlflow.entities.Dataset's
+    fields): a name that says which set and how it was made, a digest of the samples and
+    labels themselves (two trials share it exactly when they train on the same data), where
+    it came from, the tensor schema and a profile (rows, classes, class counts)."""
+    digest = hashlib.sha256()
+    for tensor in (data.X, data.y):
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if cfg.dataset == "teacher":
+        name = f"teacher depth={cfg.teacher_depth} width={cfg.teacher_width}"
+    elif cfg.dataset == "conic":
+        name = f"conic {cfg.conic_kind}"
+    elif cfg.dataset == "npz":
+        name = Path(cfg.data_path).name
+    else:
+        name = cfg.dataset
+    if cfg.dataset in SYNTHETIC_DATASETS or cfg.dataset == "mnist1d":
+        name += f" seed={cfg.data_seed}"
+    if cfg.subset:
+        name += f" subset={cfg.subset}"
+
+    def spec(tensor: torch.Tensor) -> str:
+        shape = [-1, *tensor.shape[1:]]
+        return json.dumps([{"type": "tensor", "tensor-spec": {"dtype": str(tensor.dtype).removeprefix("torch."),
+                                                               "shape": shape}}])
+
+    source = _source(cfg)
+    return {
+        "name": name, "digest": digest.hexdigest()[:12],
+        "source_type": "local" if source else "code",
+        "source": json.dumps({"uri": source} if source else {"generator": f"study.data ({cfg.dataset})"}),
+        "schema": json.dumps({"mlflow_tensorspec": {"features": spec(data.X), "targets": spec(data.y)}}),
+        "profile": json.dumps({"num_rows": len(data.y), "num_classes": data.num_classes,
+                               "class_counts": data.class_counts}),
+    }
 
 
 def _source(cfg: TrialConfig) -> str:

@@ -34,6 +34,7 @@ from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .metrics import measure
 from .models import MLP, build_model
+from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 from .train import Trainer, pick_device
 
 # Fields that may differ between the members of one pack; every other field must agree.
@@ -94,7 +95,7 @@ class PackedTrainer:
         self.members = list(range(len(self.cfgs)))   # indices into cfgs of the stacked (not diverged)
         self.shuffles = [torch.Generator().manual_seed(member.seed) for member in self.cfgs]
         self.epoch = 0                           # epochs completed
-        self.status = ["running"] * len(self.cfgs)
+        self.status = [RUNNING] * len(self.cfgs)
         self.seconds = {"train": 0.0, "measure": 0.0}
 
     # ------------------------------------------------------------------ checkpointing
@@ -133,18 +134,18 @@ class PackedTrainer:
             reports: list[dict[str, float] | None] = [None] * len(self.cfgs)
             for i, lr, loss in zip(self.members, lrs, losses):
                 if not math.isfinite(loss):
-                    self.status[i] = "diverged"
+                    self.status[i] = DIVERGED
                     reports[i] = {"epoch": float(self.epoch), "lr": lr, "diverged": 1.0}
                 elif self.epoch in evals:
                     t0 = time.perf_counter()
                     metrics = self.evaluate(i)
                     self.seconds["measure"] += time.perf_counter() - t0
                     if not math.isfinite(metrics["train_loss"]):
-                        self.status[i] = "diverged"
+                        self.status[i] = DIVERGED
                     elif self.epoch == cfg.epochs:
-                        self.status[i] = "converged" if metrics["train_acc"] == 1.0 else "not_converged"
+                        self.status[i] = CONVERGED if metrics["train_acc"] == 1.0 else NOT_CONVERGED
                     reports[i] = {"epoch": float(self.epoch), "lr": lr, **metrics}
-            self._keep([j for j, i in enumerate(self.members) if self.status[i] != "diverged"])
+            self._keep([j for j, i in enumerate(self.members) if self.status[i] != DIVERGED])
             if any(r is not None for r in reports):
                 yield reports
 

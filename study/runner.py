@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
+from .schema import DEFAULT_URI, ENDED, INTERRUPTED, RUNNING, TAG_FINGERPRINT, TAG_NOTE, TAG_STATUS, TRAINED, metric_key, run_name, runs_link
 from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, packs
 
 EXIT_FAILED_TRIALS = 1
@@ -36,7 +37,7 @@ def add_run_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a fixed trial field, e.g. --set epochs=5 (repeatable)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                   help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI} here)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join, e.g. 10.0.0.5:6379 (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--storage-path", default=None,
@@ -83,9 +84,8 @@ def prepare(args: argparse.Namespace) -> Study:
     if not args.tracking_outage_limit > 0:
         raise UsageError(f"--tracking-outage-limit must be > 0 seconds, got {args.tracking_outage_limit}")
     if not args.dry_run:   # at once: what follows (torch, MLflow, Ray start-up) takes seconds
-        where = f"the Ray cluster at {ray_address(args)}" if ray_address(args) else "a local Ray"
-        print(f"study {study.name}: {study.n_trials} trials; checking the data and the tracking store, "
-              f"then starting {where} ...", flush=True)
+        print(f"study {study.name}: {study.n_trials} trials; checking the data and the tracking store ...",
+              flush=True)
     check_data(study, overrides)
     return study
 
@@ -279,7 +279,7 @@ def open_study_record(study: Study, uri: str) -> tuple[str, str]:
             experiment_id = ensure_experiment(client, study.name, uri)
             parent_id = ensure_parent_run(client, experiment_id, study)
         if study.description:
-            client.set_experiment_tag(experiment_id, "mlflow.note.content", study.description)
+            client.set_experiment_tag(experiment_id, TAG_NOTE, study.description)
         set_parent_status(client, parent_id, "RUNNING")
     except TrackingError:
         raise
@@ -310,7 +310,6 @@ def completed_experiment(study: Study, uri: str) -> str | None:
     its trials as trained to its end, else None: there is something to run, resume or retry
     (errored trials are retried from their checkpoints). Only reads; a SQLite store that does
     not exist yet is not created here."""
-    from .schema import TAG_FINGERPRINT, TAG_STATUS, TRAINED
     from .tracking import KIND_STUDY, KIND_TRIAL, find_runs, open_client, sqlite_path
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
@@ -328,7 +327,6 @@ def completed_experiment(study: Study, uri: str) -> str | None:
 
 
 def dry_run(study: Study, uri: str, storage: str) -> int:
-    from .schema import run_name
     if study.pack_size > 1:
         return dry_run_packed(study, uri, storage)
     print(f"study {study.name}: {study.n_trials} trials, resources per trial cpu={study.cpu:g} gpu={study.gpu:g}, "
@@ -345,7 +343,6 @@ def dry_run(study: Study, uri: str, storage: str) -> int:
 
 def dry_run_packed(study: Study, uri: str, storage: str) -> int:
     """The packs, each with the run names of the trials it trains together."""
-    from .schema import run_name
     groups = packs(study)
     cells = list(study.cells())
     print(f"study {study.name}: {study.n_trials} trials in {len(groups)} packs of up to {study.pack_size} "
@@ -398,7 +395,6 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         tune_kwargs = {}
         if study.search:
             from ray.tune.search.optuna import OptunaSearch
-            from .schema import metric_key
             metric = metric_key(study.search.metric)   # `nc_score` in the file is `headline/nc_score` in results
             search_alg = OptunaSearch(metric=metric, mode=study.search.mode, seed=study.search.seed)
             tune_kwargs = dict(metric=metric, mode=study.search.mode)
@@ -463,7 +459,6 @@ def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: fl
     """Print the outcome per status from MLflow (with this session's wall time, if it ran any),
     close the parent run (FINISHED when every trial ended, KILLED when stopped short) and
     return the exit status; trials left running are tagged interrupted."""
-    from .schema import ENDED, INTERRUPTED, RUNNING, TAG_STATUS
     from .tracking import KIND_TRIAL, find_runs, open_client, set_parent_status
     client = open_client(uri)
     unfinished = [t for t in tracker.trials if t.status not in ("TERMINATED", "ERROR")] if tracker else []
@@ -507,7 +502,6 @@ def default_uri() -> str:
 def browse_lines(uri: str, experiment_id: str) -> list[str]:
     """How to look at the runs: the UI command for a database, then the runs view's address
     (MLflow's UI opens an experiment on its GenAI overview otherwise)."""
-    from .schema import runs_link
     from .tracking import browse_hint
     if uri.startswith(("http://", "https://")):
         return [f"browse it: {runs_link(uri, experiment_id)}"]

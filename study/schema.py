@@ -1,15 +1,23 @@
 """The layout of a study's MLflow record, in one place (docs/mlflow_layout.md).
 
-Writers (study/tracking.py, study/callback.py, study/trainable.py) and readers
-(study/runner.py, study/timing.py, analysis/load.py) import the names from here. Torch-free
-and MLflow-free, so the analysis side can import it cheaply.
+Run names, tags and statuses, metric names and the per-layer key format, the default
+tracking URI, the database file of a SQLite URI and the tracking server's health check.
+Writers (study/tracking.py, study/callback.py, study/trainable.py, analysis/synthetic.py)
+and readers (study/runner.py, study/timing.py, analysis/load.py) import the names from
+here; no other module spells a tag or a metric key. Standard library only (no torch, no
+MLflow), so the analysis side can import it cheaply.
 """
 from __future__ import annotations
 
 import math
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any, Iterable
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+SQLITE_PREFIX = "sqlite:///"
+DEFAULT_URI = SQLITE_PREFIX + "mlflow.db"
 
 # run kinds (tag TAG_KIND): one parent run per study, one child run per trial
 TAG_KIND = "nc_study.kind"
@@ -22,7 +30,9 @@ TAG_STATUS = "status"
 TAG_ERROR = "error"
 TAG_NODE_ID, TAG_NODE_IP = "ray.node_id", "ray.node_ip"   # child: the Ray node that last ran the trial
 TAG_NOTE = "mlflow.note.content"           # MLflow's description field
-TAG_PARENT = "mlflow.parentRunId"
+TAG_PARENT = "mlflow.parentRunId"          # child: the parent run's id
+TAG_DATA_CONTEXT = "mlflow.data.context"   # dataset input tag: what the data were used for
+TAG_RUN_NAME = "mlflow.runName"            # MLflow's copy of the run name
 
 # trial statuses (tag TAG_STATUS)
 RUNNING, CONVERGED, NOT_CONVERGED, DIVERGED, ERROR, INTERRUPTED = (
@@ -33,6 +43,34 @@ ENDED = TRAINED + (ERROR,)                       # a re-run retries ERROR trials
 # short names for grid axes in run names
 ABBREVIATIONS = {"weight_decay": "wd", "bn_placement": "bn_at", "learning_rate": "lr", "num_classes": "C",
                  "n_samples": "N", "batch_size": "B", "optimizer": "opt", "dataset": "data"}
+
+
+# bookkeeping metrics (logged unprefixed): the evaluation's epoch, also its MLflow step, and
+# the trial's clocks (time_wall_s since the trial started or resumed)
+EPOCH = "epoch"
+TIME_TRAIN, TIME_MEASURE, TIME_WALL = "time_train_s", "time_measure_s", "time_wall_s"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (its query string dropped); None for other
+    schemes and for an in-memory database (`sqlite://`, `sqlite:///:memory:`)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = uri[len(SQLITE_PREFIX):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def server_problem(uri: str, timeout: float = 10.0) -> str | None:
+    """Why the tracking server at `uri` (http:// or https://) does not answer on its
+    /health endpoint, or None when it answers. Any HTTP response counts as an answer: what
+    the server says about the API (auth, paths) is the MLflow client's to report."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 def format_value(value: Any) -> str:
@@ -88,9 +126,20 @@ LAST_BLOCK = tuple(k for k in LAYER_KEYS + CLASSIFIER_KEYS if k not in HEADLINE)
 _MLFLOW_KEY = {k: HEADLINE_PREFIX + k for k in HEADLINE} | {k: LAST_BLOCK_PREFIX + k for k in LAST_BLOCK}
 
 
+LAYER_PREFIX = "layer"
+_LAYER_KEY_RE = re.compile(LAYER_PREFIX + r"(\d+)/(.+)")
+
+
 def layer_key(l: int, name: str) -> str:
     """Metric name of measure `name` at hidden block l (1-based): 'layer03/nc1'."""
-    return f"layer{l:02d}/{name}"
+    return f"{LAYER_PREFIX}{l:02d}/{name}"
+
+
+def parse_layer_key(key: str) -> tuple[int, str] | None:
+    """The hidden block and measure of a per-layer metric name: 'layer03/nc1' -> (3, 'nc1');
+    None for any other name."""
+    match = _LAYER_KEY_RE.fullmatch(key)
+    return (int(match.group(1)), match.group(2)) if match else None
 
 
 def metric_key(name: str) -> str:

@@ -19,9 +19,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .tracking import KIND_TRIAL, find_runs, open_client, resolve_uri
+from .schema import KIND_TRIAL, TAG_STATUS, TIME_MEASURE, TIME_TRAIN, TIME_WALL, TRAINED
+from .tracking import find_runs, open_client, resolve_uri
 
-CLOCKS = ("time_train_s", "time_measure_s", "time_wall_s")
+CLOCKS = (TIME_TRAIN, TIME_MEASURE, TIME_WALL)
 STOPPED_GAP_S = 120.0   # no trial running for this long: the study was stopped, not slow
 
 
@@ -99,7 +100,7 @@ def study_timing(uri: str, experiment: str, slots: int) -> Timing:
     if found is None:
         raise SystemExit(f"no experiment {experiment!r} in {uri}")
     runs = [r for r in find_runs(client, found.experiment_id, KIND_TRIAL)
-            if r.data.tags.get("status") in ("converged", "not_converged", "diverged")]
+            if r.data.tags.get(TAG_STATUS) in TRAINED]
     if not runs:
         raise SystemExit(f"experiment {experiment!r} has no finished trials")
     totals = dict.fromkeys(CLOCKS, 0.0)
@@ -108,12 +109,11 @@ def study_timing(uri: str, experiment: str, slots: int) -> Timing:
         for key in CLOCKS:
             history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
             totals[key] += segment_total([m.value for m in history])
-            if key == "time_wall_s":
+            if key == TIME_WALL:
                 active += segments([(m.timestamp / 1000, m.value) for m in history])
     span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
     running = span - stopped_time(active)
-    return Timing(len(runs), span, running, totals["time_train_s"], totals["time_measure_s"],
-                  totals["time_wall_s"], slots)
+    return Timing(len(runs), span, running, totals[TIME_TRAIN], totals[TIME_MEASURE], totals[TIME_WALL], slots)
 
 
 def main(argv: list[str] | None = None) -> int:

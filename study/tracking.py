@@ -2,7 +2,7 @@
 
 The driver opens the store and creates the experiment and the parent run before any trial
 starts (concurrent first creation of a SQLite store corrupts it); trials never talk to MLflow.
-Each Ray trial maps to one child run, found again after a resume by its `trial_key` tag, and
+Each Ray trial maps to one child run, found again after a resume by its trial-key tag, and
 each report is one `log_batch` call; steps already logged are skipped, so a trial replayed
 from its last checkpoint leaves one value per (metric, step).
 """
@@ -25,10 +25,14 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from .schema import DEFAULT_URI, KIND_STUDY, KIND_TRIAL  # noqa: F401 - re-exported for callers
+# the record's names live in schema; KIND_STUDY, KIND_TRIAL and sqlite_path are imported
+# from here too (runner.py)
+from .schema import (DEFAULT_URI, EPOCH, ERROR, KIND_STUDY, KIND_TRIAL, RUNNING, SQLITE_PREFIX, TAG_DATA_CONTEXT,
+                     TAG_ERROR, TAG_FINGERPRINT, TAG_KIND, TAG_NOTE, TAG_PARENT, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID,
+                     TAG_TRIAL_KEY, parse_layer_key, server_problem, sqlite_path)
 
 MAX_TAG = 5000
 # keys Ray adds to every result; they are not measurements
@@ -44,16 +48,13 @@ class TrackingError(RuntimeError):
 
 def resolve_uri(uri: str | None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder
-    (made absolute, so trials and `mlflow ui` run from here agree)."""
+    (a SQLite file made absolute, so trials and `mlflow ui` run from here agree)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).expanduser()
-        return "sqlite:///" + str(path.resolve())
+    db = sqlite_path(uri)
+    if db is not None:
+        query = uri.partition("?")[2]
+        return SQLITE_PREFIX + str(db.expanduser().resolve()) + (f"?{query}" if query else "")
     return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def check_uri(uri: str, must_exist: bool = False) -> None:
@@ -69,7 +70,10 @@ def check_uri(uri: str, must_exist: bool = False) -> None:
             raise TrackingError(f"tracking store {db} is not readable and writable")
         return
     if scheme in ("http", "https"):
-        _ping_server(uri)
+        problem = server_problem(uri)
+        if problem is not None:
+            raise TrackingError(f"tracking server {uri} does not answer ({problem}); start it with "
+                                f"`mlflow server --host 127.0.0.1 --port PORT` or fix --tracking-uri")
         return
     if scheme in ("", "file"):
         raise TrackingError(f"tracking URI {uri!r}: MLflow 3 has no file store; use sqlite:///path/mlflow.db "
@@ -78,20 +82,6 @@ def check_uri(uri: str, must_exist: bool = False) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         raise TrackingError(f"tracking URI {uri} cannot be opened: {str(exc).splitlines()[0]}") from None
-
-
-def _ping_server(uri: str) -> None:
-    import urllib.error
-    import urllib.request
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            if response.status != 200:
-                raise OSError(f"HTTP {response.status}")
-    except (OSError, urllib.error.URLError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"tracking server {uri} does not answer ({reason}); start it with "
-                            f"`mlflow server --host 127.0.0.1 --port PORT` or fix --tracking-uri") from None
 
 
 def browse_hint(uri: str) -> str:
@@ -155,7 +145,7 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
 
 
 def find_runs(client: MlflowClient, experiment_id: str, kind: str, extra: str = "") -> list:
-    query = f"tags.`nc_study.kind` = '{kind}'" + (f" and {extra}" if extra else "")
+    query = f"tags.`{TAG_KIND}` = '{kind}'" + (f" and {extra}" if extra else "")
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
@@ -170,7 +160,7 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
     existing = find_runs(client, experiment_id, KIND_STUDY)
     if existing:
         run = existing[0]
-        recorded = run.data.tags.get("nc_study.fingerprint")
+        recorded = run.data.tags.get(TAG_FINGERPRINT)
         if recorded and recorded != study.fingerprint():
             raise TrackingError(
                 f"experiment {study.name!r} already holds a study with a different definition "
@@ -178,8 +168,8 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
                 f"name: in {study.path} (recorded runs are left as they are)")
         return run.info.run_id
     run = client.create_run(experiment_id, run_name=study.name, tags={
-        "study": study.name, "nc_study.kind": KIND_STUDY, "nc_study.fingerprint": study.fingerprint(),
-        "mlflow.note.content": study.description})
+        TAG_STUDY: study.name, TAG_KIND: KIND_STUDY, TAG_FINGERPRINT: study.fingerprint(),
+        TAG_NOTE: study.description})
     params = {f"trial.{k}": str(v) for k, v in study.fixed.items()}
     params |= {f"grid.{k}": ",".join(map(str, v)) for k, v in study.grid.items()}
     if study.search:
@@ -205,21 +195,23 @@ class TrialRuns:
         self.experiment_id = experiment_id
         self.parent_id = parent_id
         self.study_name = study_name
-        self.run_ids: dict[str, str] = {}      # trial_key -> run id
+        self.run_ids: dict[str, str] = {}      # trial key -> run id
         self.last_step: dict[str, int] = {}    # run id -> last epoch logged
         for run in find_runs(client, experiment_id, KIND_TRIAL):
-            key = run.data.tags.get("trial_key")
+            key = run.data.tags.get(TAG_TRIAL_KEY)
             if key:
                 self.run_ids[key] = run.info.run_id
-                self.last_step[run.info.run_id] = int(run.data.metrics.get("epoch", 0))
+                self.last_step[run.info.run_id] = int(run.data.metrics.get(EPOCH, 0))
 
     def apply(self, op: dict) -> None:
-        """Carry out one writer operation: {"op": "start" | "log" | "finish", ...}."""
+        """Carry out one writer operation: {"op": "start" | "log" | "input" | "finish", ...}."""
         kind = op["op"]
         if kind == "start":
             self.start(op["key"], op["trial_id"], op["params"], op["name"], op.get("start_ms"), op.get("tags"))
         elif kind == "log":
             self.log(op["key"], op["step"], op["metrics"], op["ts_ms"], op.get("tags"))
+        elif kind == "input":
+            self.log_input(op["key"], op["dataset"])
         elif kind == "finish":
             self.finish(op["key"], op["status"], op.get("layers_csv", ""), op.get("error", ""),
                         op.get("end_ms"), op.get("description", ""))
@@ -233,16 +225,25 @@ class TrialRuns:
         run_id = self.run_ids.get(key)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms, tags={
-                "mlflow.parentRunId": self.parent_id, "study": self.study_name,
-                "nc_study.kind": KIND_TRIAL, "trial_key": key, "trial_id": trial_id, "status": "running",
-                **(tags or {})})
+                TAG_PARENT: self.parent_id, TAG_STUDY: self.study_name, TAG_KIND: KIND_TRIAL,
+                TAG_TRIAL_KEY: key, TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **(tags or {})})
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
             self.run_ids[key], self.last_step[run_id] = run_id, 0
         else:
-            self.client.log_batch(run_id, tags=[RunTag("trial_id", trial_id), RunTag("status", "running")])
+            self.client.log_batch(run_id, tags=[RunTag(TAG_TRIAL_ID, trial_id), RunTag(TAG_STATUS, RUNNING)])
             self.client.update_run(run_id, status="RUNNING")
         return run_id
+
+    def log_input(self, key: str, dataset: dict[str, str]) -> bool:
+        """Record the trial's training set as the run's dataset input (data.dataset_input's
+        fields), once: a resumed trial that reports the same data again adds nothing."""
+        run_id = self.run_ids[key]
+        for logged in self.client.get_run(run_id).inputs.dataset_inputs:
+            if (logged.dataset.name, logged.dataset.digest) == (dataset["name"], dataset["digest"]):
+                return False
+        self.client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), tags=[InputTag(TAG_DATA_CONTEXT, "train")])])
+        return True
 
     def log(self, key: str, step: int, metrics: dict[str, float], ts_ms: int,
             tags: dict[str, str] | None = None) -> bool:
@@ -258,18 +259,18 @@ class TrialRuns:
     def finish(self, key: str, status: str, layers_csv: str = "", error: str = "",
                end_ms: int | None = None, description: str = "") -> None:
         run_id = self.run_ids[key]
-        tags = [RunTag("status", status)]
+        tags = [RunTag(TAG_STATUS, status)]
         if error:
-            tags.append(RunTag("error", error[-MAX_TAG:]))
+            tags.append(RunTag(TAG_ERROR, error[-MAX_TAG:]))
         if description:
-            tags.append(RunTag("mlflow.note.content", description))
+            tags.append(RunTag(TAG_NOTE, description))
         self.client.log_batch(run_id, tags=tags)
         if layers_csv:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "layers.csv"
                 path.write_text(layers_csv)
                 self.client.log_artifact(run_id, str(path))
-        state = RunStatus.to_string(RunStatus.FAILED if status == "error" else RunStatus.FINISHED)
+        state = RunStatus.to_string(RunStatus.FAILED if status == ERROR else RunStatus.FINISHED)
         self.client.set_terminated(run_id, status=state, end_time=end_ms)
 
 
@@ -291,9 +292,10 @@ def layer_table(result: dict) -> str:
     """CSV of the per-layer measures of one report: one row per hidden block."""
     rows: dict[int, dict] = {}
     for key, value in result.items():
-        if key.startswith("layer") and "/" in key:
-            block, name = key.split("/", 1)
-            rows.setdefault(int(block[5:]), {})[name] = value
+        parsed = parse_layer_key(key)
+        if parsed is not None:
+            layer, name = parsed
+            rows.setdefault(layer, {})[name] = value
     if not rows:
         return ""
     names = list(next(iter(rows.values())))

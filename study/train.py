@@ -19,6 +19,7 @@ from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .metrics import measure, measure_stream
 from .models import Model, build_model
+from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 
 # evaluate() measures the whole training set at once (every block's features in memory, one
 # block at a time) unless one activation of the whole set would take more than
@@ -54,7 +55,7 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0                # epochs completed
-        self.status = "running"       # then converged / not_converged / diverged
+        self.status = RUNNING         # then CONVERGED, NOT_CONVERGED or DIVERGED
         self.seconds = {"train": 0.0, "measure": 0.0}
         self._stream_rows: int | None | bool = False   # not decided yet
 
@@ -77,14 +78,14 @@ class Trainer:
         """Train the remaining epochs; yield metrics after each evaluation epoch."""
         cfg = self.cfg
         evals = set(cfg.eval_epochs)
-        while self.epoch < cfg.epochs and self.status == "running":
+        while self.epoch < cfg.epochs and self.status == RUNNING:
             lr = cfg.lr_at(self.epoch)
             t0 = time.perf_counter()
             loss = self.train_epoch(lr)
             self.seconds["train"] += time.perf_counter() - t0
             self.epoch += 1
             if not math.isfinite(loss):
-                self.status = "diverged"
+                self.status = DIVERGED
                 yield {"epoch": float(self.epoch), "lr": lr, "diverged": 1.0}
                 return
             if self.epoch in evals:
@@ -92,9 +93,9 @@ class Trainer:
                 metrics = self.evaluate()
                 self.seconds["measure"] += time.perf_counter() - t0
                 if not math.isfinite(metrics["train_loss"]):
-                    self.status = "diverged"
+                    self.status = DIVERGED
                 elif self.epoch == cfg.epochs:
-                    self.status = "converged" if metrics["train_acc"] == 1.0 else "not_converged"
+                    self.status = CONVERGED if metrics["train_acc"] == 1.0 else NOT_CONVERGED
                 yield {"epoch": float(self.epoch), "lr": lr, **metrics}
 
     def train_epoch(self, lr: float) -> float:
@@ -184,8 +185,3 @@ def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Opti
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, foreach=True)
-
-
-def train(cfg: TrialConfig, data: Dataset | None = None) -> Iterator[dict[str, float]]:
-    """Shorthand: yield the evaluations of one fresh trial."""
-    yield from Trainer(cfg, data).run()

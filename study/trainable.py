@@ -20,9 +20,9 @@ import torch
 from ray import tune
 
 from .config import TrialConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, dataset_input, load_dataset
 from .packed import PackedTrainer
-from .schema import mlflow_metrics
+from .schema import RUNNING, mlflow_metrics
 from .spaces import member_name, members_of
 from .train import Trainer
 
@@ -40,7 +40,10 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
     deleted, so a driver killed at any moment resumes (runner.py sets both)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     torch.set_num_threads(max(1, threads))
-    trainer = Trainer(TrialConfig.from_dict(config))
+    cfg = TrialConfig.from_dict(config)
+    data = load_dataset(cfg)
+    trainer = Trainer(cfg, data)
+    data_record = {"dataset_input": dataset_input(cfg, data)}   # sent with this session's first report
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -56,8 +59,10 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
         metrics["time_measure_s"] = trainer.seconds["measure"]
         metrics["time_wall_s"] = time.perf_counter() - started   # since this (re)start of the trial
         metrics["node_id"] = node_id
+        metrics |= data_record
+        data_record = {}
         due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
-        if trainer.status == "running" and due:
+        if trainer.status == RUNNING and due:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(trainer.state(), Path(folder) / STATE_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -81,6 +86,7 @@ def run_pack(config: dict, checkpoint_every: int = 3, threads: int = 1, min_chec
     torch.set_num_threads(max(1, threads))
     cfgs = [TrialConfig.from_dict(member) for member in members_of(config)]
     pack = PackedTrainer(cfgs, flat_data(cfgs[0])) if len(cfgs) > 1 else SoloPack(cfgs[0])
+    data_record = {"dataset_input": dataset_input(cfgs[0], load_dataset(cfgs[0]))}   # members share the data
     final: dict[str, dict] = {}          # member name -> its last report, once it has ended
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -100,13 +106,15 @@ def run_pack(config: dict, checkpoint_every: int = 3, threads: int = 1, min_chec
         for i, metrics in enumerate(reports):
             name = member_name(i)
             if metrics is not None:
-                result[name] = {**mlflow_metrics(metrics), "status": pack.status[i], **clocks, "node_id": node_id}
-                if pack.status[i] != "running":
+                result[name] = {**mlflow_metrics(metrics), "status": pack.status[i], **clocks, "node_id": node_id,
+                                **data_record}
+                if pack.status[i] != RUNNING:
                     final[name] = result[name]
             elif name in final:
                 result[name] = final[name]
+        data_record = {}
         due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
-        if "running" in pack.status and due:
+        if RUNNING in pack.status and due:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({"pack": pack.state(), "final": final}, Path(folder) / PACK_FILE)
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))

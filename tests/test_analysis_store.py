@@ -18,7 +18,8 @@ from mlflow.entities import Metric                                   # noqa: E40
 
 from analysis.load import load_study, wide_history                   # noqa: E402
 from analysis.synthetic import planted_trials, write_study           # noqa: E402
-from study.cli import UsageError, main                               # noqa: E402
+from study.entry import main                                         # noqa: E402
+from study.errors import UsageError                                  # noqa: E402
 from study.schema import HEADLINE, metric_key, mlflow_metrics        # noqa: E402
 
 LAMBDAS = (1e-4, 1e-3, 5e-3, 1e-2)

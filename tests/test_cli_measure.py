@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from study.cli import main
+from study.entry import main
 from study.config import FIELD_NAMES
 from study.metrics import measure
 

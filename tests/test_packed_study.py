@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import checkpoints, wait_for_checkpoints
-from study.cli import main as cli_main
+from study.entry import main as cli_main
 from study.procs import kill_session, spawn
 from study.runner import param_space
 from study.spaces import AUTO_PACK_GPU, MEMBERS, load_study, members_of, packs

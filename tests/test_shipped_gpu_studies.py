@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from study.cli import main as cli_main
+from study.entry import main as cli_main
 from study.config import TrialConfig
 from study.spaces import load_study
 from study.train import Trainer

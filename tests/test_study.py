@@ -2,6 +2,7 @@
 folder (and, in test_cluster.py, a `ray start` head plus an `mlflow server` on 127.0.0.1)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from study.cli import main as cli_main
+from study.entry import main as cli_main
 from study.config import FIELD_NAMES
 from study.procs import kill_session, spawn
 
@@ -53,6 +54,7 @@ def test_smoke_study_records_every_trial(smoke_study):
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
     client = MlflowClient(uri)
+    digests = set()
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
     assert len(parents) == 1
     parent = client.get_run(parents.pop())
@@ -74,6 +76,11 @@ def test_smoke_study_records_every_trial(smoke_study):
         assert min(gaps) >= 0
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
         assert run.info.status == "FINISHED"
+        (data,) = run.inputs.dataset_inputs            # the Dataset column of the runs view
+        assert data.dataset.name == "teacher depth=3 width=300 seed=0"
+        assert json.loads(data.dataset.profile)["num_rows"] == 1000 and data.tags[0].value == "train"
+        digests.add(data.dataset.digest)
+    assert len(digests) == 1                          # the same samples in every trial
 
 
 def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
@@ -81,7 +88,8 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
     again = nc_study("run", str(SMOKE), cwd=folder)
     assert again.returncode == 0, again.stderr
     lines = again.stdout.splitlines()
-    assert lines[0] == "study smoke is complete: all 6 trials ended; nothing to run"
+    assert lines[0] == "study smoke: 6 trials; checking the data and the tracking store ..."
+    assert lines[1] == "study smoke is complete: all 6 trials ended; nothing to run"
     assert "study smoke: 3 converged, 3 not converged, 0 diverged, 0 failed of 6 trials" in again.stdout
     assert "resuming" not in again.stdout and "wall time" not in again.stdout
     runs = trial_runs(uri, "smoke")

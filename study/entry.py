@@ -1,0 +1,37 @@
+"""The `nc-study` command: the subcommands of study/ and analysis/ under one parser.
+
+    train    study.cli      one bare trial (no Ray, no MLflow)
+    measure  study.cli      NC metrics of exported features
+    run      study.runner   a study on Ray Tune, recorded in MLflow
+    analyze  analysis.cli   the thesis' conjectures tested on a recorded study
+
+The one module that imports both packages, so neither imports the other's command line:
+the console script `nc-study` and `python -m study` start here. The subcommand modules import their heavy dependencies (torch,
+Ray, MLflow) only when they run.
+"""
+from __future__ import annotations
+
+import argparse
+
+from analysis.cli import add_analyze_parser
+
+from .cli import add_measure_parser, add_train_parser, run_command
+from .runner import add_run_parser
+
+DESCRIPTION = ("Neural collapse studies: train one bare trial, measure exported features, run a study "
+               "on Ray Tune recorded in MLflow, analyze a recorded study. A mistake a user can fix ends "
+               "in one line on stderr and exit status 2.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nc-study", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_measure_parser(sub)
+    add_run_parser(sub)
+    add_analyze_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
