@@ -13,6 +13,8 @@ that load runs (`load`) and write outputs (`report`, `figures`):
     effdepth  Conjecture 3.2.2  effective depth falls as weight decay grows
     theorem   Theorem 2.3.1     loss_gap >= 0 (a measurement check); the rates on raw cosines
     effects   BN kind: differences of seed means at each λ, Welch intervals
+    claims    the paper's claims (alpha falls with λ, NC stronger as the loss falls) and the
+              thesis' §1.4 data-complexity trend
     figures   Fig 3.1, Fig 3.3, training curves, one plot per conjecture
     report    analyze(): everything above -> report.md, conjectures.json, PNGs, MLflow artifacts
     report_html  report.md -> one self-contained report.html (MLflow's viewer renders it)
