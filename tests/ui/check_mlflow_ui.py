@@ -10,7 +10,8 @@ headless Chromium:
 
 1. the experiment's runs view: it expands the study's parent run and asserts that every
    trial run is listed by its name (`smoke-001 bn=affine wd=0.0001`, as the store holds
-   it), and that the Columns picker lists `headline/…` before any `layerNN/…`;
+   it), that the Dataset column names the training set (`teacher depth=3 width=300 seed=0`),
+   and that the Columns picker lists `headline/…` before any `layerNN/…`;
 2. the first trial's run page: its Metrics table lists the five `headline/…` metrics before
    any `layerNN/…` one;
 3. its "Model metrics" tab (the run's charts): the first chart section is `headline`, and
@@ -48,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 STUDY = "smoke"
 RUN_NAME = re.compile(r"^smoke-\d{3}( \S+=\S+)+$")   # schema.run_name: study-index, then the grid cell
+DATASET = "teacher depth=3 width=300 seed=0"         # data.dataset_input: the smoke study's set
 HEADLINE = ("headline/nc_score", "headline/train_acc", "headline/train_loss", "headline/loss_gap",
             "headline/effective_depth")
 LAYER = re.compile(r"^layer\d+(/|$)")
@@ -233,6 +235,9 @@ def check_runs_view(page, names: list[str], shot: Path) -> list[tuple[bool, str]
             + (f"; missing {missing}, shown {shown}" if missing else f" ({names[0]!r}, ...)"))]
     bad = [n for n in names if not RUN_NAME.match(n)]
     out.append((not bad, "run names read `smoke-NNN key=value ...`" + (f"; not: {bad}" if bad else "")))
+    datasets = page.get_by_text(DATASET).count()
+    out.append((datasets > 0, f"Dataset column names the training set ({DATASET!r}"
+                + (f", {datasets} cells)" if datasets else ": not shown)")))
     picker = column_picker(page)
     out.append((headline_first(picker), "Columns picker lists headline/ metrics before layerNN/ ones"
                 + ("" if headline_first(picker) else f": {picker[:12]}")))
