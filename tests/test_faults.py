@@ -62,6 +62,15 @@ def trial_workers(session: int) -> list[int]:
     return pids
 
 
+def all_trials_logged(uri: str, name: str, n: int) -> bool:
+    """Whether the study's store holds `n` trial runs, each with at least one evaluation."""
+    try:
+        runs = trial_runs(uri, name)
+    except Exception:   # noqa: BLE001 - the store or the experiment may not exist yet
+        return False
+    return len(runs) == n and all(histories(uri, r.info.run_id, "headline/nc_score") for r in runs)
+
+
 def assert_every_step_once(uri: str, name: str, n: int, steps: list[int] = EVALS) -> list:
     runs = trial_runs(uri, name)
     assert len(runs) == n
@@ -100,6 +109,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
         assert run.data.tags["ray.node_id"]
 
 
+@pytest.mark.slow  # ~1.5 min idle; the killed-worker test above covers retries from checkpoints in `make test`
 def test_a_rerun_retries_failed_trials_from_their_checkpoints(tmp_path):
     """With --max-failures 0 a killed worker fails its trial (exit 1, run FAILED); running the
     same command again retries it from its checkpoint and completes the study."""
@@ -109,6 +119,9 @@ def test_a_rerun_retries_failed_trials_from_their_checkpoints(tmp_path):
     driver = start(["run", str(space), "--max-failures", "0"], tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         wait_for_checkpoints(lambda: checkpoints(tmp_path, "faults"), driver, log)
+        # whichever worker is killed, its run must already hold an evaluation: a checkpoint on
+        # disk does not mean the driver has logged the report that carried it
+        wait_until(lambda: all_trials_logged(uri, "faults", 2), "both trials' first evaluations in MLflow", 240)
         os.kill(trial_workers(driver.pid)[0], signal.SIGKILL)
         assert driver.wait(timeout=300) == 1, log.read_text()
     finally:

@@ -54,6 +54,8 @@ def record(uri: str, name: str) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow  # ~1 min idle, two studies; packs are opt-in (`pack:`), and tests/test_packed.py checks
+# their arithmetic member by member in `make test`
 def test_a_packed_study_records_what_the_unpacked_study_does(tmp_path):
     plain = write(tmp_path / "plain", STUDY.format(pack=""))
     packed = write(tmp_path / "packed", STUDY.format(pack="pack: 3"))
