@@ -65,9 +65,10 @@ def trial_workers(token: str) -> list[int]:
 
 def journal_cost(n: int = 2000, n_metrics: int = 80) -> tuple[float, float]:
     """Microseconds per submitted report, with and without the journal (apply does nothing)."""
+    from .schema import layer_key
     from .writer import Journal, Writer
     op = {"op": "log", "key": "k" * 16, "step": 10, "ts_ms": 0, "tags": {},
-          "metrics": {f"layer{i // 10:02d}/m{i}": 0.123456789 * i for i in range(n_metrics)}}
+          "metrics": {layer_key(i // 10 + 1, f"m{i}"): 0.123456789 * i for i in range(n_metrics)}}
     costs = []
     with tempfile.TemporaryDirectory() as tmp:
         for journal in (None, Journal(Path(tmp) / "j.jsonl")):
