@@ -28,8 +28,24 @@ from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 # once per BN (exact statistics) and twice for the measures: 3.5-4.4x the in-memory time at
 # the thesis' size (N = 10 000, depth 6, width 300: 12 MB per activation), so streaming is
 # kept for sets that would not fit (docs/models.md).
+# On a GPU the limits follow the device: an activation may take up to GPU_SHARE of the
+# memory free when the trial starts (the in-memory path holds several activation-sized
+# arrays at once, some in float64), and streamed batches are GPU_STREAM_BATCH_BYTES, large enough to keep the card busy.
 IN_MEMORY_BYTES = 128 << 20
 STREAM_BATCH_BYTES = 8 << 20
+GPU_SHARE = 0.1
+GPU_STREAM_BATCH_BYTES = 256 << 20
+
+
+def memory_limits(device: torch.device, free_bytes: int | None = None) -> tuple[int, int]:
+    """(largest activation measured in memory, bytes per streamed batch) on `device`. On a
+    GPU `free_bytes` defaults to what torch.cuda.mem_get_info reports free now."""
+    if device.type != "cuda":
+        return IN_MEMORY_BYTES, STREAM_BATCH_BYTES
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    in_memory = max(IN_MEMORY_BYTES, int(free_bytes * GPU_SHARE))
+    return in_memory, min(GPU_STREAM_BATCH_BYTES, in_memory)
 
 
 def pick_device(cfg: TrialConfig) -> torch.device:
@@ -167,12 +183,13 @@ def activation_numel(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def eval_batch_rows(model: torch.nn.Module, X: torch.Tensor) -> int | None:
-    """None if the largest activation of the whole set X fits IN_MEMORY_BYTES, else the batch
-    rows that keep one activation near STREAM_BATCH_BYTES."""
+    """None if the largest activation of the whole set X fits in memory on X's device
+    (`memory_limits`), else the batch rows that keep one activation near the stream size."""
     per_sample = activation_numel(model, X[:2]) * X.element_size()
-    if len(X) * per_sample <= IN_MEMORY_BYTES:
+    in_memory, stream_batch = memory_limits(X.device)
+    if len(X) * per_sample <= in_memory:
         return None
-    return max(1, STREAM_BATCH_BYTES // per_sample)
+    return max(1, stream_batch // per_sample)
 
 
 def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -271,3 +271,16 @@ def test_stream_rows_threshold_at_the_thesis_size():
     assert eval_batch_rows(model, torch.randn(10_000, 16)) is None
     rows = eval_batch_rows(model, torch.randn(200_000, 16))
     assert 200_000 * 300 * 4 > IN_MEMORY_BYTES and rows == STREAM_BATCH_BYTES // (300 * 4)
+
+
+def test_memory_limits_follow_the_device():
+    """CPU: the fixed limits; a GPU: a share of its free memory, never below the CPU limit,
+    streamed in large batches (the free memory is given, as mem_get_info would report it)."""
+    from study.train import (GPU_SHARE, GPU_STREAM_BATCH_BYTES, IN_MEMORY_BYTES, STREAM_BATCH_BYTES,
+                             memory_limits)
+    assert memory_limits(torch.device("cpu")) == (IN_MEMORY_BYTES, STREAM_BATCH_BYTES)
+    cuda = torch.device("cuda", 0)
+    assert memory_limits(cuda, free_bytes=80 << 30) == (int((80 << 30) * GPU_SHARE), GPU_STREAM_BATCH_BYTES)
+    assert memory_limits(cuda, free_bytes=1 << 20) == (IN_MEMORY_BYTES, IN_MEMORY_BYTES)
+    # a 300-wide MLP on 1 M samples (1.2 GB per activation) is measured in memory on a free H100
+    assert 1_000_000 * 300 * 4 <= memory_limits(cuda, free_bytes=78 << 30)[0]
