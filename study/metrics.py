@@ -138,14 +138,18 @@ class ClassStatsAccumulator:
             self.inv_sum = torch.zeros(C, **f64)              # (C,) sum of 1/||h_i||
             self.sq_sum = torch.zeros((), **f64)
         h0 = self.h0
+        # per-sample (B,) work once for the batch; only the (rows, D) products go by chunk
+        norms = torch.linalg.vector_norm(H, dim=1)            # (B,)
+        inv = _inverse(norms)
+        Y = F.one_hot(y, C).to(H.dtype)                       # (B, C)
+        AT = torch.cat([Y, Y * inv[:, None]], dim=1).T.contiguous()   # (2C, B)
+        buf = None
         for rows in _chunks(H):
-            Hc, yc = H[rows], y[rows]
-            norms = torch.linalg.vector_norm(Hc, dim=1)       # (B,)
-            inv = _inverse(norms)
-            Yc = F.one_hot(yc, C).to(H.dtype)                 # (B, C)
-            self.S += (torch.cat([Yc, Yc * inv[:, None]], dim=1).T @ (Hc - h0)).to(torch.float64)
-            self.inv_sum += torch.bincount(yc, weights=inv.to(torch.float64), minlength=C)
-            self.sq_sum += (norms.to(torch.float64) ** 2).sum()
+            Hc = H[rows]
+            buf = _buffer(buf, Hc)
+            self.S += (AT[:, rows] @ torch.sub(Hc, h0, out=buf[:len(Hc)])).to(torch.float64)
+        self.inv_sum += torch.bincount(y, weights=inv.to(torch.float64), minlength=C)
+        self.sq_sum += (norms.to(torch.float64) ** 2).sum()
 
     def finish_sweep1(self) -> None:
         """Class and global means from the first sweep; set up the second."""
@@ -179,29 +183,35 @@ class ClassStatsAccumulator:
         """Add a batch to the second sweep; returns its (B,) nearest-class-centre labels
         (indices into `classes`)."""
         H, y = self._labels(H, y)
-        C = self.C
-        ncc = torch.empty(len(H), dtype=torch.long, device=H.device)
+        C, B = self.C, len(H)
+        Y = F.one_hot(y, C).to(H.dtype)                       # (B, C)
+        r_norm = torch.empty(B, dtype=H.dtype, device=H.device)          # ||r_i||
+        P = torch.empty(B, self.Q_.shape[1], dtype=H.dtype, device=H.device)  # Q^T r_i
+        buf = gathered = None
         for rows in _chunks(H):
-            yc = y[rows]
-            X = H[rows] - self.mu_G_                          # (B, D) x_i
+            Hc = H[rows]
+            buf, gathered = _buffer(buf, Hc), _buffer(gathered, Hc)
+            X = torch.sub(Hc, self.mu_G_, out=buf[:len(Hc)])  # (b, D) x_i
             inv = _inverse(torch.linalg.vector_norm(X, dim=1))
-            self.U += ((F.one_hot(yc, C).to(H.dtype) * inv[:, None]).T @ X).to(torch.float64)
-            R = X.sub_(self.M_.index_select(0, yc))           # (B, D) r_i, in place of x_i
-            self.var += torch.bincount(yc, weights=torch.linalg.vector_norm(R, dim=1).to(torch.float64) ** 2,
-                                       minlength=C)
-            P = (R @ self.Q_).to(torch.float64)               # (B, r) Q^T r_i
-            self.SW += P.T @ P
-            ncc[rows] = (P @ self.MQ.T + self.MM.index_select(0, yc) - self.half).argmax(dim=1)
-            if self.W is not None:
-                self._classify(H[rows], yc, ncc[rows])
+            self.U += ((Y[rows] * inv[:, None]).T @ X).to(torch.float64)
+            M_y = torch.index_select(self.M_, 0, y[rows], out=gathered[:len(Hc)])   # (b, D) m_{y_i}
+            R = X.sub_(M_y)                                   # (b, D) r_i, in place of x_i
+            torch.linalg.vector_norm(R, dim=1, out=r_norm[rows])
+            torch.mm(R, self.Q_, out=P[rows])
+        P = P.to(torch.float64)
+        self.var += torch.bincount(y, weights=r_norm.to(torch.float64) ** 2, minlength=C)
+        self.SW += P.T @ P
+        ncc = (P @ self.MQ.T + self.MM.index_select(0, y) - self.half).argmax(dim=1)
+        if self.W is not None:
+            self._classify(H, y, ncc)
         self.ncc_hits += int((ncc == y).sum())
         return ncc
 
-    def _classify(self, Hc: torch.Tensor, yc: torch.Tensor, ncc: torch.Tensor) -> None:
-        logits = (Hc @ self.W.T.to(Hc.dtype)).to(torch.float64)          # (B, C_all)
+    def _classify(self, H: torch.Tensor, y: torch.Tensor, ncc: torch.Tensor) -> None:
+        logits = (H @ self.W.T.to(H.dtype)).to(torch.float64)            # (B, C_all)
         if self.b is not None:
             logits = logits + self.b
-        labels = self.classes[yc]
+        labels = self.classes[y]
         net_pred = logits.argmax(dim=1)
         self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         self.correct += int((net_pred == labels).sum())
@@ -238,6 +248,13 @@ def _chunks(H: torch.Tensor) -> Iterator[slice]:
     N, D = H.shape
     step = N if H.device.type != "cpu" else max(1, CHUNK_BYTES // max(1, D * H.element_size()))
     return (slice(start, start + step) for start in range(0, N, step))
+
+
+def _buffer(buf: torch.Tensor | None, Hc: torch.Tensor) -> torch.Tensor:
+    """A scratch (rows, D) array for a chunk like Hc, reused from chunk to chunk."""
+    if buf is None or len(buf) < len(Hc):
+        buf = torch.empty_like(Hc, memory_format=torch.contiguous_format)
+    return buf
 
 
 def _inverse(norms: torch.Tensor) -> torch.Tensor:
