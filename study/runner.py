@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
 from .schema import DEFAULT_URI, ENDED, INTERRUPTED, RUNNING, TAG_FINGERPRINT, TAG_NOTE, TAG_STATUS, TRAINED, metric_key, run_name, runs_link
-from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, packs
+from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, packs, parallel_slots
 
 EXIT_FAILED_TRIALS = 1
 EXIT_TRACKING_DOWN = 75   # sysexits' EX_TEMPFAIL: the store was gone too long; re-run to resume
@@ -176,15 +176,15 @@ def check_resources(study: Study) -> None:
 
 # ------------------------------------------------------------------------------ Tune pieces
 
-def param_space(study: Study) -> dict:
+def param_space(study: Study, slots: int = 1) -> dict:
     """What Tune expands into trials: the grid (one trial per cell), the grid packed (one
-    trial per pack: the fixed fields and MEMBERS, its list of cells; spaces.members_of), or
-    the search space."""
+    trial per pack: the fixed fields and MEMBERS, its list of cells; spaces.members_of; the
+    packs balanced over `slots` parallel trials), or the search space."""
     from ray import tune
     space: dict = dict(study.fixed)
     if study.search is None and study.pack_size > 1:
         cells = list(study.cells())
-        space[MEMBERS] = tune.grid_search([[cells[i] for i in pack] for pack in packs(study)])
+        space[MEMBERS] = tune.grid_search([[cells[i] for i in pack] for pack in packs(study, slots)])
         return space
     if study.search is None:
         space |= {k: tune.grid_search(v) for k, v in study.grid.items()}
@@ -342,12 +342,14 @@ def dry_run(study: Study, uri: str, storage: str) -> int:
 
 
 def dry_run_packed(study: Study, uri: str, storage: str) -> int:
-    """The packs, each with the run names of the trials it trains together."""
-    groups = packs(study)
+    """The packs, each with the run names of the trials it trains together, balanced for
+    this machine's cores as an embedded Ray would run them (a cluster may pack differently)."""
+    slots = parallel_slots(os.cpu_count() or 1, 0, study)
+    groups = packs(study, slots)
     cells = list(study.cells())
     print(f"study {study.name}: {study.n_trials} trials in {len(groups)} packs of up to {study.pack_size} "
-          f"(pack: {study.pack}), resources per pack cpu={study.cpu:g} gpu={study.gpu:g}, "
-          f"up to {study.max_failures} retries per pack")
+          f"(pack: {study.pack}; balanced for {slots} at once on this machine), resources per pack "
+          f"cpu={study.cpu:g} gpu={study.gpu:g}, up to {study.max_failures} retries per pack")
     print(f"  tracking {uri}; Ray storage {storage}/{study.name}")
     width = len(str(len(groups)))
     for p, group in enumerate(groups, start=1):
@@ -398,15 +400,21 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             metric = metric_key(study.search.metric)   # `nc_score` in the file is `headline/nc_score` in results
             search_alg = OptunaSearch(metric=metric, mode=study.search.mode, seed=study.search.seed)
             tune_kwargs = dict(metric=metric, mode=study.search.mode)
+        slots = 1
         if packed:
-            print(f"starting study {study.name}: {study.n_trials} trials in {len(packs(study))} packs of up to "
-                  f"{study.pack_size} (cpu={study.cpu:g}, gpu={study.gpu:g} per pack) -> {uri}", flush=True)
+            import ray
+            total = ray.cluster_resources()
+            slots = parallel_slots(total.get("CPU", 0), total.get("GPU", 0), study)
+            slots = min(slots, max_concurrent) if max_concurrent else slots
+            print(f"starting study {study.name}: {study.n_trials} trials in {len(packs(study, slots))} packs of up "
+                  f"to {study.pack_size}, balanced for {slots} at once (cpu={study.cpu:g}, gpu={study.gpu:g} per "
+                  f"pack) -> {uri}", flush=True)
         else:
             print(f"starting study {study.name}: {study.n_trials} trials "
                   f"(cpu={study.cpu:g}, gpu={study.gpu:g} per trial) -> {uri}", flush=True)
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(study),
+            param_space=param_space(study, slots),
             tune_config=tune.TuneConfig(num_samples=study.search.num_samples if study.search else 1,
                                         search_alg=search_alg, reuse_actors=True,
                                         max_concurrent_trials=max_concurrent or None, **tune_kwargs),

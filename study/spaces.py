@@ -297,33 +297,57 @@ def distinct_configs(study: Study) -> list[dict]:
             for combo in itertools.product(*coupled.values())]
 
 
-def packs(study: Study) -> list[list[int]]:
+def packs(study: Study, slots: int = 1) -> list[list[int]]:
     """The grid's cells grouped into Ray trials, as positions in `study.cells()` order.
 
-    Cells go in `--dry-run` order; each joins the open pack of the cells that share its
-    `pack_key` (study.packed: everything but MEMBER_FIELDS) and a pack closes at
-    `study.pack_size` cells, so a pack's members are the first cells of their kind not yet
-    packed, and packs come in the order of their first cell. A cell whose model is not an
-    MLP (PackedTrainer batches MLPs only) is a pack of its own. Without packing: one cell each."""
+    Cells that share a `pack_key` (study.packed: everything but MEMBER_FIELDS) form a kind,
+    in `--dry-run` order. A kind of n cells is cut into ceil(n / pack_size) packs of nearly
+    equal size (first packs one larger), each the next run of its kind's cells, so no pack
+    is a short straggler. With `slots` > 1 (how many packs the cluster runs at once) the
+    number of packs is then raised to a multiple of `slots` where the kinds allow it, by
+    cutting the kind with the largest packs once more, so that the last round of packs
+    keeps every slot busy. Packs come in the order of their first cell. A cell whose model
+    is not an MLP (PackedTrainer batches MLPs only) is a pack of its own. Without packing:
+    one cell each."""
     cells = list(study.cells())
     size = study.pack_size
     if size == 1:
         return [[i] for i in range(len(cells))]
     from .packed import pack_key   # torch: only for a packed study
-    groups: list[list[int]] = []
-    open_packs: dict = {}
+    kinds: dict = {}
+    singles: list[list[int]] = []
     for i, cell in enumerate(cells):
         cfg = TrialConfig.from_dict({**study.fixed, **cell})
         if cfg.model != "mlp":
-            groups.append([i])
-            continue
-        key = pack_key(cfg)
-        group = open_packs.get(key)
-        if group is None or len(group) == size:
-            group = open_packs[key] = []
-            groups.append(group)
-        group.append(i)
-    return groups
+            singles.append([i])
+        else:
+            kinds.setdefault(pack_key(cfg), []).append(i)
+    cuts = {key: -(-len(members) // size) for key, members in kinds.items()}
+    total = sum(cuts.values()) + len(singles)
+    while slots > 1 and total % slots:
+        splittable = [key for key in kinds if cuts[key] < len(kinds[key])]
+        if not splittable:
+            break
+        widest = max(splittable, key=lambda key: len(kinds[key]) / cuts[key])
+        cuts[widest] += 1
+        total += 1
+    groups = list(singles)
+    for key, members in kinds.items():
+        base, extra = divmod(len(members), cuts[key])
+        start = 0
+        for j in range(cuts[key]):
+            stop = start + base + (j < extra)
+            groups.append(members[start:stop])
+            start = stop
+    return sorted(groups, key=lambda group: group[0])
+
+
+def parallel_slots(cpus: float, gpus: float, study: Study) -> int:
+    """How many trials (or packs) of `study` a cluster with these totals runs at once."""
+    counts = [int(cpus // study.cpu)] if study.cpu > 0 else []
+    if study.gpu > 0:
+        counts.append(int(gpus // study.gpu))
+    return max(1, min(counts, default=1))
 
 
 def member_name(i: int) -> str:

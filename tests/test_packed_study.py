@@ -19,7 +19,7 @@ from conftest import checkpoints, wait_for_checkpoints
 from study.entry import main as cli_main
 from study.procs import kill_session, spawn
 from study.runner import param_space
-from study.spaces import AUTO_PACK_GPU, MEMBERS, load_study, members_of, packs
+from study.spaces import AUTO_PACK_GPU, MEMBERS, load_study, members_of, packs, parallel_slots
 from test_study import histories, nc_study, trial_runs
 
 STUDY = """
@@ -194,6 +194,64 @@ def test_cells_are_packed_in_dry_run_order_by_pack_key(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     assert cli_main(["run", str(space), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("study order: 12 trials in 10 packs of up to 2 (pack: 2)")
+    assert out[0].startswith("study order: 12 trials in 10 packs of up to 2 (pack: 2; balanced for ")
     assert out[2:4] == ["  pack  1: order-001 model=mlp bn=affine s0", "           order-005 model=mlp bn=affine s1"]
     assert list(tmp_path.iterdir()) == [space]
+
+
+def kinds_of(study) -> dict[str, list[int]]:
+    """Cell positions by bn (the only pack_key difference in these grids), in dry-run order."""
+    out: dict[str, list[int]] = {}
+    for i, cell in enumerate(study.cells()):
+        out.setdefault(cell["bn"], []).append(i)
+    return out
+
+
+def assert_runs_of_their_kind(study, groups: list[list[int]]) -> None:
+    """Every cell in exactly one pack; a pack is the next consecutive run of its kind's cells."""
+    assert sorted(i for g in groups for i in g) == list(range(study.n_trials))
+    for members in kinds_of(study).values():
+        mine = [g for g in groups if g[0] in members]
+        assert [i for g in mine for i in g] == members
+
+
+def test_packs_are_balanced_over_the_parallel_slots(tmp_path):
+    """fig3_1's shape in miniature: 3 kinds x 8 cells with pack: 8 would be 3 packs on 2
+    cores (one core idle a third of the time, BENCHMARKS.md); balanced for 2 slots it is 4
+    packs, one kind cut in two halves. Near-equal sizes within a kind; slots that the kinds
+    cannot fill are left as they are."""
+    space = write(tmp_path, """
+        name: balance
+        trial: {epochs: 5}
+        grid: {bn: [affine, nonaffine, none], seed: [0, 1, 2, 3, 4, 5, 6, 7]}
+        pack: 8
+    """)
+    study = load_study(space)
+    one = packs(study)
+    assert sorted(map(len, one)) == [8, 8, 8]
+    assert_runs_of_their_kind(study, one)
+    two = packs(study, slots=2)
+    assert sorted(map(len, two)) == [4, 4, 8, 8] and len(two) % 2 == 0
+    assert_runs_of_their_kind(study, two)
+    assert two == sorted(two, key=lambda g: g[0])
+    three = packs(study, slots=3)
+    assert sorted(map(len, three)) == [8, 8, 8]                 # already a multiple of 3
+    five = packs(study, slots=5)
+    assert len(five) == 5 and sorted(map(len, five)) == [4, 4, 4, 4, 8]
+    assert_runs_of_their_kind(study, five)
+    many = packs(study, slots=100)                              # at most one pack per cell
+    assert len(many) == 24 and all(len(g) == 1 for g in many)
+
+    uneven = dataclasses.replace(study, grid={"bn": ["affine"], "seed": list(range(10))})
+    assert [len(g) for g in packs(uneven)] == [5, 5]             # not 8 + a straggler of 2
+    assert packs(uneven) == [list(range(5)), list(range(5, 10))]
+
+
+def test_parallel_slots_from_the_cluster_totals(tmp_path):
+    study = load_study(write(tmp_path, STUDY.format(pack="pack: 3")))
+    assert parallel_slots(2, 0, study) == 2 and parallel_slots(16, 0, study) == 16
+    half = dataclasses.replace(study, cpu=0.5)
+    assert parallel_slots(2, 0, half) == 4
+    gpu = dataclasses.replace(study, cpu=2, gpu=0.25)
+    assert parallel_slots(16, 1, gpu) == 4 and parallel_slots(4, 1, gpu) == 2
+    assert parallel_slots(0, 0, study) == 1                      # never below one
