@@ -241,6 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if experiment_id is not None:  # before Ray: a complete study needs no cluster
         print(f"study {study.name} is complete: all {study.n_trials} trials ended; nothing to run", flush=True)
         return summarize(study, uri, experiment_id)
+    check_earlier_run(study, storage)   # before Ray: a changed definition needs no cluster to refuse
     if address is not None and not is_uri(storage):
         print(f"note: checkpoints go to {storage} on each node's own disk; a cluster of several machines "
               "needs --storage-path on shared storage (an NFS mount, s3://..., gs://...)", flush=True)
@@ -376,16 +377,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     failure = tune.FailureConfig(max_failures=study.max_failures)
     started = time.time()
     if tune.Tuner.can_restore(exp_dir):
-        recorded = read_marker(exp_dir)
-        if recorded not in (None, study.fingerprint()):
-            raise UsageError(f"{exp_dir} holds an earlier run of a different definition of {study.name!r}; "
-                             f"rename the study in {study.path} or pass another --storage-path")
-        packed_as = int(read_marker(exp_dir, PACK_MARKER) or 1)
-        if packed_as != study.pack_size:
-            raise UsageError(f"{exp_dir} holds a run of {study.name!r} with up to {packed_as} trials per Ray trial, "
-                             f"this command packs {study.pack_size}; resume with the pack: of that run in "
-                             f"{study.path} (pack: auto follows resources.gpu and --gpus-per-trial) or pass "
-                             "another --storage-path")
+        check_earlier_run(study, storage)
         print(f"resuming study {study.name} from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
@@ -435,6 +427,22 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
               f"same command again to send them and resume", file=sys.stderr, flush=True)
         return EXIT_TRACKING_DOWN
     return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id)
+
+
+def check_earlier_run(study: Study, storage: str) -> None:
+    """Refuse to resume a run in `storage` that another definition of the study, or another
+    pack size, started (markers only: no Ray needed, so it is refused before Ray starts)."""
+    exp_dir = f"{storage}/{study.name}"
+    recorded = read_marker(exp_dir)
+    if recorded not in (None, study.fingerprint()):
+        raise UsageError(f"{exp_dir} holds an earlier run of a different definition of {study.name!r}; "
+                         f"rename the study in {study.path} or pass another --storage-path")
+    packed_as = read_marker(exp_dir, PACK_MARKER)
+    if recorded is not None and int(packed_as or 1) != study.pack_size:
+        raise UsageError(f"{exp_dir} holds a run of {study.name!r} with up to {packed_as or 1} trials per Ray "
+                         f"trial, this command packs {study.pack_size}; resume with the pack: of that run in "
+                         f"{study.path} (pack: auto follows resources.gpu and --gpus-per-trial) or pass "
+                         "another --storage-path")
 
 
 def read_marker(exp_dir: str, name: str = FINGERPRINT_MARKER) -> str | None:

@@ -116,7 +116,11 @@ def test_a_killed_driver_resumes_the_packs_from_their_checkpoints(tmp_path):
         time.sleep(1)
         kill_session(driver.pid)
     before = trial_runs(uri, "packs")
-    assert len(before) == 4 and all(r.data.tags["status"] == "running" for r in before)
+    statuses = [r.data.tags["status"] for r in before]
+    # a fast pack may have ended before the kill (its members then hold their outcomes);
+    # at least one is cut short, so the resume below has work to do
+    assert len(before) == 4 and "running" in statuses, statuses
+    assert set(statuses) <= {"running", "diverged", "converged", "not_converged"}, statuses
 
     unpacked = space.read_text().replace("pack: 2", "pack: 1")
     other = write(tmp_path, unpacked, "unpacked.yaml")   # same definition, other packing
