@@ -376,8 +376,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     exp_dir = f"{storage}/{study.name}"
     failure = tune.FailureConfig(max_failures=study.max_failures)
     started = time.time()
-    if tune.Tuner.can_restore(exp_dir):
-        check_earlier_run(study, storage)
+    if tune.Tuner.can_restore(exp_dir):   # cmd_run has refused a run of another definition
         print(f"resuming study {study.name} from {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)

@@ -197,11 +197,14 @@ class TrialRuns:
         self.study_name = study_name
         self.run_ids: dict[str, str] = {}      # trial key -> run id
         self.last_step: dict[str, int] = {}    # run id -> last epoch logged
+        self.inputs: dict[str, set] = {}       # run id -> (name, digest) of its dataset inputs
         for run in find_runs(client, experiment_id, KIND_TRIAL):
             key = run.data.tags.get(TAG_TRIAL_KEY)
             if key:
                 self.run_ids[key] = run.info.run_id
                 self.last_step[run.info.run_id] = int(run.data.metrics.get(EPOCH, 0))
+                self.inputs[run.info.run_id] = {(d.dataset.name, d.dataset.digest)
+                                                for d in run.inputs.dataset_inputs}
 
     def apply(self, op: dict) -> None:
         """Carry out one writer operation: {"op": "start" | "log" | "input" | "finish", ...}."""
@@ -239,10 +242,11 @@ class TrialRuns:
         """Record the trial's training set as the run's dataset input (data.dataset_input's
         fields), once: a resumed trial that reports the same data again adds nothing."""
         run_id = self.run_ids[key]
-        for logged in self.client.get_run(run_id).inputs.dataset_inputs:
-            if (logged.dataset.name, logged.dataset.digest) == (dataset["name"], dataset["digest"]):
-                return False
+        logged = self.inputs.setdefault(run_id, set())
+        if (dataset["name"], dataset["digest"]) in logged:
+            return False
         self.client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), tags=[InputTag(TAG_DATA_CONTEXT, "train")])])
+        logged.add((dataset["name"], dataset["digest"]))
         return True
 
     def log(self, key: str, step: int, metrics: dict[str, float], ts_ms: int,

@@ -85,8 +85,9 @@ def run_pack(config: dict, checkpoint_every: int = 3, threads: int = 1, min_chec
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(max(1, threads))
     cfgs = [TrialConfig.from_dict(member) for member in members_of(config)]
-    pack = PackedTrainer(cfgs, flat_data(cfgs[0])) if len(cfgs) > 1 else SoloPack(cfgs[0])
-    data_record = {"dataset_input": dataset_input(cfgs[0], load_dataset(cfgs[0]))}   # members share the data
+    data = load_dataset(cfgs[0])                       # members share the data
+    pack = PackedTrainer(cfgs, flat(data)) if len(cfgs) > 1 else SoloPack(cfgs[0], data)
+    data_record = {"dataset_input": dataset_input(cfgs[0], data)}
     final: dict[str, dict] = {}          # member name -> its last report, once it has ended
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -123,19 +124,18 @@ def run_pack(config: dict, checkpoint_every: int = 3, threads: int = 1, min_chec
             tune.report(result)
 
 
-def flat_data(cfg: TrialConfig) -> Dataset:
-    """The trial's data with each sample flattened (a view): PackedTrainer feeds samples to
-    its batched MLP as vectors, which is what an MLP does with images itself."""
-    data = load_dataset(cfg)
+def flat(data: Dataset) -> Dataset:
+    """The data with each sample flattened (a view): PackedTrainer feeds samples to its
+    batched MLP as vectors, which is what an MLP does with images itself."""
     return Dataset(data.X.flatten(1), data.y, data.num_classes)
 
 
 class SoloPack:
     """A pack of one config: the plain Trainer (any model) behind PackedTrainer's interface."""
 
-    def __init__(self, cfg: TrialConfig) -> None:
+    def __init__(self, cfg: TrialConfig, data: Dataset | None = None) -> None:
         self.cfgs = [cfg]
-        self.trainer = Trainer(cfg)
+        self.trainer = Trainer(cfg, data)
 
     @property
     def epoch(self) -> int:
