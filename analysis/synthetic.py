@@ -4,7 +4,8 @@
 weight decays and seeds, with the thesis' shape built in (docs/science.md §6): nc_score at the
 end of training rises with log λ under affine BN, less under non-affine BN, and falls
 without BN, where large λ fails to converge or diverges; per-layer ncc_acc and nc_score
-grow with the block index; the effective depth falls as λ grows; loss_gap > 0 throughout.
+grow with the block index; the effective depth falls as λ grows; the last layer's feature
+norm alpha shrinks as λ grows; loss_gap > 0 throughout.
 
 `write_study()` writes them through the MLflow client exactly as docs/mlflow_layout.md
 says (parent run, one child run per trial, params from `TrialConfig.to_params()`, status
@@ -109,7 +110,7 @@ def planted_trial(cfg: TrialConfig, rng: np.random.Generator, noise: float = 0.0
     for l in range(n_hidden):
         m |= {layer_key(l + 1, k): v for k, v in layer_measures(S_layers[:, l], ncc[:, l], progress).items()}
     m |= layer_measures(S, ncc[:, -1], progress)
-    alpha = 2.0 + 4.0 * t * progress + 0.5 * progress
+    alpha = 2.0 + 4.0 * (1 - t) * progress + 0.5 * progress           # shrinks as λ grows (the paper)
     beta = 1.0 + 1.5 * progress
     floor = loss_floor(alpha, beta, pi_max=0.27)
     train_acc = np.minimum(0.6 + 0.4 * progress + 0.02, 1.0)

@@ -291,3 +291,7 @@ def test_run_tests_on_planted_study_has_every_test_per_group():
     assert [len(analysis.results[k]) for k in sorted(analysis.results)] == [2, 2, 2, 2]
     r = {x["group"]: x for x in analysis.results["conjecture_3_1_1"]}
     assert r["bn=affine"]["statistic"] > 0 and r["bn=nonaffine"]["statistic"] > 0
+    from analysis import claims                   # the planted alpha shrinks with λ, as the paper finds
+    alpha = claims.alpha_vs_lambda(tidy_frame(records, histories), n_perm=199)
+    assert [a["group"] for a in alpha] == ["bn=affine", "bn=nonaffine"]
+    assert all(a["statistic"] < 0 for a in alpha)
