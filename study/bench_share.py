@@ -1,0 +1,244 @@
+"""`python -m study.bench_share`: the evaluation's share of a CIFAR-10 ResNet trial's time (issue 14).
+
+    python -m study.bench_share [--n-samples N] [--depth 8] [--width 128] [--device auto]
+                                [--threads 2] [--repeats 2] [--eval-as-n 50000] [--quick] [--json FILE]
+
+The trial: search_spaces/gpu/cifar10_resnet.yaml's settings, read from that file (resnet of
+`depth` basic blocks, `width` channels, batch 128, affine BN, exact BN statistics at an
+evaluation, an evaluation every `eval_every` = 20 epochs, `resources.cpu` = 2 threads),
+built as study.trainable.run_trial builds it (`load_dataset`, then `Trainer`), on a CIFAR-10
+of N random images written in the official binary format to a temporary folder
+(`write_cifar10`: nothing is downloaded). The device is the Trainer's choice: a CUDA GPU if
+one is visible and `--device` is auto or cuda, else the CPU.
+
+Timed, each the minimum over `--repeats` rounds (2) after one warm-up round, the three
+interleaved round by round (study.bench.best_of; wall clock, CUDA synchronized before each
+reading): one training epoch (`Trainer.train_epoch`, what a trial's time_train_s adds up),
+one evaluation (`Trainer.evaluate`, what run_trial calls at an evaluation epoch: its
+time_measure_s) and a bare forward pass of the training set in eval mode, in the batches the
+evaluation streams. Printed: those seconds, evaluation / epoch, evaluation / forward and the
+evaluation's share of trial time, eval / (eval_every x epoch + eval).
+
+The evaluation's path: `Trainer.evaluate` measures the whole set in memory when one
+activation of it fits (study.train.memory_limits), else streams it in batches, paying one
+partial forward per BN (20 here) for the exact statistics and two full forwards for the
+measures. All of CIFAR-10 (50 000 images, 512 KiB of activation each at width 128) streams,
+on the CPU (16 rows a batch) as on an 80 GB GPU (512 rows), so the path is chosen as for
+`--eval-as-n` samples (default 50 000; 0: as for N itself) whatever N is. Epoch and streamed
+evaluation both run fixed-size batches, so their cost per image, and the ratios, hardly
+depend on N; but an N below the batch size of 128 trains one smaller batch, and a last
+partial batch weighs more at small N, so figures at small N are estimates of the full set's.
+
+N: all of CIFAR-10 (50 000) on a GPU; on the CPU 128, one full training batch (the
+evaluation then streams it as 8 batches of 16 rows, as it would the full set), so that the
+run stays within a few minutes on the 2-core box (at 1 thread under load, width 128 cost
+about 50 ms an image forward and 170 ms an image in training). `--quick`: N = 20,
+width 16 (so one streamed batch of at most 128 rows holds the set), one repeat: a smoke
+check of about 20 s, not the record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from .bench import best_of, cpu_model
+from .config import ConfigError, TrialConfig
+from .data import Dataset, load_dataset
+from .models import batches
+from .train import Trainer, eval_batch_rows, pick_device
+
+CIFAR10_RESNET = Path(__file__).resolve().parent.parent / "search_spaces" / "gpu" / "cifar10_resnet.yaml"
+CIFAR10_TRAIN = 50_000
+CIFAR10_CLASSES = 10
+RECORD_BYTES = 1 + 3 * 32 * 32          # label byte, then the R, G and B planes row by row
+CPU_N, GPU_N, QUICK_N, QUICK_WIDTH = 128, CIFAR10_TRAIN, 20, 16
+
+
+# ------------------------------------------------------------------ the data
+
+def write_cifar10(root: Path, n_samples: int, seed: int = 0) -> Path:
+    """CIFAR-10's binary version holding `n_samples` random images: `root`/cifar-10-batches-bin/
+    with data_batch_1.bin ... data_batch_5.bin (the N records split as evenly as possible)
+    and test_batch.bin (N / 5 more). Labels are balanced, N // 10 of each class and one more
+    for the first N % 10, in random order. Returns `root`, a trial's data_root."""
+    if n_samples < CIFAR10_CLASSES:
+        raise ValueError(f"n_samples must be >= {CIFAR10_CLASSES} (one image of each class), got {n_samples}")
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def records(n: int) -> np.ndarray:
+        table = rng.integers(0, 256, size=(n, RECORD_BYTES), dtype=np.uint8)
+        table[:, 0] = rng.permutation(np.arange(n) % CIFAR10_CLASSES)
+        return table
+
+    for i, part in enumerate(np.array_split(records(n_samples), 5), start=1):
+        (folder / f"data_batch_{i}.bin").write_bytes(part.tobytes())
+    (folder / "test_batch.bin").write_bytes(records(max(1, n_samples // 5)).tobytes())
+    return root
+
+
+def study_settings(path: Path = CIFAR10_RESNET) -> dict:
+    """The study's trial dict, its eval_every and its CPU threads per trial."""
+    space = yaml.safe_load(path.read_text())
+    return {"trial": space["trial"], "eval_every": int(space["trial"]["eval_every"]),
+            "threads": max(1, int(space.get("resources", {}).get("cpu", 1)))}
+
+
+# ------------------------------------------------------------------ the trial
+
+class SizedTrainer(Trainer):
+    """The Trainer, except that evaluate() takes the path (in memory, or streamed and how
+    many rows a batch) that a training set of `as_n` samples would take on this device;
+    `as_n` = 0 leaves the choice to the real N."""
+
+    def __init__(self, cfg: TrialConfig, data: Dataset, as_n: int) -> None:
+        super().__init__(cfg, data)
+        self.as_n = as_n
+        self._sized_rows: int | None | bool = False     # not decided yet
+
+    def stream_rows(self) -> int | None:
+        if not self.as_n:
+            return super().stream_rows()
+        if self._sized_rows is False:                    # a zero-copy view of as_n rows: only len() is read
+            self._sized_rows = eval_batch_rows(self.model, self.X[:1].expand(self.as_n, *self.X.shape[1:]))
+        return self._sized_rows
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`fn`, then wait for the GPU's queue to drain (CUDA kernels return before they finish)."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+    return run
+
+
+def bench_share(data_root: Path, depth: int, width: int, eval_every: int, trial: dict | None = None,
+                device: str = "auto", repeats: int = 2, eval_as_n: int = CIFAR10_TRAIN) -> dict:
+    """Seconds of one epoch, one evaluation and one bare eval-mode forward of a cifar10 ResNet
+    trial on the data under `data_root` (the minimum over `repeats` interleaved rounds after a
+    warm-up round), their ratios and the evaluation's share at `eval_every`. `trial`: the
+    study's trial dict that depth, width, data_root and device override."""
+    trial = {**(trial or {}), "dataset": "cifar10", "model": "resnet", "data_root": str(data_root),
+             "depth": depth, "width": width, "eval_every": eval_every, "bn_stats": "exact", "device": device}
+    cfg = TrialConfig.from_dict(trial)
+    trainer = SizedTrainer(cfg, load_dataset(cfg), eval_as_n)
+    rows = trainer.stream_rows()
+    N = len(trainer.y)
+
+    @torch.no_grad()
+    def forward() -> None:
+        trainer.model.eval()
+        for part in batches(N, rows or N):
+            trainer.model(trainer.X[part])
+
+    fns = {"epoch": lambda: trainer.train_epoch(cfg.lr_at(0)), "evaluate": trainer.evaluate, "forward": forward}
+    fns = {name: synced(fn, trainer.device) for name, fn in fns.items()}
+    for fn in fns.values():                              # warm-up: allocator, kernels, thread pool
+        fn()
+    t = best_of(fns, repeats, clock=time.perf_counter)
+    peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else 0
+    return {"N": N, "num_classes": trainer.num_classes, "class_counts": torch.bincount(trainer.y.cpu()).tolist(),
+            "depth": depth, "width": width, "batch_size": cfg.batch_size, "eval_every": eval_every,
+            "device": str(trainer.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "eval_as_n": eval_as_n or N, "stream_rows": rows, "repeats": repeats, "gpu_peak_bytes": peak,
+            "epoch_s": t["epoch"], "evaluate_s": t["evaluate"], "forward_s": t["forward"],
+            "eval_per_epoch": t["evaluate"] / t["epoch"], "eval_per_forward": t["evaluate"] / t["forward"],
+            "share": t["evaluate"] / (eval_every * t["epoch"] + t["evaluate"])}
+
+
+# ------------------------------------------------------------------ report
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def table(r: dict) -> str:
+    rows = r["stream_rows"]
+    if rows is None:
+        path = "in memory"
+    elif rows < r["N"]:
+        path = f"streamed, {rows} rows a batch"
+    else:                    # measure_stream: one batch holds the whole set, its BN statistics are exact
+        path = f"streamed, {rows} rows a batch; here one batch"
+    per_image = 1e3 / r["N"]
+    return "\n".join([
+        "| figure | measured |",
+        "|---|---|",
+        f"| one training epoch (`Trainer.train_epoch`, batch {r['batch_size']}) | {r['epoch_s']:.3g} s "
+        f"({r['epoch_s'] * per_image:.3g} ms per image) |",
+        f"| one evaluation (`Trainer.evaluate`, exact BN statistics; path as at N = {r['eval_as_n']}: {path}) | "
+        f"{r['evaluate_s']:.3g} s ({r['evaluate_s'] * per_image:.3g} ms per image) |",
+        f"| bare forward of the training set, eval mode | {r['forward_s']:.3g} s "
+        f"({r['forward_s'] * per_image:.3g} ms per image) |",
+        f"| evaluation / epoch | {r['eval_per_epoch']:.2f} |",
+        f"| evaluation / bare forward | {r['eval_per_forward']:.2f} |",
+        f"| **evaluation's share of trial time**, eval / ({r['eval_every']} x epoch + eval) | "
+        f"**{100 * r['share']:.1f} %** |",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.bench_share", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    study = study_settings()
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help=f"images written (default {GPU_N} on a GPU, {CPU_N} on the CPU; quick {QUICK_N})")
+    parser.add_argument("--depth", type=int, default=study["trial"]["depth"], help="basic blocks (the study's)")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"channels (default the study's {study['trial']['width']}; quick {QUICK_WIDTH})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="as a trial's device")
+    parser.add_argument("--threads", type=int, default=study["threads"],
+                        help="torch threads (default the study's resources.cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (default 2; quick 1)")
+    parser.add_argument("--eval-as-n", type=int, default=CIFAR10_TRAIN,
+                        help="choose the evaluation's path as for this many samples (0: as for N)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"N = {QUICK_N}, width {QUICK_WIDTH}, one repeat: a smoke check")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        on_gpu = pick_device(TrialConfig(device=args.device)).type == "cuda"
+    except ConfigError as exc:
+        raise SystemExit(f"--device {args.device}: {exc}") from None
+    n_samples = args.n_samples or (QUICK_N if args.quick else GPU_N if on_gpu else CPU_N)
+    width = args.width or (QUICK_WIDTH if args.quick else study["trial"]["width"])
+    repeats = args.repeats or (1 if args.quick else 2)
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_share_") as tmp:
+        root = write_cifar10(Path(tmp), n_samples)
+        r = bench_share(root, args.depth, width, study["eval_every"], study["trial"], args.device, repeats,
+                        args.eval_as_n)
+    gpu = f"; peak GPU memory {r['gpu_peak_bytes'] / 2 ** 30:.2f} GiB" if r["device"].startswith("cuda") else ""
+    print(f"# device: {r['device']} ({device_name(r['device'])}), {r['threads']} threads, torch {r['torch']}; "
+          f"load average {os.getloadavg()[0]:.2f}{gpu}")
+    print(f"# trial: {CIFAR10_RESNET.name}'s, resnet depth {r['depth']}, width {r['width']}, CIFAR-10-shaped random "
+          f"images N = {r['N']} (C = {r['num_classes']}, class counts {min(r['class_counts'])}-"
+          f"{max(r['class_counts'])}); the fastest of {r['repeats']} round(s) after a warm-up, wall clock")
+    print(table(r))
+    print(f"# total {time.perf_counter() - t_start:.0f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
