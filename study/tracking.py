@@ -13,6 +13,8 @@ import csv
 import fcntl
 import io
 import os
+import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -112,17 +114,68 @@ def store_lock(uri: str):
 
 def open_client(uri: str) -> MlflowClient:
     """A client of the store; the first open in this process (which creates or migrates a
-    SQLite schema) holds the store lock, and a store that cannot be opened is one line."""
+    SQLite schema) holds the store lock, and a store that cannot be opened is one line.
+    A SQLite store that does not exist yet starts as a copy of `schema_template`."""
     if uri in _READY:
         return MlflowClient(tracking_uri=uri)
     try:
         with store_lock(uri):
+            db = sqlite_path(uri)
+            if db is not None and not db.exists():
+                copy_template(db)
             client = MlflowClient(tracking_uri=uri)   # builds (creates, migrates) a SQL store
             client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any store failure here is the user's to fix
         raise TrackingError(f"tracking store {uri} cannot be opened: {first_line(exc)}") from None
     _READY.add(uri)
     return client
+
+
+def schema_template() -> Path:
+    """An empty SQLite store with the schema of the MLflow running here, built once by MLflow
+    itself and kept in the user's cache ($XDG_CACHE_HOME or ~/.cache, nc-study/). MLflow
+    builds a new store by running its schema migrations one by one, 3-7 s on the 2-core box
+    for every new file (each study on a new store, most tests); a copy takes milliseconds.
+    The template holds no experiment: MLflow adds its Default experiment, with the new
+    store's own artifact root, the first time the copy is opened."""
+    import mlflow
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nc-study"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if is_template(template):
+        return template
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = Path(tmp) / "store.db"
+        client = MlflowClient(tracking_uri=f"{SQLITE_PREFIX}{built}")
+        client.search_experiments(max_results=1)       # MLflow creates the tables and the Default experiment
+        with contextlib.closing(sqlite3.connect(built)) as con, con:
+            con.execute("DELETE FROM experiments")
+        os.replace(built, template)                     # whole or not at all, whoever builds it too
+    return template
+
+
+def is_template(path: Path) -> bool:
+    """Whether `path` is a readable SQLite store with MLflow's schema version in it."""
+    if not path.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+    except sqlite3.Error:
+        return False
+
+
+def copy_template(db: Path) -> bool:
+    """Create the SQLite store `db` as a copy of `schema_template`; False (and no file) when
+    that fails, so MLflow builds the store its own way."""
+    tmp = db.with_name(f".{db.name}.new")
+    try:
+        shutil.copyfile(schema_template(), tmp)
+        os.replace(tmp, db)
+        return True
+    except (OSError, sqlite3.Error):
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,7 +13,6 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from mlflow import MlflowClient                                      # noqa: E402
 from mlflow.entities import Metric                                   # noqa: E402
 
 from analysis.load import load_study, wide_history                   # noqa: E402
@@ -21,6 +20,7 @@ from analysis.synthetic import planted_trials, write_study           # noqa: E40
 from study.entry import main                                         # noqa: E402
 from study.errors import UsageError                                  # noqa: E402
 from study.schema import HEADLINE, metric_key, mlflow_metrics        # noqa: E402
+from study.tracking import open_client                               # noqa: E402
 
 LAMBDAS = (1e-4, 1e-3, 5e-3, 1e-2)
 
@@ -31,7 +31,7 @@ def store(tmp_path_factory):
     not-converged corner), a junk run without params, an experiment without trials."""
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     trials = planted_trials(bns=("affine", "none"), lambdas=LAMBDAS, seeds=range(2), depth=4,
                             epochs=20, eval_every=5, seed=1)
     exp_id, parent, children = write_study(client, "toy", trials, artifact_location=f"{root}/artifacts")
@@ -134,7 +134,7 @@ def test_stores_with_the_older_names_analyze_identically(tmp_path, monkeypatch, 
     before the headline layout (unprefixed headline and last-block measures): the same frame
     from both readers, the same verdicts."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     trials = planted_trials(bns=("affine", "none"), lambdas=(1e-4, 1e-3, 1e-2), seeds=range(2), depth=3,
                             epochs=10, eval_every=5, seed=2)
     write_study(client, "new", trials, artifact_location=str(tmp_path / "art_new"))

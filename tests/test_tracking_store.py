@@ -1,0 +1,77 @@
+"""A new SQLite store starts as a copy of an empty store MLflow built once (tracking.schema_template):
+the copy must be the store MLflow would have built, and anything wrong with the template must
+fall back to MLflow building the store itself."""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from study.tracking import open_client, schema_template
+
+
+def schema(db: Path) -> dict[tuple[str, str], list[str]]:
+    """Every table, index and trigger with the lines of its SQL, sorted: MLflow itself writes
+    a table's constraints in an order that changes from one store it builds to the next."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        found = con.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+    return {(kind, name): sorted(line.strip().rstrip(",") for line in (sql or "").splitlines())
+            for kind, name, sql in found}
+
+
+def rows(db: Path, query: str) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return con.execute(query).fetchall()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)          # MLflow's default artifact root is relative to the working folder
+    return tmp_path / "cache" / "nc-study" / f"mlflow-{mlflow.__version__}-empty.db"
+
+
+def test_a_new_store_is_the_store_mlflow_builds(tmp_path, cache, monkeypatch):
+    theirs, ours, again = tmp_path / "theirs.db", tmp_path / "ours.db", tmp_path / "again.db"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")    # the template is built in another folder ...
+    schema_template()
+    monkeypatch.chdir(tmp_path)                  # ... than the stores: the Default experiment is the store's
+    MlflowClient(tracking_uri=f"sqlite:///{theirs}").search_experiments()
+    client = open_client(f"sqlite:///{ours}")
+    assert cache.exists() and rows(cache, "SELECT * FROM experiments") == []
+    assert schema(ours) == schema(theirs) and len(schema(ours)) > 50
+    version = "SELECT version_num FROM alembic_version"
+    assert rows(ours, version) == rows(theirs, version) == rows(cache, version)
+    default = "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments"
+    assert rows(ours, default) == rows(theirs, default) == [(0, "Default", str(tmp_path / "mlruns" / "0"), "active")]
+    # the copy is a working store, and the next new store is copied from the same template
+    run = client.create_run(client.create_experiment("s"))
+    client.log_metric(run.info.run_id, "nc_score", 0.5, step=3)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "nc_score")] == [(3, 0.5)]
+    open_client(f"sqlite:///{again}")
+    assert schema(again) == schema(theirs) and rows(again, "SELECT name FROM experiments") == [("Default",)]
+    assert not list(tmp_path.glob(".*.new"))
+
+
+def test_a_broken_template_falls_back_to_mlflow(tmp_path, cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"not a database")
+    db = tmp_path / "store.db"
+    client = open_client(f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert rows(db, "SELECT count(*) FROM alembic_version") == [(1,)]
+    assert rows(cache, "SELECT count(*) FROM alembic_version") == [(1,)]     # built anew
+    assert not list(tmp_path.glob(".*.new"))
+
+
+def test_an_existing_store_is_opened_not_replaced(tmp_path, cache):
+    db = tmp_path / "kept.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").create_experiment("earlier study")
+    client = open_client(f"sqlite:///{db}")
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "earlier study"]
+    assert not cache.exists()
