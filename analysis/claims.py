@@ -44,7 +44,7 @@ from scipy.special import stdtrit
 
 from . import stats
 from .effects import welch_interval
-from .frame import CONVERGED, exclusion_counts, final_values, join_label, label_parts, trials
+from .frame import CONVERGED, by_group, exclusion_counts, final_values, join_label, label_parts, trials
 from .verdict import (INCONCLUSIVE, INSUFFICIENT, clean, excluded_note, interval, num, p_is, trend_state,
                       summary)
 
@@ -203,7 +203,7 @@ def alpha_vs_lambda(frame: pd.DataFrame, n_perm: int = stats.N_PERM, seed: int =
     if finals.empty or finals["weight_decay"].nunique() < 2:
         return []
     table = trials(frame).merge(finals[["run_id", "alpha"]], on="run_id", how="left")
-    out = [{"group": group, **alpha_group(rows, n_perm, seed)} for group, rows in table.groupby("group", sort=True)]
+    out = [{"group": group, **alpha_group(rows, n_perm, seed)} for group, rows in by_group(table)]
     return _finish(out, -1, alpha_verdict)
 
 
@@ -279,7 +279,7 @@ def nc_vs_loss(frame: pd.DataFrame) -> tuple[list[dict], pd.DataFrame]:
     table = trials(frame).merge(corr, on="run_id", how="left")
     if corr.empty or not np.isfinite(corr["rho"].to_numpy(float)).any():
         return [], table
-    out = [{"group": group, **loss_group(rows)} for group, rows in table.groupby("group", sort=True)]
+    out = [{"group": group, **loss_group(rows)} for group, rows in by_group(table)]
     return _finish(out, -1, loss_verdict, "sign_balance"), table
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import bounds, stats
-from .frame import CONVERGED, exclusion_counts, final_layers, trials
+from .frame import CONVERGED, by_group, exclusion_counts, final_layers, trials
 from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_1"
@@ -158,5 +158,5 @@ def conjecture_3_2_1(frame: pd.DataFrame, metric: str = "nc_score", tau: float =
     """Per-group results, Holm-adjusted over groups, and the per-model table."""
     models = per_model(frame, metric)
     results = [{"group": group, **test_group(rows, metric, tau, n_perm, seed)}
-               for group, rows in models.groupby("group", sort=True)]
+               for group, rows in by_group(models)]
     return finalize(results, predicted_sign=+1, describe=verdict), models

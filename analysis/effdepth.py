@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import bounds, stats
-from .frame import CONVERGED, exclusion_counts, final_layers, final_values, trials
+from .frame import CONVERGED, by_group, exclusion_counts, final_layers, final_values, trials
 from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_2"
@@ -137,5 +137,5 @@ def conjecture_3_2_2(frame: pd.DataFrame, epsilons=EPSILONS, tau: float = TAUS["
     """Per (group, ε) results, Holm-adjusted over all of them, and the per-trial depth table."""
     table = per_trial(frame, epsilons)
     results = [{"group": group, **test_group(rows, eps, tau, n_perm, seed)}
-               for group, rows in table.groupby("group", sort=True) for eps in epsilons]
+               for group, rows in by_group(table) for eps in epsilons]
     return finalize(results, predicted_sign=-1, describe=verdict), table

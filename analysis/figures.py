@@ -27,7 +27,7 @@ from matplotlib import patches as mpatches
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .frame import CONVERGED
+from .frame import CONVERGED, ordered
 from .verdict import num
 
 PANEL = (4.0, 3.1)
@@ -191,7 +191,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
     marked = banded = False
     for ax, kind in zip(axes, kinds):
         sub = rows[rows["bn"] == kind]
-        for group in sorted(set(sub["group"])):
+        for group in ordered(sub["group"]):
             g = sub[sub["group"] == group]
             lams = sorted(set(g["weight_decay"]))
             name = f" ({rest[kind, group]})" if len(rests) > 1 and rest[kind, group] else ""
@@ -266,7 +266,7 @@ def training_curves(frame: pd.DataFrame, metric: str = "nc_score") -> Figure:
     """`metric` (last hidden block) against epoch, one panel per group, colour = λ,
     line style = status; the legend under the panels."""
     rows = frame[(frame["layer"] == 0) & np.isfinite(frame[metric].to_numpy(float))]
-    groups = sorted(set(frame["group"]))
+    groups = ordered(frame["group"])
     colors = _lambda_colors(frame["weight_decay"].unique())
     statuses = [s for s in STATUS_STYLE if s in set(frame["status"])]
     statuses += sorted(set(frame["status"]) - set(STATUS_STYLE))
@@ -294,7 +294,7 @@ def conjecture_3_1_1(scores: pd.DataFrame, results: list[dict], metric: str = "n
     """Final `metric` against λ per group: seeds as dots, seed means as a line, the λ pair
     setting ε̂ in red, λ values with failed trials marked."""
     by_group = {r["group"]: r for r in results}
-    groups = sorted(by_group)
+    groups = ordered(by_group)
     ncol, legend_rows = _legend_layout(len(groups), ["trial (converged)", "seed mean", "λ pair that sets ε̂",
                                                       FAILED_LABEL])
     fig, axes = grid(max(len(groups), 1), legend_rows=legend_rows)
@@ -331,7 +331,7 @@ def alpha_vs_lambda(alphas: pd.DataFrame, results: list[dict]) -> Figure:
     and the fitted slope of log alpha on log λ (`claims.alpha_vs_lambda`) in the title.
     `alphas`: one row per trial with group, status, weight_decay and alpha."""
     by_group = {r["group"]: r for r in results}
-    groups = sorted(by_group)
+    groups = ordered(by_group)
     ncol, legend_rows = _legend_layout(len(groups), ["trial (converged)", "seed mean", FAILED_LABEL])
     fig, axes = grid(max(len(groups), 1), legend_rows=legend_rows)
     for ax, group in zip(axes, groups):
@@ -365,7 +365,7 @@ def alpha_vs_lambda(alphas: pd.DataFrame, results: list[dict]) -> Figure:
 def conjecture_3_2_1(models: pd.DataFrame) -> Figure:
     """Per-model ε̂ over consecutive blocks against λ, one panel per group."""
     rows = models[(models["status"] == CONVERGED) & np.isfinite(models["epsilon_hat"].to_numpy(float))]
-    groups = sorted(set(models["group"]))
+    groups = ordered(models["group"])
     ncol, legend_rows = _legend_layout(len(groups), ["model (converged)", "median over seeds", FAILED_LABEL])
     fig, axes = grid(max(len(groups), 1), sharey=True, legend_rows=legend_rows)
     marked = False
@@ -396,7 +396,7 @@ def conjecture_3_2_2(depths: pd.DataFrame, epsilons) -> Figure:
     """Effective depth d_ε against λ, one colour per ε: seed means (line) and trials (dots,
     spread a little in λ so the ε do not hide each other)."""
     rows = depths[depths["status"] == CONVERGED]
-    groups = sorted(set(depths["group"]))
+    groups = ordered(depths["group"])
     spread = "trial (converged, λ spread per ε)"
     ncol, legend_rows = _legend_layout(len(groups), [f"ε = {e:g}" for e in epsilons] + [FAILED_LABEL, spread,
                                                                                         "seed mean"], extra_rows=1)
@@ -438,7 +438,7 @@ def theorem_scatter(evals: pd.DataFrame) -> Figure:
     loss_gap^(1/6), every checked evaluation on the axes (colour = λ), the predicted slope 1
     (dashed, through the points' median) and the fitted slope with its trial-clustered CI."""
     from . import theorem
-    groups = sorted(set(evals["group"])) if len(evals) else []
+    groups = ordered(evals["group"]) if len(evals) else []
     colors = _lambda_colors(evals["weight_decay"].unique()) if len(evals) else {}
     ncol = min(len(colors), 10)
     fig, axes = grid(max(2 * len(groups), 2), max_cols=2, legend_rows=1 + math.ceil(len(colors) / 10))

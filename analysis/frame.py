@@ -171,6 +171,24 @@ def join_label(parts: list[tuple[str, str]]) -> str:
     return ", ".join(f"{k}={v}" for k, v in parts) or "all"
 
 
+_NUMBER = re.compile(r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+def natural_key(label: str) -> tuple:
+    """Sort key of a group label that orders its numbers by value: depth=3 < depth=12."""
+    return tuple((1, float(chunk)) if i % 2 else (0, chunk) for i, chunk in enumerate(_NUMBER.split(label)))
+
+
+def ordered(labels) -> list[str]:
+    """The distinct group labels in natural order (`natural_key`)."""
+    return sorted(set(labels), key=natural_key)
+
+
+def by_group(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """`table.groupby("group")` as (label, rows) pairs in natural order of the labels."""
+    return sorted(table.groupby("group", sort=False), key=lambda pair: natural_key(pair[0]))
+
+
 def regroup(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with group labels that ignore the params each trial's data set ignores
     (`ignored_params`): such a param's `key=value` leaves the trial's label, so conic trials

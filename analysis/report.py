@@ -23,7 +23,7 @@ import pandas as pd
 from study.schema import KIND_STUDY, TAG_KIND
 
 from . import claims, depth, effdepth, effects, stats, theorem, wd
-from .frame import CONVERGED, final_layers, final_values, regroup, relax_convergence, trials
+from .frame import CONVERGED, by_group, final_layers, final_values, ordered, regroup, relax_convergence, trials
 from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, usage_error
 from .report_html import markdown_html
 from .verdict import ALPHA, TAU_REASONS, TAUS, clean, interval, num, pval, summary
@@ -93,7 +93,7 @@ def write_figures(frame: pd.DataFrame, analysis: Analysis, out_dir: Path) -> lis
         paths.append(figures.save(figures.alpha_vs_lambda(alphas, analysis.claims[claims.ALPHA_TEST]),
                                   out_dir / "alpha_vs_lambda.png"))
     curves = {m: final_layers(frame, m) for m in ("ncc_acc", "intra_min", "inter_max")}
-    for group, models in analysis.models.groupby("group", sort=True):
+    for group, models in by_group(analysis.models):
         converged = models.loc[models["status"] == CONVERGED, "run_id"]
         if any(r in curves["ncc_acc"] for r in converged):   # all of the group's λ, to name the failed ones
             fig = figures.fig3_3(curves, models, group)
@@ -303,7 +303,7 @@ def _complexity_section(results: list[dict]) -> list[str]:
 def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path) -> Path:
     res = analysis.results
     table = trials(study.frame)
-    groups = sorted(set(table["group"]))
+    groups = ordered(table["group"])
     L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", "",
                     "nc_score = intra_min − inter_max of the centred cosines of the last hidden block: 4/3 at "
                     "full collapse for C = 4 (1 + 1/(C−1) in general), about 0 or below when the features have "

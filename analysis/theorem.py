@@ -27,6 +27,7 @@ from scipy import stats as sps
 
 from . import stats
 from .verdict import CONTRADICTED, INSUFFICIENT, SUPPORTED, num
+from .frame import by_group
 
 TEST = "theorem_2_3_1"
 TOLERANCE = 1e-6                 # a gap above -1e-6 is float noise, not a violation
@@ -183,7 +184,7 @@ def theorem_2_3_1(frame: pd.DataFrame) -> tuple[list[dict], pd.DataFrame]:
     first = frame.drop_duplicates("run_id")
     bias = ~_bias_free(first)
     results = []
-    for group, rows in first.groupby("group", sort=True):
+    for group, rows in by_group(first):
         in_group = (first["group"] == group).to_numpy()
         results.append({"group": group, **test_group(evals[evals["group"] == group],
                                                      n_trials=len(rows), n_bias=int((bias & in_group).sum()))})

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import bounds, stats
-from .frame import CONVERGED, exclusion_counts, final_values, trials
+from .frame import CONVERGED, by_group, exclusion_counts, final_values, trials
 from .verdict import CONTROL, INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_1_1"
@@ -157,7 +157,7 @@ def conjecture_3_1_1(frame: pd.DataFrame, metric: str = "nc_score", tau: float =
     finals = final_values(frame, metric)[["run_id", metric]]
     table = table.merge(finals, on="run_id", how="left")
     out = [{"group": group, **test_group(rows, metric, tau, n_perm, seed)}
-           for group, rows in table.groupby("group", sort=True)]
+           for group, rows in by_group(table)]
     return finalize(out, predicted_sign=+1, describe=verdict)
 
 

@@ -72,6 +72,19 @@ def test_alpha_flat_is_rarely_supported_and_its_interval_covers_zero():
     assert supported <= 4 and covered >= 34
 
 
+def test_groups_come_in_the_natural_order_of_their_numbers():
+    """depth=3 before depth=12 (not as strings), in the results and every figure and table."""
+    from analysis.frame import ordered
+    assert ordered(["depth=12", "depth=3", "bn=none, depth=6", "bn=affine, depth=15", "bn=affine, depth=6",
+                    "lr=1e-3", "lr=5e-4", "depth=3"]) == ["bn=affine, depth=6", "bn=affine, depth=15",
+                                                         "bn=none, depth=6", "depth=3", "depth=12", "lr=5e-4",
+                                                         "lr=1e-3"]
+    rng = np.random.default_rng(5)
+    trials = [t for g in ("depth=15", "depth=3", "depth=12", "depth=6") for t in alpha_trials(-0.2, rng, group=g)]
+    res = claims.alpha_vs_lambda(tidy(trials), n_perm=99)
+    assert [r["group"] for r in res] == ["depth=3", "depth=6", "depth=12", "depth=15"]
+
+
 def test_alpha_holm_across_groups_and_absent_without_two_lambdas():
     rng = np.random.default_rng(2)
     trials = alpha_trials(-0.2, rng, group="bn=affine") + alpha_trials(0.0, rng, group="bn=none", noise=0.2)
