@@ -12,7 +12,8 @@ sqlite:///DIR/mlflow.db --storage-path DIR/ray --tracking-outage-limit 120` (emb
 local Ray on every core, one CPU per trial: 2 trials at once on 2 cores), once per `--pack`
 value (`pack: K` in the file; `--pack 1,8` runs the unpacked and the packed study one after
 the other, same floor). With pack K, fig3_1's grid packs by BN kind (members may differ in
-seed and lambda only): 24 trials at K = 8 are 3 Ray trials on 2 cores.
+seed and lambda only): 24 trials at K = 8 are 3 kinds of 8, cut into 4 Ray trials (8, 8, 4, 4)
+so that 2 cores stay busy (spaces.packs).
 
 Wall time: from starting the subprocess to its exit (Python and Ray start-up, the trials,
 the summary and Ray's shutdown). Trials' span: from the first trial's start to the last
@@ -209,6 +210,13 @@ def describe_rates(r: dict, when: str) -> str:
 
 # ------------------------------------------------------------------ running a study
 
+
+def ray_trials(study) -> int:
+    """How many Ray trials the run made: its packs, balanced as `nc-study run` balances them
+    for this machine's cores (spaces.packs with parallel_slots, as the dry run prints)."""
+    from .spaces import packs, parallel_slots   # torch, via study.packed: only when asked
+    return len(packs(study, parallel_slots(os.cpu_count() or 1, 0, study)))
+
 def run_study(folder: Path, space: dict) -> dict:
     """Run `space` through the CLI in a subprocess (its output in folder/NAME.log); return
     its wall time and, from its MLflow runs, the trials' span and summed clocks."""
@@ -241,7 +249,7 @@ def run_study(folder: Path, space: dict) -> dict:
     last = max(r.info.end_time for r in runs) / 1000
     clocks = {key: sum(r.data.metrics.get(key, math.nan) for r in runs)
               for key in ("time_train_s", "time_measure_s", "time_wall_s")}
-    return {"name": name, "pack": space["pack"], "ray_trials": len(packs(load_study(path))), "wall": wall,
+    return {"name": name, "pack": space["pack"], "ray_trials": ray_trials(load_study(path)), "wall": wall,
             "span": last - first, "startup": first - started, "shutdown": ended - last, **clocks,
             "statuses": sorted(r.data.tags.get(TAG_STATUS) for r in runs), "log": str(log)}
 
