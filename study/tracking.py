@@ -304,12 +304,17 @@ class TrialRuns:
 
     def log(self, key: str, step: int, metrics: dict[str, float], ts_ms: int,
             tags: dict[str, str] | None = None) -> bool:
-        """One batched call per report; a step already logged (a replay after resume) is skipped."""
+        """One batched call per report; the metrics of a step already logged (a replay after
+        resume) are skipped, its tags are not: the first report on the node a trial moved to is
+        often a replayed step, and it carries the new node's tags."""
         run_id = self.run_ids[key]
+        tags = [RunTag(k, v) for k, v in (tags or {}).items()]
         if step <= self.last_step.get(run_id, 0):
+            if tags:
+                self.client.log_batch(run_id, tags=tags)
             return False
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts_ms, step) for k, v in metrics.items()],
-                              tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+                              tags=tags)
         self.last_step[run_id] = step
         return True
 

@@ -114,7 +114,8 @@ def test_a_lost_node_does_not_lose_its_trials(two_nodes):
     work = folder / "work"
     work.mkdir()
     space = work / "nodes.yaml"
-    space.write_text("name: nodes\ntrial: {n_samples: 2000, depth: 3, width: 32, epochs: 400, eval_every: 20}\n"
+    # trials of ~10 s on an idle machine, so the kill lands mid-trial after the first checkpoints
+    space.write_text("name: nodes\ntrial: {n_samples: 2000, depth: 3, width: 32, epochs: 800, eval_every: 40}\n"
                      "grid: {seed: [0, 1]}\ncheckpoint_every: 2\n")
     uri = f"sqlite:///{work}/mlflow.db"
     log = work / "run.log"
@@ -123,8 +124,10 @@ def test_a_lost_node_does_not_lose_its_trials(two_nodes):
     try:
         # one checkpoint in each trial's folder
         wait_for_checkpoints(lambda: {p.parent for p in checkpoints(work, "nodes")}, driver, log, at_least=2)
-        nodes_seen = {r.data.tags.get("ray.node_id") for r in trial_runs(uri, "nodes")}
+        before = trial_runs(uri, "nodes")
+        nodes_seen = {r.data.tags.get("ray.node_id") for r in before}
         assert len(nodes_seen) == 2, nodes_seen          # one trial on each node
+        assert {r.data.tags["status"] for r in before} == {"running"}, "a trial ended before the kill"
         kill_session(two_nodes["second"].pid)
         assert driver.wait(timeout=400) == 0, log.read_text()
     finally:
@@ -134,5 +137,5 @@ def test_a_lost_node_does_not_lose_its_trials(two_nodes):
     assert len(runs) == 2
     for run in runs:
         assert run.data.tags["status"] in ("converged", "not_converged")
-        assert histories(uri, run.info.run_id, "headline/nc_score") == list(range(20, 401, 20))
+        assert histories(uri, run.info.run_id, "headline/nc_score") == list(range(40, 801, 40))
     assert len({r.data.tags["ray.node_id"] for r in runs}) == 1   # both ended on the head

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from study.tracking import open_client, schema_template
+from study.schema import TAG_NODE_ID
+from study.tracking import TrialRuns, open_client, schema_template
 
 
 def schema(db: Path) -> dict[tuple[str, str], list[str]]:
@@ -75,3 +76,19 @@ def test_an_existing_store_is_opened_not_replaced(tmp_path, cache):
     client = open_client(f"sqlite:///{db}")
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "earlier study"]
     assert not cache.exists()
+
+
+def test_a_replayed_step_keeps_its_metrics_once_and_still_sets_tags(tmp_path, cache):
+    """After a resume a trial re-reports steps it logged before its last checkpoint; if it
+    moved to another node, the first of them carries the new node's tags: the metric stays
+    logged once, the tags are set."""
+    client = open_client(f"sqlite:///{tmp_path / 'store.db'}")
+    experiment_id = client.create_experiment("replay")
+    parent = client.create_run(experiment_id).info.run_id
+    runs = TrialRuns(client, experiment_id, parent, "replay")
+    run_id = runs.start("cell-1", "trial_0", {"seed": "0"}, "replay-001")
+    assert runs.log("cell-1", 10, {"headline/nc_score": 0.5}, 1_000, {TAG_NODE_ID: "node-a"})
+    assert not runs.log("cell-1", 10, {"headline/nc_score": 0.7}, 2_000, {TAG_NODE_ID: "node-b"})   # a replay
+    assert runs.log("cell-1", 20, {"headline/nc_score": 0.9}, 3_000)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "headline/nc_score")] == [(10, 0.5), (20, 0.9)]
+    assert client.get_run(run_id).data.tags[TAG_NODE_ID] == "node-b"
