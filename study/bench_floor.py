@@ -210,19 +210,12 @@ def describe_rates(r: dict, when: str) -> str:
 
 # ------------------------------------------------------------------ running a study
 
-
-def ray_trials(study) -> int:
-    """How many Ray trials the run made: its packs, balanced as `nc-study run` balances them
-    for this machine's cores (spaces.packs with parallel_slots, as the dry run prints)."""
-    from .spaces import packs, parallel_slots   # torch, via study.packed: only when asked
-    return len(packs(study, parallel_slots(os.cpu_count() or 1, 0, study)))
-
 def run_study(folder: Path, space: dict) -> dict:
     """Run `space` through the CLI in a subprocess (its output in folder/NAME.log); return
     its wall time and, from its MLflow runs, the trials' span and summed clocks."""
     from mlflow import MlflowClient
     from .schema import TAG_STATUS, TRAINED, KIND_TRIAL
-    from .spaces import load_study, packs
+    from .spaces import load_study, local_packs
     from .tracking import find_runs
 
     name = space["name"]
@@ -249,7 +242,7 @@ def run_study(folder: Path, space: dict) -> dict:
     last = max(r.info.end_time for r in runs) / 1000
     clocks = {key: sum(r.data.metrics.get(key, math.nan) for r in runs)
               for key in ("time_train_s", "time_measure_s", "time_wall_s")}
-    return {"name": name, "pack": space["pack"], "ray_trials": ray_trials(load_study(path)), "wall": wall,
+    return {"name": name, "pack": space["pack"], "ray_trials": len(local_packs(load_study(path))), "wall": wall,
             "span": last - first, "startup": first - started, "shutdown": ended - last, **clocks,
             "statuses": sorted(r.data.tags.get(TAG_STATUS) for r in runs), "log": str(log)}
 

@@ -49,7 +49,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 from .bench import best_of, cpu_model
 from .config import ConfigError, TrialConfig
@@ -89,10 +88,11 @@ def write_cifar10(root: Path, n_samples: int, seed: int = 0) -> Path:
 
 
 def study_settings(path: Path = CIFAR10_RESNET) -> dict:
-    """The study's trial dict, its eval_every and its CPU threads per trial."""
-    space = yaml.safe_load(path.read_text())
-    return {"trial": space["trial"], "eval_every": int(space["trial"]["eval_every"]),
-            "threads": max(1, int(space.get("resources", {}).get("cpu", 1)))}
+    """The study's trial dict, its eval_every and its CPU threads per trial (spaces.load_study:
+    the file validated as `nc-study run` reads it)."""
+    from .spaces import load_study
+    study = load_study(path)
+    return {"trial": dict(study.fixed), "eval_every": int(study.fixed["eval_every"]), "threads": max(1, int(study.cpu))}
 
 
 # ------------------------------------------------------------------ the trial

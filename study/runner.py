@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
 from .schema import DEFAULT_URI, ENDED, INTERRUPTED, RUNNING, TAG_FINGERPRINT, TAG_NOTE, TAG_STATUS, TRAINED, metric_key, run_name, runs_link
-from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, packs, parallel_slots
+from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, local_packs, packs, parallel_slots
 
 EXIT_FAILED_TRIALS = 1
 EXIT_TRACKING_DOWN = 75   # sysexits' EX_TEMPFAIL: the store was gone too long; re-run to resume
@@ -345,8 +345,8 @@ def dry_run(study: Study, uri: str, storage: str) -> int:
 def dry_run_packed(study: Study, uri: str, storage: str) -> int:
     """The packs, each with the run names of the trials it trains together, balanced for
     this machine's cores as an embedded Ray would run them (a cluster may pack differently)."""
+    groups = local_packs(study)
     slots = parallel_slots(os.cpu_count() or 1, 0, study)
-    groups = packs(study, slots)
     cells = list(study.cells())
     print(f"study {study.name}: {study.n_trials} trials in {len(groups)} packs of up to {study.pack_size} "
           f"(pack: {study.pack}; balanced for {slots} at once on this machine), resources per pack "

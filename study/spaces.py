@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,12 @@ def packs(study: Study, slots: int = 1) -> list[list[int]]:
             groups.append(members[start:stop])
             start = stop
     return sorted(groups, key=lambda group: group[0])
+
+
+def local_packs(study: Study) -> list[list[int]]:
+    """`packs` balanced for this machine's cores, as an embedded Ray runs the study (the
+    dry run's listing; a cluster balances for its own totals in runner.execute)."""
+    return packs(study, parallel_slots(os.cpu_count() or 1, 0, study))
 
 
 def parallel_slots(cpus: float, gpus: float, study: Study) -> int:

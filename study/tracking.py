@@ -165,17 +165,15 @@ def is_template(path: Path) -> bool:
         return False
 
 
-def copy_template(db: Path) -> bool:
-    """Create the SQLite store `db` as a copy of `schema_template`; False (and no file) when
-    that fails, so MLflow builds the store its own way."""
+def copy_template(db: Path) -> None:
+    """Create the SQLite store `db` as a copy of `schema_template`; when that fails no file
+    is left, and MLflow builds the store its own way."""
     tmp = db.with_name(f".{db.name}.new")
     try:
         shutil.copyfile(schema_template(), tmp)
         os.replace(tmp, db)
-        return True
     except (OSError, sqlite3.Error):
         tmp.unlink(missing_ok=True)
-        return False
 
 
 def first_line(exc: BaseException) -> str:
