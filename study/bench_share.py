@@ -11,26 +11,30 @@ of N random images written in the official binary format to a temporary folder
 (`write_cifar10`: nothing is downloaded). The device is the Trainer's choice: a CUDA GPU if
 one is visible and `--device` is auto or cuda, else the CPU.
 
-Timed, each the minimum over `--repeats` rounds (2) after one warm-up round, the three
+Timed, each the minimum over `--repeats` rounds (2) after one warm-up round, the four
 interleaved round by round (study.bench.best_of; wall clock, CUDA synchronized before each
 reading): one training epoch (`Trainer.train_epoch`, what a trial's time_train_s adds up),
 one evaluation (`Trainer.evaluate`, what run_trial calls at an evaluation epoch: its
-time_measure_s) and a bare forward pass of the training set in eval mode, in the batches the
-evaluation streams. Printed: those seconds, evaluation / epoch, evaluation / forward and the
-evaluation's share of trial time, eval / (eval_every x epoch + eval).
+time_measure_s) on each of the two paths a set too large for memory takes, and a bare
+forward pass of the training set in eval mode, in the batches those paths use. Printed:
+those seconds, each evaluation in bare forwards, and its share of trial time,
+eval / (eval_every x epoch + eval), with the path this device would take marked.
 
-The evaluation's path: `Trainer.evaluate` measures the whole set in memory when one
-activation of it fits (study.train.memory_limits), else streams it in batches, paying one
-partial forward per BN (20 here) for the exact statistics and two full forwards for the
-measures. All of CIFAR-10 (50 000 images, 512 KiB of activation each at width 128) streams,
-on the CPU (16 rows a batch) as on an 80 GB GPU (512 rows), so the path is chosen as for
-`--eval-as-n` samples (default 50 000; 0: as for N itself) whatever N is. Epoch and streamed
-evaluation both run fixed-size batches, so their cost per image, and the ratios, hardly
-depend on N; but an N below the batch size of 128 trains one smaller batch, and a last
-partial batch weighs more at small N, so figures at small N are estimates of the full set's.
+The evaluation's paths (study.train.choose_eval_path): the whole set in memory when one
+activation of it fits; else cached (models.hidden_cached: one activation of the whole set
+kept, each step of the forward run over it in batches, a few passes per step) when that
+activation fits the cache limit; else streamed (metrics.measure_stream: one partial forward
+from the input per BN, 20 here, for the exact statistics and two full forwards for the
+measures). All of CIFAR-10 at width 128 (50 000 images, 512 KiB of activation each, 26 GB)
+is cached on a free 80 GB GPU and streamed on the CPU, so both paths are timed whatever the
+device, in the batch rows `--eval-as-n` samples (default 50 000; 0: N itself) would use:
+16 rows on the CPU, 512 on a GPU. Epoch and evaluations all run fixed-size batches, so their
+cost per image, and the ratios, hardly depend on N; but an N below the batch size of 128
+trains one smaller batch, and a last partial batch weighs more at small N, so figures at
+small N are estimates of the full set's.
 
 N: all of CIFAR-10 (50 000) on a GPU; on the CPU 128, one full training batch (the
-evaluation then streams it as 8 batches of 16 rows, as it would the full set), so that the
+evaluations then run it as 8 batches of 16 rows, as they would the full set), so that the
 run stays within a few minutes on the 2-core box (at 1 thread under load, width 128 cost
 about 50 ms an image forward and 170 ms an image in training). `--quick`: N = 20,
 width 16 (so one streamed batch of at most 128 rows holds the set), one repeat: a smoke
@@ -54,7 +58,7 @@ from .bench import best_of, cpu_model
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .models import batches
-from .train import Trainer, eval_batch_rows, pick_device
+from .train import EvalPath, Trainer, activation_numel, choose_eval_path, memory_limits, pick_device
 
 CIFAR10_RESNET = Path(__file__).resolve().parent.parent / "search_spaces" / "gpu" / "cifar10_resnet.yaml"
 CIFAR10_TRAIN = 50_000
@@ -97,22 +101,21 @@ def study_settings(path: Path = CIFAR10_RESNET) -> dict:
 
 # ------------------------------------------------------------------ the trial
 
-class SizedTrainer(Trainer):
-    """The Trainer, except that evaluate() takes the path (in memory, or streamed and how
-    many rows a batch) that a training set of `as_n` samples would take on this device;
-    `as_n` = 0 leaves the choice to the real N."""
+class PathTrainer(Trainer):
+    """The Trainer, except that evaluate() takes the path `path` ("cached" or "streamed") in
+    the batch rows a training set of `as_n` samples would use on this device."""
 
     def __init__(self, cfg: TrialConfig, data: Dataset, as_n: int) -> None:
         super().__init__(cfg, data)
-        self.as_n = as_n
-        self._sized_rows: int | None | bool = False     # not decided yet
+        self.as_n = as_n or len(data.y)
+        # a zero-copy view of as_n rows: only its length is read
+        self.chosen = choose_eval_path(self.model, self.X[:1].expand(self.as_n, *self.X.shape[1:]))
+        self.rows = self.chosen.rows or max(1, memory_limits(self.device).stream_batch
+                                            // (activation_numel(self.model, self.X[:2]) * self.X.element_size()))
+        self.path = "streamed"
 
-    def stream_rows(self) -> int | None:
-        if not self.as_n:
-            return super().stream_rows()
-        if self._sized_rows is False:                    # a zero-copy view of as_n rows: only len() is read
-            self._sized_rows = eval_batch_rows(self.model, self.X[:1].expand(self.as_n, *self.X.shape[1:]))
-        return self._sized_rows
+    def eval_path(self) -> EvalPath:
+        return EvalPath(self.path, self.rows)
 
 
 def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
@@ -135,29 +138,43 @@ def bench_share(data_root: Path, depth: int, width: int, eval_every: int, trial:
     trial = {**(trial or {}), "dataset": "cifar10", "model": "resnet", "data_root": str(data_root),
              "depth": depth, "width": width, "eval_every": eval_every, "bn_stats": "exact", "device": device}
     cfg = TrialConfig.from_dict(trial)
-    trainer = SizedTrainer(cfg, load_dataset(cfg), eval_as_n)
-    rows = trainer.stream_rows()
+    trainer = PathTrainer(cfg, load_dataset(cfg), eval_as_n)
+    rows = trainer.rows
     N = len(trainer.y)
 
     @torch.no_grad()
     def forward() -> None:
         trainer.model.eval()
-        for part in batches(N, rows or N):
+        for part in batches(N, rows):
             trainer.model(trainer.X[part])
 
-    fns = {"epoch": lambda: trainer.train_epoch(cfg.lr_at(0)), "evaluate": trainer.evaluate, "forward": forward}
+    def evaluate(path: str) -> Callable[[], object]:
+        def run() -> object:
+            trainer.path = path
+            return trainer.evaluate()
+        return run
+
+    fns = {"epoch": lambda: trainer.train_epoch(cfg.lr_at(0)), "cached": evaluate("cached"),
+           "streamed": evaluate("streamed"), "forward": forward}
     fns = {name: synced(fn, trainer.device) for name, fn in fns.items()}
     for fn in fns.values():                              # warm-up: allocator, kernels, thread pool
         fn()
     t = best_of(fns, repeats, clock=time.perf_counter)
     peak = torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda" else 0
-    return {"N": N, "num_classes": trainer.num_classes, "class_counts": torch.bincount(trainer.y.cpu()).tolist(),
-            "depth": depth, "width": width, "batch_size": cfg.batch_size, "eval_every": eval_every,
-            "device": str(trainer.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "eval_as_n": eval_as_n or N, "stream_rows": rows, "repeats": repeats, "gpu_peak_bytes": peak,
-            "epoch_s": t["epoch"], "evaluate_s": t["evaluate"], "forward_s": t["forward"],
-            "eval_per_epoch": t["evaluate"] / t["epoch"], "eval_per_forward": t["evaluate"] / t["forward"],
-            "share": t["evaluate"] / (eval_every * t["epoch"] + t["evaluate"])}
+    chosen = trainer.chosen.kind
+    out = {"N": N, "num_classes": trainer.num_classes, "class_counts": torch.bincount(trainer.y.cpu()).tolist(),
+           "depth": depth, "width": width, "batch_size": cfg.batch_size, "eval_every": eval_every,
+           "device": str(trainer.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "eval_as_n": trainer.as_n, "path": chosen, "stream_rows": rows, "repeats": repeats,
+           "gpu_peak_bytes": peak, "epoch_s": t["epoch"], "forward_s": t["forward"]}
+    for path in ("cached", "streamed"):
+        out |= {f"{path}_s": t[path], f"{path}_per_forward": t[path] / t["forward"],
+                f"{path}_share": t[path] / (eval_every * t["epoch"] + t[path])}
+    # the path this device takes at eval_as_n ("memory" only when the whole set fits: not timed)
+    timed = chosen if chosen in ("cached", "streamed") else "cached"
+    out |= {"evaluate_s": t[timed], "eval_per_epoch": t[timed] / t["epoch"],
+            "eval_per_forward": t[timed] / t["forward"], "share": out[f"{timed}_share"]}
+    return out
 
 
 # ------------------------------------------------------------------ report
@@ -169,28 +186,27 @@ def device_name(device: str) -> str:
 
 
 def table(r: dict) -> str:
-    rows = r["stream_rows"]
-    if rows is None:
-        path = "in memory"
-    elif rows < r["N"]:
-        path = f"streamed, {rows} rows a batch"
-    else:                    # measure_stream: one batch holds the whole set, its BN statistics are exact
-        path = f"streamed, {rows} rows a batch; here one batch"
     per_image = 1e3 / r["N"]
-    return "\n".join([
+    here = {"memory": "in memory (not timed)", "cached": "cached", "streamed": "streamed"}[r["path"]]
+    lines = [
         "| figure | measured |",
         "|---|---|",
         f"| one training epoch (`Trainer.train_epoch`, batch {r['batch_size']}) | {r['epoch_s']:.3g} s "
         f"({r['epoch_s'] * per_image:.3g} ms per image) |",
-        f"| one evaluation (`Trainer.evaluate`, exact BN statistics; path as at N = {r['eval_as_n']}: {path}) | "
-        f"{r['evaluate_s']:.3g} s ({r['evaluate_s'] * per_image:.3g} ms per image) |",
         f"| bare forward of the training set, eval mode | {r['forward_s']:.3g} s "
         f"({r['forward_s'] * per_image:.3g} ms per image) |",
-        f"| evaluation / epoch | {r['eval_per_epoch']:.2f} |",
-        f"| evaluation / bare forward | {r['eval_per_forward']:.2f} |",
-        f"| **evaluation's share of trial time**, eval / ({r['eval_every']} x epoch + eval) | "
-        f"**{100 * r['share']:.1f} %** |",
-    ])
+    ]
+    for path, what in (("cached", "cached frontier, `models.hidden_cached`"),
+                       ("streamed", "streamed, `metrics.measure_stream`")):
+        lines += [
+            f"| one evaluation, {what}, {r['stream_rows']} rows a batch | {r[f'{path}_s']:.3g} s "
+            f"({r[f'{path}_s'] * per_image:.3g} ms per image; {r[f'{path}_per_forward']:.1f} forwards) |",
+            f"| {'**' if path == r['path'] else ''}its share of trial time{'**' if path == r['path'] else ''}, "
+            f"eval / ({r['eval_every']} x epoch + eval) | "
+            f"{'**' if path == r['path'] else ''}{100 * r[f'{path}_share']:.1f} %{'**' if path == r['path'] else ''} |",
+        ]
+    lines.append(f"| path this device takes at N = {r['eval_as_n']} (train.choose_eval_path) | {here} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,20 +15,24 @@ Flat input (N, L) is a one-channel signal for 1-D convolutions; (N, c, h, w) ima
 
 Every model has `blocks`, `classifier`, `forward(x)`, `logits(x, bn_stats)` and
 `hidden(x, bn_stats)`, which yields one (N, D) feature matrix per block, the last of them
-the input of the classifier. `bn_stats` is "running" (the module's own mode), "exact" (every
+the input of the classifier; `hidden` is `enter(x)` followed by the `chain()` of `Step`s,
+which `hidden_cached` runs one step at a time over a whole data set. `bn_stats` is "running" (the module's own mode), "exact" (every
 BN normalised with the exact statistics of the whole `x`) or a callable `(bn, x) -> x` that
 normalises instead of every BN (e.g. `FixedBatchNorm`, the streamed exact statistics).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 BNStats = Union[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+# One step of a model's forward, `step(x, bn_stats) -> (x_next, features or None)`: models
+# are `enter(x)` then their `chain()` of steps; `hidden` yields the features that are not None.
+Step = Callable[[torch.Tensor, BNStats], "tuple[torch.Tensor, torch.Tensor | None]"]
 MAX_DOWNSAMPLINGS = 3          # 2x max-pools (cnn) or stride-2 stages (resnet), at most
 
 
@@ -39,6 +43,14 @@ def normalise(bn: nn.Module, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor
     if bn_stats == "running":
         return bn(x)
     return bn_stats(bn, x)
+
+
+def _hidden(model: nn.Module, x: torch.Tensor, bn_stats: BNStats) -> Iterator[torch.Tensor]:
+    x = model.enter(x)
+    for step in model.chain():
+        x, h = step(x, bn_stats)
+        if h is not None:
+            yield h
 
 
 # ---------------------------------------------------------------------------------- MLP
@@ -88,10 +100,20 @@ class MLP(nn.Module):
         bn_stats="exact": each BN normalises with the exact statistics of its inputs over `x`
         (one sequential pass: block l's statistics come from block l-1's exactly normalised
         output); "running": the module's own mode (its running averages in eval mode)."""
-        x = x.flatten(1)
-        for block in self.blocks:
-            x = block(x) if bn_stats == "running" else block.exact(x, bn_stats)
-            yield x
+        return _hidden(self, x, bn_stats)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    def chain(self) -> list[Step]:
+        """The forward after `enter` as steps (see `Step`): one per block, each yielding its
+        output as the block's features."""
+        def step(block: Block) -> Step:
+            def run(x: torch.Tensor, bn_stats: BNStats) -> tuple[torch.Tensor, torch.Tensor]:
+                x = block.exact(x, bn_stats)
+                return x, x
+            return run
+        return [step(block) for block in self.blocks]
 
     def logits(self, x: torch.Tensor, bn_stats: BNStats = "running") -> torch.Tensor:
         return _logits(self, x, bn_stats)
@@ -188,9 +210,6 @@ class _ConvModel(nn.Module):
         self.classifier = nn.Linear(width, num_classes, bias=bias)
         self.blocks = nn.ModuleList()
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(len(x), *self.sample_shape)
-
     def _stem(self, x: torch.Tensor, bn_stats: BNStats) -> torch.Tensor:
         return x
 
@@ -201,7 +220,7 @@ class _ConvModel(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._stem(self._input(x), "running")
+        x = self._stem(self.enter(x), "running")
         for block in self.blocks:
             x = block(x)
         return self.classifier(self._pooled(x, True, "running"))
@@ -210,10 +229,25 @@ class _ConvModel(nn.Module):
         """Yield one (N, width) matrix per block: its output averaged over space, the last
         one (BN-normalised under placement last) being the classifier's input. bn_stats as
         in MLP.hidden: "exact" normalises every BN by the statistics of the whole `x`."""
-        x = self._stem(self._input(x), bn_stats)
-        for l, block in enumerate(self.blocks):
-            x = block(x, bn_stats)
-            yield self._pooled(x, l == len(self.blocks) - 1, bn_stats)
+        return _hidden(self, x, bn_stats)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), *self.sample_shape)
+
+    def chain(self) -> list[Step]:
+        """The forward after `enter` as steps (see `Step`): the stem (no features), then one
+        step per block, whose features are its pooled output."""
+        last = len(self.blocks) - 1
+
+        def stem(x: torch.Tensor, bn_stats: BNStats) -> tuple[torch.Tensor, None]:
+            return self._stem(x, bn_stats), None
+
+        def step(l: int, block: nn.Module) -> Step:
+            def run(x: torch.Tensor, bn_stats: BNStats) -> tuple[torch.Tensor, torch.Tensor]:
+                x = block(x, bn_stats)
+                return x, self._pooled(x, l == last, bn_stats)
+            return run
+        return [stem] + [step(l, block) for l, block in enumerate(self.blocks)]
 
     def logits(self, x: torch.Tensor, bn_stats: BNStats = "running") -> torch.Tensor:
         return _logits(self, x, bn_stats)
@@ -326,14 +360,13 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
     return (slice(start, start + batch_size) for start in range(0, n, batch_size))
 
 
-@torch.no_grad()
-def exact_bn_statistics(model: nn.Module, X: torch.Tensor,
-                        batch_size: int) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The exact mean and biased variance (float64, per channel) of every BN's input over the
-    whole of X, as `hidden(X, "exact")` uses them, with memory O(batch): one pass over X per
-    BN, in forward order; each pass normalises the BNs before it with their statistics, adds
-    the batch moments of the next BN's input and stops the forward there. Buffers untouched."""
-    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+def _collect_statistics(stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]], items: Iterable,
+                        run: Callable[[object, BNStats], object]) -> None:
+    """Add to `stats` the exact statistics of every BN that `run(item, bn_stats)` meets and
+    `stats` lacks, over all `items` (batches): one pass over the items per such BN, in
+    forward order; each pass normalises the BNs already in `stats` with their statistics,
+    merges the batch moments of the next one's input and stops the forward there."""
+    items = list(items)
     fixed = FixedBatchNorm(stats)
     while True:
         target: list[nn.Module] = []
@@ -347,12 +380,53 @@ def exact_bn_statistics(model: nn.Module, X: torch.Tensor,
             moments.add(x)
             raise _Stop
 
-        for rows in batches(len(X), batch_size):
+        for item in items:
             try:
-                for _ in model.hidden(X[rows], collect):
-                    pass
+                run(item, collect)
             except _Stop:
                 continue
             if not target:                                    # a whole forward met no new BN
-                return stats
+                return
         stats[target[0]] = moments.result()
+
+
+@torch.no_grad()
+def exact_bn_statistics(model: nn.Module, X: torch.Tensor,
+                        batch_size: int) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The exact mean and biased variance (float64, per channel) of every BN's input over the
+    whole of X, as `hidden(X, "exact")` uses them, with memory O(batch): one pass over X per
+    BN, in forward order; each pass normalises the BNs before it with their statistics, adds
+    the batch moments of the next BN's input and stops the forward there. Buffers untouched."""
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run(rows: slice, bn_stats: BNStats) -> None:
+        for _ in model.hidden(X[rows], bn_stats):
+            pass
+    _collect_statistics(stats, batches(len(X), batch_size), run)
+    return stats
+
+
+@torch.no_grad()
+def hidden_cached(model: nn.Module, X: torch.Tensor, batch_size: int,
+                  bn_stats: BNStats = "exact") -> Iterator[torch.Tensor]:
+    """`model.hidden(X, bn_stats)` computed step by step over batches of X, keeping the
+    current step's input for all of X (the frontier: memory of one activation of X plus a
+    batch), so no step runs more than a few times: with bn_stats="exact" each step first
+    finds the exact statistics of its BNs over the frontier (one pass per BN of that step,
+    `_collect_statistics`), then replaces the frontier by its output, normalised with them.
+    Yields every layer's (N, D) features, as `hidden` does; buffers untouched. Against
+    `exact_bn_statistics`, which repeats every BN's whole prefix from X, a ResNet's 20 BNs
+    cost 2-3 forwards instead of about 16."""
+    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    norm = FixedBatchNorm(stats) if bn_stats == "exact" else bn_stats
+    frontier = [model.enter(X[rows]) for rows in batches(len(X), batch_size)]
+    for step in model.chain():
+        if bn_stats == "exact":
+            _collect_statistics(stats, frontier, step)
+        features = []
+        for i, x in enumerate(frontier):
+            frontier[i], h = step(x, norm)
+            if h is not None:
+                features.append(h)
+        if features:
+            yield torch.cat(features)

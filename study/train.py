@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,34 +19,68 @@ import torch.nn.functional as F
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .metrics import measure, measure_stream
-from .models import Model, build_model
+from .models import Model, build_model, hidden_cached
 from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 
-# evaluate() measures the whole training set at once (every block's features in memory, one
-# block at a time) unless one activation of the whole set would take more than
-# IN_MEMORY_BYTES; then it streams batches of about STREAM_BATCH_BYTES of activations through
-# metrics.measure_stream, whose memory does not grow with N but which recomputes the forward
-# once per BN (exact statistics) and twice for the measures: 3.5-4.4x the in-memory time at
-# the thesis' size (N = 10 000, depth 6, width 300: 12 MB per activation), so streaming is
-# kept for sets that would not fit (docs/models.md).
-# On a GPU the limits follow the device: an activation may take up to GPU_SHARE of the
-# memory free when the trial starts (the in-memory path holds several activation-sized
-# arrays at once, some in float64), and streamed batches are GPU_STREAM_BATCH_BYTES, large enough to keep the card busy.
+# evaluate() takes one of three paths (docs/models.md), by the size of one activation of the
+# whole training set (the largest per-sample output of any module x N x bytes):
+# - in memory, up to IN_MEMORY_BYTES: every block's features of the whole set at once, one
+#   block at a time (`measure(model.hidden(X, bn_stats))`);
+# - cached, up to CACHE_BYTES: models.hidden_cached keeps one step's input for the whole set
+#   and runs the forward step by step in batches of about STREAM_BATCH_BYTES, so the exact BN
+#   statistics cost a few passes over each step, not over the whole prefix;
+# - streamed, above: metrics.measure_stream, whose memory does not grow with N but which
+#   recomputes the forward once per BN (exact statistics) and twice for the measures:
+#   3.5-4.4x the in-memory time at the thesis' size (N = 10 000, depth 6, width 300: 12 MB
+#   per activation), about 19 forwards for a 20-BN ResNet.
+# On a GPU the limits follow the device: an activation may take up to GPU_SHARE of the memory
+# free when the trial starts in memory (that path holds several activation-sized arrays at
+# once, some in float64), GPU_CACHE_SHARE of it times the trial's share of the GPU when
+# cached (one activation plus a batch), and streamed batches are GPU_STREAM_BATCH_BYTES,
+# large enough to keep the card busy.
 IN_MEMORY_BYTES = 128 << 20
+CACHE_BYTES = 1 << 30
 STREAM_BATCH_BYTES = 8 << 20
 GPU_SHARE = 0.1
+GPU_CACHE_SHARE = 0.4
 GPU_STREAM_BATCH_BYTES = 256 << 20
 
 
-def memory_limits(device: torch.device, free_bytes: int | None = None) -> tuple[int, int]:
-    """(largest activation measured in memory, bytes per streamed batch) on `device`. On a
-    GPU `free_bytes` defaults to what torch.cuda.mem_get_info reports free now."""
+class Limits(NamedTuple):
+    in_memory: int          # largest whole-set activation measured in memory, bytes
+    cached: int             # ... measured with a cached frontier (models.hidden_cached)
+    stream_batch: int       # bytes of activation per batch when cached or streamed
+
+
+class EvalPath(NamedTuple):
+    kind: str               # "memory", "cached" or "streamed"
+    rows: int | None        # rows per batch; None in memory
+
+
+def gpu_fraction() -> float:
+    """The share of its GPU that Ray gave this worker (a fractional `gpu` per trial); 1.0
+    outside a Ray worker or without a GPU assignment."""
+    ray = sys.modules.get("ray")                              # never imported: not in a Ray worker
+    if ray is None or not ray.is_initialized():
+        return 1.0
+    try:
+        share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except Exception:                                         # the driver, or an older Ray
+        return 1.0
+    return min(1.0, share) if share > 0 else 1.0
+
+
+def memory_limits(device: torch.device, free_bytes: int | None = None, fraction: float | None = None) -> Limits:
+    """The evaluation's memory limits on `device`. On a GPU `free_bytes` defaults to what
+    torch.cuda.mem_get_info reports free now and `fraction` to `gpu_fraction()`."""
     if device.type != "cuda":
-        return IN_MEMORY_BYTES, STREAM_BATCH_BYTES
+        return Limits(IN_MEMORY_BYTES, CACHE_BYTES, STREAM_BATCH_BYTES)
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
+    fraction = gpu_fraction() if fraction is None else fraction
     in_memory = max(IN_MEMORY_BYTES, int(free_bytes * GPU_SHARE))
-    return in_memory, min(GPU_STREAM_BATCH_BYTES, in_memory)
+    cached = max(in_memory, int(free_bytes * GPU_CACHE_SHARE * fraction))
+    return Limits(in_memory, cached, min(GPU_STREAM_BATCH_BYTES, in_memory))
 
 
 def pick_device(cfg: TrialConfig) -> torch.device:
@@ -73,7 +108,7 @@ class Trainer:
         self.epoch = 0                # epochs completed
         self.status = RUNNING         # then CONVERGED, NOT_CONVERGED or DIVERGED
         self.seconds = {"train": 0.0, "measure": 0.0}
-        self._stream_rows: int | None | bool = False   # not decided yet
+        self._eval_path: EvalPath | None = None        # decided at the first evaluation
 
     # ------------------------------------------------------------------ checkpointing
     def state(self) -> dict:
@@ -140,23 +175,27 @@ class Trainer:
         """All §5 measures on the full training set, BN in eval mode, one layer at a time.
         With `bn_stats=exact` (the default) every BN normalises with the exact statistics of
         the training set, so train_acc and "converged" do not depend on the running averages.
-        Sets too large for memory go through metrics.measure_stream in batches (same results)."""
+        Sets too large for memory take the cached or the streamed path (`eval_path`; same
+        results to float rounding)."""
         self.model.eval()
         clf = self.model.classifier
         kwargs = dict(num_classes=self.num_classes, depth=len(self.model.blocks) + 1,
                       epsilon=self.cfg.ncc_epsilon)
-        rows = self.stream_rows()
-        if rows is None:
-            return measure(self.model.hidden(self.X, self.cfg.bn_stats), self.y, clf.weight, clf.bias,
-                           **kwargs)
-        return measure_stream(self.model, self.X, self.y, clf.weight, clf.bias, bn_stats=self.cfg.bn_stats,
-                              batch_size=rows, **kwargs)
+        path = self.eval_path()
+        if path.kind == "memory":
+            features = self.model.hidden(self.X, self.cfg.bn_stats)
+        elif path.kind == "cached":
+            features = hidden_cached(self.model, self.X, path.rows, self.cfg.bn_stats)
+        else:
+            return measure_stream(self.model, self.X, self.y, clf.weight, clf.bias, bn_stats=self.cfg.bn_stats,
+                                  batch_size=path.rows, **kwargs)
+        return measure(features, self.y, clf.weight, clf.bias, **kwargs)
 
-    def stream_rows(self) -> int | None:
-        """Rows per batch when evaluate() streams, None when it measures in memory."""
-        if self._stream_rows is False:
-            self._stream_rows = eval_batch_rows(self.model, self.X)
-        return self._stream_rows
+    def eval_path(self) -> EvalPath:
+        """How evaluate() measures the training set on this device (`choose_eval_path`)."""
+        if self._eval_path is None:
+            self._eval_path = choose_eval_path(self.model, self.X)
+        return self._eval_path
 
 
 @torch.no_grad()
@@ -182,14 +221,16 @@ def activation_numel(model: torch.nn.Module, x: torch.Tensor) -> int:
     return max(sizes)
 
 
-def eval_batch_rows(model: torch.nn.Module, X: torch.Tensor) -> int | None:
-    """None if the largest activation of the whole set X fits in memory on X's device
-    (`memory_limits`), else the batch rows that keep one activation near the stream size."""
+def choose_eval_path(model: torch.nn.Module, X: torch.Tensor) -> EvalPath:
+    """The evaluation's path for X on X's device: in memory if one activation of the whole
+    set fits `memory_limits().in_memory`, cached if it fits `.cached`, else streamed; cached
+    and streamed batches hold about `.stream_batch` bytes of activation."""
     per_sample = activation_numel(model, X[:2]) * X.element_size()
-    in_memory, stream_batch = memory_limits(X.device)
-    if len(X) * per_sample <= in_memory:
-        return None
-    return max(1, stream_batch // per_sample)
+    limits = memory_limits(X.device)
+    if len(X) * per_sample <= limits.in_memory:
+        return EvalPath("memory", None)
+    rows = max(1, limits.stream_batch // per_sample)
+    return EvalPath("cached" if len(X) * per_sample <= limits.cached else "streamed", rows)
 
 
 def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

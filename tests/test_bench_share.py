@@ -9,7 +9,7 @@ import numpy as np
 from study import bench_share
 from study.config import TrialConfig
 from study.data import load_dataset, read_cifar
-from study.train import STREAM_BATCH_BYTES
+from study.train import CACHE_BYTES, STREAM_BATCH_BYTES
 
 
 def test_written_cifar10_reads_back_balanced(tmp_path):
@@ -37,13 +37,20 @@ def test_share_at_tiny_size(tmp_path):
                                 trial=study["trial"], device="cpu", repeats=1)
     assert r["N"] == 200 and r["num_classes"] == 10 and r["class_counts"] == [20] * 10
     assert r["device"] == "cpu" and (r["depth"], r["width"], r["batch_size"]) == (4, width, 128)
-    # the evaluation streams as all of CIFAR-10 would: 8 MiB batches of the stem's 16 x 32 x 32 output
+    # both paths run 8 MiB batches of the stem's 16 x 32 x 32 output, as all of CIFAR-10 would;
+    # on the CPU all of CIFAR-10 (50 000 x 64 KiB = 3.3 GB) is beyond the cache limit: streamed
     assert r["eval_as_n"] == 50_000 and r["stream_rows"] == STREAM_BATCH_BYTES // (width * 32 * 32 * 4) == 128
-    for key in ("epoch_s", "evaluate_s", "forward_s"):
+    assert r["path"] == "streamed" and 50_000 * width * 32 * 32 * 4 > CACHE_BYTES
+    for key in ("epoch_s", "cached_s", "streamed_s", "forward_s"):
         assert math.isfinite(r[key]) and r[key] > 0, key
-    assert 0 < r["share"] < 1
-    assert math.isclose(r["share"], r["evaluate_s"] / (20 * r["epoch_s"] + r["evaluate_s"]), rel_tol=1e-12)
+    for path in ("cached", "streamed"):
+        assert 0 < r[f"{path}_share"] < 1
+        assert math.isclose(r[f"{path}_share"], r[f"{path}_s"] / (20 * r["epoch_s"] + r[f"{path}_s"]), rel_tol=1e-12)
+        assert math.isclose(r[f"{path}_per_forward"], r[f"{path}_s"] / r["forward_s"], rel_tol=1e-12)
+    assert r["evaluate_s"] == r["streamed_s"] and r["share"] == r["streamed_share"]
     assert math.isclose(r["eval_per_epoch"], r["evaluate_s"] / r["epoch_s"], rel_tol=1e-12)
-    assert math.isclose(r["eval_per_forward"], r["evaluate_s"] / r["forward_s"], rel_tol=1e-12)
+    # depth 4 here: 1 + 4 x 2 + 2 projection BNs = 11 passes from the input when streamed
+    assert r["cached_s"] < r["streamed_s"]
     table = bench_share.table(r)
-    assert "path as at N = 50000: streamed, 128 rows a batch)" in table and f"**{100 * r['share']:.1f} %**" in table
+    assert "| path this device takes at N = 50000 (train.choose_eval_path) | streamed |" in table
+    assert f"**{100 * r['streamed_share']:.1f} %**" in table and f"| {100 * r['cached_share']:.1f} % |" in table

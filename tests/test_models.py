@@ -15,7 +15,7 @@ from study.config import FIELD_NAMES, TrialConfig
 from study.data import Dataset
 from study.metrics import LAYER_KEYS, layer_key
 from study.models import (MLP, ConvNet, FixedBatchNorm, ResNet, build_model, downsample_after,
-                          exact_bn_statistics)
+                          exact_bn_statistics, hidden_cached)
 from study.train import Trainer
 
 KINDS = ("mlp", "cnn", "resnet")
@@ -175,8 +175,8 @@ def float64_reference(model: nn.Module, x: torch.Tensor):
 @pytest.mark.parametrize("placement", ["every", "last"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_exact_bn_statistics_against_float64(kind, placement, shape):
-    """hidden(x, "exact") and the streamed statistics (batches of 7, ragged) both equal a
-    float64 re-computation; the running buffers are untouched; the running averages give
+    """hidden(x, "exact"), the streamed statistics and the cached path (batches of 7, ragged)
+    all equal a float64 re-computation; the running buffers are untouched; the running averages give
     other features."""
     torch.manual_seed(0)
     model = build_model(arch(kind, placement=placement, depth=3), shape, 3)
@@ -192,6 +192,7 @@ def test_exact_bn_statistics_against_float64(kind, placement, shape):
         exact = list(model.hidden(x, "exact"))
         streamed = exact_bn_statistics(model, x, batch_size=7)
         fixed = list(model.hidden(x, FixedBatchNorm(streamed)))
+        cached = list(hidden_cached(model, x, batch_size=7))
         running = list(model.hidden(x))
     names = {m: name for name, m in model.named_modules()}
     assert {names[bn] for bn in streamed} == set(want_stats) == {names[bn] for bn in bn_layers(model)}
@@ -199,12 +200,40 @@ def test_exact_bn_statistics_against_float64(kind, placement, shape):
         mean64, var64 = want_stats[names[bn]]
         assert mean.dtype == torch.float64
         assert torch.allclose(mean, mean64, rtol=1e-5, atol=1e-6) and torch.allclose(var, var64, rtol=1e-5, atol=1e-6)
-    for a, b, c, d in zip(exact, fixed, want, running):
+    assert len(exact) == len(fixed) == len(cached) == len(want) >= 2
+    for a, b, c, e in zip(exact, fixed, want, cached):
         assert torch.allclose(a.double(), c, rtol=1e-4, atol=1e-4)
         assert torch.allclose(b.double(), c, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(e, b, rtol=1e-6, atol=1e-6)          # the same statistics, reached step by step
     assert not torch.allclose(running[-1].double(), want[-1], rtol=1e-3, atol=1e-3)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("path", ["cached", "streamed"])
+def test_cached_path_runs_each_step_a_few_times_not_once_per_bn(path):
+    """The point of the cached frontier: in a depth-6 ResNet (16 BNs) the streamed statistics
+    run the stem once per BN for every batch, the cached path twice (its BN's pass, then its
+    output), and every block's first conv at most (BNs of its block + 1) times; each search
+    for statistics ends with one batch that meets no new BN."""
+    model = build_model(arch("resnet", depth=6), (3, 8, 8), 3).eval()
+    x = torch.randn(20, 3, 8, 8)
+    calls = {}
+    convs = {"stem": model.stem} | {f"block{l}": b.conv1 for l, b in enumerate(model.blocks)}
+    for name, conv in convs.items():
+        conv.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    n_bn = sum(isinstance(m, BN_CLASSES) for m in model.modules())
+    batches = 4                                                    # 20 rows in batches of 5
+    with torch.no_grad():
+        if path == "cached":
+            list(hidden_cached(model, x, batch_size=5))
+            assert calls["stem"] == 2 * batches + 1
+            for l, block in enumerate(model.blocks):
+                bns = sum(isinstance(m, BN_CLASSES) for m in block.modules())
+                assert calls[f"block{l}"] <= (bns + 1) * batches + 1
+        else:
+            exact_bn_statistics(model, x, batch_size=5)
+            assert n_bn == 16 and calls["stem"] == n_bn * batches + 1
 
 
 def test_exact_bn_statistics_without_bn_is_empty():
@@ -244,8 +273,8 @@ def test_sgd_steps_reduce_the_loss(kind, shape):
 @pytest.mark.parametrize("kind", ["cnn", "resnet"])
 def test_conv_models_train_through_trainer(kind, shape, monkeypatch):
     """A conv model chosen by cfg.model trains on a tiny Dataset; every block is measured
-    (layer01..layer03), the loss-floor invariant holds, and the streamed evaluation agrees
-    with the in-memory one."""
+    (layer01..layer03), the loss-floor invariant holds, and the cached and streamed
+    evaluations agree with the in-memory one."""
     data = tiny_set(shape, N=60)
     cfg = with_model(TrialConfig(depth=3, width=8, epochs=4, eval_every=2, batch_size=16, lr=0.05,
                                  num_classes=3, device="cpu"), kind)
@@ -260,13 +289,16 @@ def test_conv_models_train_through_trainer(kind, shape, monkeypatch):
         assert e["nc_score"] == e[layer_key(3, "nc_score")]
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] or evals[-1]["train_acc"] == 1.0
     in_memory = trainer.evaluate()
-    assert trainer.stream_rows() is None
+    assert trainer.eval_path() == ("memory", None)
     monkeypatch.setattr("study.train.IN_MEMORY_BYTES", 0)
     monkeypatch.setattr("study.train.STREAM_BATCH_BYTES", 7 * 8 * 64 * 4)     # a few rows a batch
-    trainer._stream_rows = False
-    assert 1 <= trainer.stream_rows() < len(data.y)
-    streamed = trainer.evaluate()
-    assert streamed.keys() == in_memory.keys()
-    bad = {k: (streamed[k], in_memory[k]) for k in in_memory
-           if not streamed[k] == pytest.approx(in_memory[k], rel=1e-4, abs=1e-4)}
+    bad = {}
+    for path, cache in (("cached", 1 << 30), ("streamed", 0)):
+        monkeypatch.setattr("study.train.CACHE_BYTES", cache)
+        trainer._eval_path = None
+        assert trainer.eval_path().kind == path and 1 <= trainer.eval_path().rows < len(data.y)
+        other = trainer.evaluate()
+        assert other.keys() == in_memory.keys()
+        bad |= {(path, k): (other[k], in_memory[k]) for k in in_memory
+                if not other[k] == pytest.approx(in_memory[k], rel=1e-4, abs=1e-4)}
     assert not bad

@@ -242,45 +242,79 @@ def test_smoke_training_on_conic_npz():
 # ------------------------------------------------------------------ streamed evaluation (issue 14)
 
 @pytest.mark.parametrize("bn_stats", ["exact", "running"])
-def test_streamed_evaluation_matches_in_memory(bn_stats, monkeypatch):
-    """With the in-memory limit at 0, evaluate() streams batches of 300 rows through
-    metrics.measure_stream; float32 features, so within 1e-4 of the in-memory evaluation."""
+@pytest.mark.parametrize("kind", ["cached", "streamed"])
+def test_cached_and_streamed_evaluation_match_in_memory(kind, bn_stats, monkeypatch):
+    """With the in-memory limit at 0 (and the cache limit at 0 for streamed), evaluate()
+    takes the cached or the streamed path in batches of 300 rows; float32 features, so
+    within 1e-4 of the in-memory evaluation; the model is left as it was."""
     import study.train as train_module
     trainer = Trainer(small(epochs=2, bn_stats=bn_stats))
     list(trainer.run())
-    assert trainer.stream_rows() is None                     # small sets stay in memory
+    assert trainer.eval_path() == ("memory", None)           # small sets stay in memory
     in_memory = trainer.evaluate()
     monkeypatch.setattr(train_module, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(train_module, "CACHE_BYTES", 0 if kind == "streamed" else train_module.CACHE_BYTES)
     monkeypatch.setattr(train_module, "STREAM_BATCH_BYTES", 300 * 64 * 4)
-    trainer._stream_rows = False
-    assert trainer.stream_rows() == 300
+    trainer._eval_path = None
+    assert trainer.eval_path() == (kind, 300)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    streamed = trainer.evaluate()
-    assert streamed.keys() == in_memory.keys()
-    bad = {k: (streamed[k], in_memory[k]) for k in in_memory
-           if not streamed[k] == pytest.approx(in_memory[k], rel=1e-4, abs=1e-5)}
+    other = trainer.evaluate()
+    assert other.keys() == in_memory.keys()
+    bad = {k: (other[k], in_memory[k]) for k in in_memory
+           if not other[k] == pytest.approx(in_memory[k], rel=1e-4, abs=1e-5)}
     assert not bad
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_stream_rows_threshold_at_the_thesis_size():
-    """fig3_1's shape (N = 10 000, width 300) is measured in memory; 20x the samples stream."""
-    from study.train import IN_MEMORY_BYTES, STREAM_BATCH_BYTES, activation_numel, eval_batch_rows
+def test_eval_path_thresholds_at_the_thesis_size():
+    """fig3_1's shape (N = 10 000, width 300) is measured in memory; 20x the samples (240 MB
+    an activation) with a cached frontier; 200x (2.4 GB) streamed, on the CPU's limits."""
+    from study.train import (CACHE_BYTES, IN_MEMORY_BYTES, STREAM_BATCH_BYTES, activation_numel,
+                             choose_eval_path)
     model = MLP(16, 4, depth=6, width=300)
     assert activation_numel(model, torch.randn(2, 16)) == 300 and model.training
-    assert eval_batch_rows(model, torch.randn(10_000, 16)) is None
-    rows = eval_batch_rows(model, torch.randn(200_000, 16))
-    assert 200_000 * 300 * 4 > IN_MEMORY_BYTES and rows == STREAM_BATCH_BYTES // (300 * 4)
+    assert choose_eval_path(model, torch.randn(10_000, 16)) == ("memory", None)
+    rows = STREAM_BATCH_BYTES // (300 * 4)
+    assert 200_000 * 300 * 4 > IN_MEMORY_BYTES and 200_000 * 300 * 4 <= CACHE_BYTES
+    assert choose_eval_path(model, torch.randn(200_000, 16)) == ("cached", rows)
+    huge = torch.randn(1, 16).expand(2_000_000, 16)            # a view: only its length is read
+    assert 2_000_000 * 300 * 4 > CACHE_BYTES
+    assert choose_eval_path(model, huge) == ("streamed", rows)
 
 
 def test_memory_limits_follow_the_device():
-    """CPU: the fixed limits; a GPU: a share of its free memory, never below the CPU limit,
-    streamed in large batches (the free memory is given, as mem_get_info would report it)."""
-    from study.train import (GPU_SHARE, GPU_STREAM_BATCH_BYTES, IN_MEMORY_BYTES, STREAM_BATCH_BYTES,
-                             memory_limits)
-    assert memory_limits(torch.device("cpu")) == (IN_MEMORY_BYTES, STREAM_BATCH_BYTES)
+    """CPU: the fixed limits; a GPU: shares of its free memory (the cached one times the
+    trial's share of the GPU), never below the CPU's in-memory limit, streamed in large
+    batches (the free memory is given, as mem_get_info would report it)."""
+    from study.train import (CACHE_BYTES, GPU_CACHE_SHARE, GPU_SHARE, GPU_STREAM_BATCH_BYTES, IN_MEMORY_BYTES,
+                             STREAM_BATCH_BYTES, gpu_fraction, memory_limits)
+    assert memory_limits(torch.device("cpu")) == (IN_MEMORY_BYTES, CACHE_BYTES, STREAM_BATCH_BYTES)
     cuda = torch.device("cuda", 0)
-    assert memory_limits(cuda, free_bytes=80 << 30) == (int((80 << 30) * GPU_SHARE), GPU_STREAM_BATCH_BYTES)
-    assert memory_limits(cuda, free_bytes=1 << 20) == (IN_MEMORY_BYTES, IN_MEMORY_BYTES)
-    # a 300-wide MLP on 1 M samples (1.2 GB per activation) is measured in memory on a free H100
-    assert 1_000_000 * 300 * 4 <= memory_limits(cuda, free_bytes=78 << 30)[0]
+    free = 80 << 30
+    assert memory_limits(cuda, free_bytes=free, fraction=1.0) == (
+        int(free * GPU_SHARE), int(free * GPU_CACHE_SHARE), GPU_STREAM_BATCH_BYTES)
+    assert memory_limits(cuda, free_bytes=free, fraction=0.25).cached == int(free * GPU_CACHE_SHARE * 0.25)
+    assert memory_limits(cuda, free_bytes=1 << 20, fraction=1.0) == (IN_MEMORY_BYTES,) * 3
+    # a 300-wide MLP on 1 M samples (1.2 GB per activation) is measured in memory on a free H100,
+    # and all of CIFAR-10 at width 128 (26 GB at full resolution) with a cached frontier
+    assert 1_000_000 * 300 * 4 <= memory_limits(cuda, free_bytes=78 << 30, fraction=1.0).in_memory
+    assert 50_000 * 128 * 32 * 32 * 4 <= memory_limits(cuda, free_bytes=78 << 30, fraction=1.0).cached
+    assert gpu_fraction() == 1.0                               # not a Ray worker
+
+
+def test_gpu_fraction_is_the_share_ray_assigned():
+    """In a real local Ray worker given a quarter of a (declared) GPU, gpu_fraction() reads
+    0.25, and 1.0 in one given no GPU (in a subprocess: this process keeps no Ray)."""
+    import subprocess
+    import sys
+    code = (
+        "import ray\n"
+        "ray.init(address='local', num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "from study.train import gpu_fraction\n"
+        "quarter = ray.remote(num_cpus=0, num_gpus=0.25)(gpu_fraction)\n"
+        "none = ray.remote(num_cpus=0)(gpu_fraction)\n"
+        "print(ray.get(quarter.remote()), ray.get(none.remote()))\n"
+        "ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["0.25", "1.0"]
