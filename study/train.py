@@ -8,6 +8,7 @@ resnet) for the data's sample shape.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import sys
 import time
@@ -38,6 +39,8 @@ from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 # once, some in float64), GPU_CACHE_SHARE of it times the trial's share of the GPU when
 # cached (one activation plus a batch), and streamed batches are GPU_STREAM_BATCH_BYTES,
 # large enough to keep the card busy.
+log = logging.getLogger(__name__)
+
 IN_MEMORY_BYTES = 128 << 20
 CACHE_BYTES = 1 << 30
 STREAM_BATCH_BYTES = 8 << 20
@@ -183,13 +186,18 @@ class Trainer:
                       epsilon=self.cfg.ncc_epsilon)
         path = self.eval_path()
         if path.kind == "memory":
-            features = self.model.hidden(self.X, self.cfg.bn_stats)
-        elif path.kind == "cached":
-            features = hidden_cached(self.model, self.X, path.rows, self.cfg.bn_stats)
-        else:
-            return measure_stream(self.model, self.X, self.y, clf.weight, clf.bias, bn_stats=self.cfg.bn_stats,
-                                  batch_size=path.rows, **kwargs)
-        return measure(features, self.y, clf.weight, clf.bias, **kwargs)
+            return measure(self.model.hidden(self.X, self.cfg.bn_stats), self.y, clf.weight, clf.bias, **kwargs)
+        if path.kind == "cached":
+            try:
+                return measure(hidden_cached(self.model, self.X, path.rows, self.cfg.bn_stats), self.y,
+                               clf.weight, clf.bias, **kwargs)
+            except torch.OutOfMemoryError:       # a GPU others filled since the trial started
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self._eval_path = EvalPath("streamed", path.rows)
+                log.warning("evaluation ran out of GPU memory on the cached path; streaming from now on")
+        return measure_stream(self.model, self.X, self.y, clf.weight, clf.bias, bn_stats=self.cfg.bn_stats,
+                              batch_size=path.rows, **kwargs)
 
     def eval_path(self) -> EvalPath:
         """How evaluate() measures the training set on this device (`choose_eval_path`)."""

@@ -266,6 +266,29 @@ def test_cached_and_streamed_evaluation_match_in_memory(kind, bn_stats, monkeypa
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_cached_path_out_of_gpu_memory_falls_back_to_streaming(monkeypatch, caplog):
+    """A GPU filled by other trials since the trial started: the cached path's out-of-memory
+    error (raised here by hand: this machine has no GPU) leaves the evaluation to the
+    streamed path, for this evaluation and the next, with a warning, and the same results."""
+    import study.train as train_module
+    trainer = Trainer(small(epochs=1))
+    list(trainer.run())
+    want = trainer.evaluate()
+    monkeypatch.setattr(train_module, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(train_module, "STREAM_BATCH_BYTES", 300 * 64 * 4)
+    trainer._eval_path = None
+    assert trainer.eval_path() == ("cached", 300)
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield
+    monkeypatch.setattr(train_module, "hidden_cached", full)
+    with caplog.at_level("WARNING", logger="study.train"):
+        got = trainer.evaluate()
+    assert trainer.eval_path() == ("streamed", 300) and "streaming from now on" in caplog.text
+    assert all(got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5) for k in want)
+
+
 def test_eval_path_thresholds_at_the_thesis_size():
     """fig3_1's shape (N = 10 000, width 300) is measured in memory; 20x the samples (240 MB
     an activation) with a cached frontier; 200x (2.4 GB) streamed, on the CPU's limits."""
