@@ -11,7 +11,8 @@ member's values. A member whose epoch loss is not finite reports `diverged` once
 `Trainer.run` does, and is dropped from the stacks; the others go on.
 
 Measurement is per member and unchanged: the member's weights are copied into an `MLP`
-and measured by `Trainer.evaluate`'s own code (`measure(model.hidden(X, bn_stats), ...)`).
+and measured by `Trainer.evaluate`'s own code (`train.measure_model`, on the path a Trainer
+would take for the data set: in memory, cached or streamed).
 
     pack = PackedTrainer([cfg.replace(seed=s) for s in range(8)])
     for reports in pack.run():          # one list per epoch with something to report
@@ -32,10 +33,9 @@ from torch import nn
 
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
-from .metrics import measure
 from .models import MLP, build_model
 from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
-from .train import Trainer, pick_device
+from .train import EvalPath, Trainer, choose_eval_path, measure_model, pick_device
 
 # Fields that may differ between the members of one pack; every other field must agree.
 MEMBER_FIELDS = ("seed", "lr", "momentum", "lr_milestones", "lr_decay", "weight_decay",
@@ -97,6 +97,7 @@ class PackedTrainer:
         self.epoch = 0                           # epochs completed
         self.status = [RUNNING] * len(self.cfgs)
         self.seconds = {"train": 0.0, "measure": 0.0}
+        self.eval_path: EvalPath | None = None   # decided at the first evaluation (train.choose_eval_path)
 
     # ------------------------------------------------------------------ checkpointing
     def state(self) -> dict:
@@ -226,12 +227,13 @@ class PackedTrainer:
 
     @torch.no_grad()
     def evaluate(self, i: int) -> dict[str, float]:
-        """Trainer.evaluate() for member `cfgs[i]`: the same call on the same weights."""
-        cfg = self.cfgs[i]
-        model = self._load(i).eval()
-        clf = model.classifier
-        return measure(model.hidden(self.X, cfg.bn_stats), self.y, clf.weight, clf.bias,
-                       num_classes=self.num_classes, depth=cfg.depth, epsilon=cfg.ncc_epsilon)
+        """Trainer.evaluate() for member `cfgs[i]`: the same call on the same weights, on the
+        path (in memory, cached, streamed) a Trainer would take for this data set."""
+        if self.eval_path is None:
+            self.eval_path = choose_eval_path(self.model, self.X)
+        metrics, self.eval_path = measure_model(self._load(i), self.X, self.y, self.cfgs[i], self.num_classes,
+                                                self.eval_path)
+        return metrics
 
     def member_trainer(self, i: int) -> Trainer:
         """A `Trainer` for cfgs[i] holding this member's state (weights, BN buffers,

@@ -180,30 +180,39 @@ class Trainer:
         the training set, so train_acc and "converged" do not depend on the running averages.
         Sets too large for memory take the cached or the streamed path (`eval_path`; same
         results to float rounding)."""
-        self.model.eval()
-        clf = self.model.classifier
-        kwargs = dict(num_classes=self.num_classes, depth=len(self.model.blocks) + 1,
-                      epsilon=self.cfg.ncc_epsilon)
-        path = self.eval_path()
-        if path.kind == "memory":
-            return measure(self.model.hidden(self.X, self.cfg.bn_stats), self.y, clf.weight, clf.bias, **kwargs)
-        if path.kind == "cached":
-            try:
-                return measure(hidden_cached(self.model, self.X, path.rows, self.cfg.bn_stats), self.y,
-                               clf.weight, clf.bias, **kwargs)
-            except torch.OutOfMemoryError:       # a GPU others filled since the trial started
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self._eval_path = EvalPath("streamed", path.rows)
-                log.warning("evaluation ran out of GPU memory on the cached path; streaming from now on")
-        return measure_stream(self.model, self.X, self.y, clf.weight, clf.bias, bn_stats=self.cfg.bn_stats,
-                              batch_size=path.rows, **kwargs)
+        metrics, self._eval_path = measure_model(self.model, self.X, self.y, self.cfg, self.num_classes,
+                                                 self.eval_path())
+        return metrics
 
     def eval_path(self) -> EvalPath:
         """How evaluate() measures the training set on this device (`choose_eval_path`)."""
         if self._eval_path is None:
             self._eval_path = choose_eval_path(self.model, self.X)
         return self._eval_path
+
+
+@torch.no_grad()
+def measure_model(model: Model, X: torch.Tensor, y: torch.Tensor, cfg: TrialConfig, num_classes: int,
+                  path: EvalPath) -> tuple[dict[str, float], EvalPath]:
+    """Every §5 measure of `model` (put in eval mode) on the whole set X, y on `path`, with
+    cfg's bn_stats and ncc_epsilon; returns them and the path later evaluations should take
+    (`path`, or streamed when the cached path ran out of GPU memory)."""
+    model.eval()
+    clf = model.classifier
+    kwargs = dict(num_classes=num_classes, depth=len(model.blocks) + 1, epsilon=cfg.ncc_epsilon)
+    if path.kind == "memory":
+        return measure(model.hidden(X, cfg.bn_stats), y, clf.weight, clf.bias, **kwargs), path
+    if path.kind == "cached":
+        try:
+            return measure(hidden_cached(model, X, path.rows, cfg.bn_stats), y, clf.weight, clf.bias,
+                           **kwargs), path
+        except torch.OutOfMemoryError:           # a GPU others filled since the trial started
+            if X.device.type == "cuda":
+                torch.cuda.empty_cache()
+            path = EvalPath("streamed", path.rows)
+            log.warning("evaluation ran out of GPU memory on the cached path; streaming from now on")
+    return measure_stream(model, X, y, clf.weight, clf.bias, bn_stats=cfg.bn_stats, batch_size=path.rows,
+                          **kwargs), path
 
 
 @torch.no_grad()

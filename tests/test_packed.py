@@ -251,6 +251,28 @@ def test_exact_bn_statistics_per_member(bn, placement):
         assert pack.member_trainer(k).evaluate() == pack.evaluate(k)    # same weights, same numbers
 
 
+@pytest.mark.parametrize("path", ["cached", "streamed"])
+def test_a_member_is_measured_on_the_trainers_path(path, monkeypatch):
+    """A data set too large for memory: the pack measures its members on the path a Trainer
+    takes (train.choose_eval_path, limits lowered here), with the numbers of that Trainer on
+    the same weights, and within float tolerance of the in-memory measurement."""
+    import study.train as train_module
+    pack = PackedTrainer(members(epochs=1))
+    list(pack.run())
+    assert pack.eval_path == ("memory", None)
+    in_memory = [pack.evaluate(k) for k in range(3)]
+    monkeypatch.setattr(train_module, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(train_module, "CACHE_BYTES", train_module.CACHE_BYTES if path == "cached" else 0)
+    monkeypatch.setattr(train_module, "STREAM_BATCH_BYTES", 100 * 32 * 4)
+    pack.eval_path = None
+    for k in range(3):
+        got = pack.evaluate(k)
+        assert pack.eval_path == (path, 100)
+        trainer = pack.member_trainer(k)
+        assert trainer.eval_path() == (path, 100) and trainer.evaluate() == got
+        assert_close(got, in_memory[k], rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ the benchmark, in smoke size
 
 def test_bench_pack_parts_run_small(monkeypatch):
