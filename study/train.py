@@ -35,7 +35,7 @@ from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 #   3.5-4.4x the in-memory time at the thesis' size (N = 10 000, depth 6, width 300: 12 MB
 #   per activation), about 19 forwards for a 20-BN ResNet.
 # On a GPU the limits follow the device: an activation may take up to GPU_SHARE of the memory
-# free when the trial starts in memory (that path holds several activation-sized arrays at
+# free at the trial's first evaluation in memory (that path holds several activation-sized arrays at
 # once, some in float64), GPU_CACHE_SHARE of it times the trial's share of the GPU when
 # cached (one activation plus a batch), and streamed batches are GPU_STREAM_BATCH_BYTES,
 # large enough to keep the card busy.
@@ -206,7 +206,7 @@ def measure_model(model: Model, X: torch.Tensor, y: torch.Tensor, cfg: TrialConf
         try:
             return measure(hidden_cached(model, X, path.rows, cfg.bn_stats), y, clf.weight, clf.bias,
                            **kwargs), path
-        except torch.OutOfMemoryError:           # a GPU others filled since the trial started
+        except torch.OutOfMemoryError:           # a GPU others filled since the path was chosen
             if X.device.type == "cuda":
                 torch.cuda.empty_cache()
             path = EvalPath("streamed", path.rows)

@@ -267,7 +267,7 @@ def test_cached_and_streamed_evaluation_match_in_memory(kind, bn_stats, monkeypa
 
 
 def test_cached_path_out_of_gpu_memory_falls_back_to_streaming(monkeypatch, caplog):
-    """A GPU filled by other trials since the trial started: the cached path's out-of-memory
+    """A GPU filled by other trials since the path was chosen: the cached path's out-of-memory
     error (raised here by hand: this machine has no GPU) leaves the evaluation to the
     streamed path, for this evaluation and the next, with a warning, and the same results."""
     import study.train as train_module
