@@ -415,8 +415,8 @@ def hidden_cached(model: nn.Module, X: torch.Tensor, batch_size: int,
     finds the exact statistics of its BNs over the frontier (one pass per BN of that step,
     `_collect_statistics`), then replaces the frontier by its output, normalised with them.
     Yields every layer's (N, D) features, as `hidden` does; buffers untouched. Against
-    `exact_bn_statistics`, which repeats every BN's whole prefix from X, a ResNet's 20 BNs
-    cost 2-3 forwards instead of about 16."""
+    `exact_bn_statistics`, which repeats every BN's whole prefix from X, a whole evaluation
+    of a 20-BN ResNet costs 3 forwards instead of about 19 (BENCHMARKS.md, bench_share)."""
     stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     norm = FixedBatchNorm(stats) if bn_stats == "exact" else bn_stats
     frontier = [model.enter(X[rows]) for rows in batches(len(X), batch_size)]
