@@ -34,10 +34,12 @@ from .schema import CONVERGED, DIVERGED, NOT_CONVERGED, RUNNING
 #   recomputes the forward once per BN (exact statistics) and twice for the measures:
 #   3.5-4.4x the in-memory time at the thesis' size (N = 10 000, depth 6, width 300: 12 MB
 #   per activation), about 19 forwards for a 20-BN ResNet.
-# On a GPU the limits follow the device: an activation may take up to GPU_SHARE of the memory
-# free at the trial's first evaluation in memory (that path holds several activation-sized arrays at
-# once, some in float64), GPU_CACHE_SHARE of it times the trial's share of the GPU when
-# cached (one activation plus a batch), and streamed batches are GPU_STREAM_BATCH_BYTES,
+# On a GPU the limits follow the device and the memory free when the path is chosen (the
+# trial's first evaluation): an activation may take up to GPU_SHARE of it in memory (that path
+# holds several activation-sized arrays at once, some in float64) and GPU_CACHE_SHARE of it
+# times the trial's share of the GPU when cached (one activation plus a few batches; the rest
+# is left for those, the allocator's fragmentation and other trials' growth, and an
+# out-of-memory error falls back to streaming); streamed batches are GPU_STREAM_BATCH_BYTES,
 # large enough to keep the card busy.
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ IN_MEMORY_BYTES = 128 << 20
 CACHE_BYTES = 1 << 30
 STREAM_BATCH_BYTES = 8 << 20
 GPU_SHARE = 0.1
-GPU_CACHE_SHARE = 0.4
+GPU_CACHE_SHARE = 0.7
 GPU_STREAM_BATCH_BYTES = 256 << 20
 
 

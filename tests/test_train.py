@@ -322,6 +322,8 @@ def test_memory_limits_follow_the_device():
     # and all of CIFAR-10 at width 128 (26 GB at full resolution) with a cached frontier
     assert 1_000_000 * 300 * 4 <= memory_limits(cuda, free_bytes=78 << 30, fraction=1.0).in_memory
     assert 50_000 * 128 * 32 * 32 * 4 <= memory_limits(cuda, free_bytes=78 << 30, fraction=1.0).cached
+    # and all of MNIST at width 64 (12 GB) at search_spaces/gpu/mnist_cnn.yaml's 0.25 GPU per trial
+    assert 60_000 * 64 * 28 * 28 * 4 <= memory_limits(cuda, free_bytes=78 << 30, fraction=0.25).cached
     assert gpu_fraction() == 1.0                               # not a Ray worker
 
 
