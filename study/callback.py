@@ -17,8 +17,8 @@ from ray.tune import Callback
 from .config import TrialConfig
 from .data import resolve_num_classes
 from .progress import Progress
-from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id, metric_key,
-                     run_name)
+from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_EVAL_PATH, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id,
+                     metric_key, run_name)
 from .spaces import MEMBERS as MEMBERS_KEY
 from .spaces import Study, member_name, members_of
 from .tracking import TrialRuns, layer_table, open_client, report_metrics
@@ -61,6 +61,7 @@ class MlflowTracker(Callback):
         self.last_beat = 0.0
         self.last: dict[str, dict] = {}
         self.node: dict[str, str] = {}
+        self.eval_path: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.trials: list = []
         self.baseline: tuple[int, float] | None = None     # (epochs done, time) at the first heartbeat
@@ -167,6 +168,10 @@ class MlflowTracker(Callback):
         if node and self.node.get(key) != node:   # first report, or the trial moved to another node
             self.node[key] = node
             tags = {TAG_NODE_ID: node, TAG_NODE_IP: str(result.get("node_ip", ""))}
+        path = str(result.get("eval_path") or "")
+        if path and self.eval_path.get(key) != path:   # first evaluation, or a fall-back to streaming
+            self.eval_path[key] = path
+            tags[TAG_EVAL_PATH] = path
         if isinstance(result.get("dataset_input"), dict):   # a trial's first report in each session
             self.writer.submit({"op": "input", "key": key, "dataset": result["dataset_input"]})
         self.writer.submit({"op": "log", "key": key, "step": int(result.get("epoch", 0)),

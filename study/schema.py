@@ -29,6 +29,7 @@ TAG_TRIAL_ID = "trial_id"                  # child: Ray's id of the trial in its
 TAG_STATUS = "status"
 TAG_ERROR = "error"
 TAG_NODE_ID, TAG_NODE_IP = "ray.node_id", "ray.node_ip"   # child: the Ray node that last ran the trial
+TAG_EVAL_PATH = "nc_study.eval_path"       # child: how evaluations measure the set: memory, cached, streamed
 TAG_NOTE = "mlflow.note.content"           # MLflow's description field
 TAG_PARENT = "mlflow.parentRunId"          # child: the parent run's id
 TAG_DATA_CONTEXT = "mlflow.data.context"   # dataset input tag: what the data were used for

@@ -59,6 +59,7 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
         metrics["time_measure_s"] = trainer.seconds["measure"]
         metrics["time_wall_s"] = time.perf_counter() - started   # since this (re)start of the trial
         metrics["node_id"] = node_id
+        metrics["eval_path"] = trainer.eval_path().kind   # a run tag (train.choose_eval_path)
         metrics |= data_record
         data_record = {}
         due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
@@ -104,11 +105,12 @@ def run_pack(config: dict, checkpoint_every: int = 3, threads: int = 1, min_chec
         clocks = {"time_train_s": pack.seconds["train"] * share, "time_measure_s": pack.seconds["measure"] * share,
                   "time_wall_s": (time.perf_counter() - started) * share}
         result: dict = {"epoch": float(pack.epoch), "node_id": node_id}
+        path = {} if pack.eval_path is None else {"eval_path": pack.eval_path.kind}   # None: no evaluation yet
         for i, metrics in enumerate(reports):
             name = member_name(i)
             if metrics is not None:
                 result[name] = {**mlflow_metrics(metrics), "status": pack.status[i], **clocks, "node_id": node_id,
-                                **data_record}
+                                **path, **data_record}
                 if pack.status[i] != RUNNING:
                     final[name] = result[name]
             elif name in final:

@@ -76,6 +76,7 @@ def test_smoke_study_records_every_trial(smoke_study):
         assert min(gaps) >= 0
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
         assert run.info.status == "FINISHED"
+        assert run.data.tags["nc_study.eval_path"] == "memory"   # N = 1 000: the whole set in memory
         (data,) = run.inputs.dataset_inputs            # the Dataset column of the runs view
         assert data.dataset.name == "teacher depth=3 width=300 seed=0"
         assert json.loads(data.dataset.profile)["num_rows"] == 1000 and data.tags[0].value == "train"
