@@ -16,9 +16,10 @@ Flat input (N, L) is a one-channel signal for 1-D convolutions; (N, c, h, w) ima
 Every model has `blocks`, `classifier`, `forward(x)`, `logits(x, bn_stats)` and
 `hidden(x, bn_stats)`, which yields one (N, D) feature matrix per block, the last of them
 the input of the classifier; `hidden` is `enter(x)` followed by the `chain()` of `Step`s,
-which `hidden_cached` runs one step at a time over a whole data set. `bn_stats` is "running" (the module's own mode), "exact" (every
-BN normalised with the exact statistics of the whole `x`) or a callable `(bn, x) -> x` that
-normalises instead of every BN (e.g. `FixedBatchNorm`, the streamed exact statistics).
+which `hidden_cached` runs one step at a time over a whole data set. `bn_stats` is
+"running" (the module's own mode), "exact" (every BN normalised with the exact statistics of
+the whole `x`) or a callable `(bn, x) -> x` that normalises instead of every BN (e.g.
+`FixedBatchNorm`, the streamed exact statistics).
 """
 from __future__ import annotations
 
