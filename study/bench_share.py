@@ -58,7 +58,8 @@ from .bench import best_of, cpu_model
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .models import batches
-from .train import EvalPath, Trainer, activation_numel, choose_eval_path, memory_limits, pick_device
+from .train import (EvalPath, Trainer, activation_numel, batch_rows, choose_eval_path, memory_limits,
+                    pick_device)
 
 CIFAR10_RESNET = Path(__file__).resolve().parent.parent / "search_spaces" / "gpu" / "cifar10_resnet.yaml"
 CIFAR10_TRAIN = 50_000
@@ -110,8 +111,8 @@ class PathTrainer(Trainer):
         self.as_n = as_n or len(data.y)
         # a zero-copy view of as_n rows: only its length is read
         self.chosen = choose_eval_path(self.model, self.X[:1].expand(self.as_n, *self.X.shape[1:]))
-        self.rows = self.chosen.rows or max(1, memory_limits(self.device).stream_batch
-                                            // (activation_numel(self.model, self.X[:2]) * self.X.element_size()))
+        per_sample = activation_numel(self.model, self.X[:2]) * self.X.element_size()
+        self.rows = self.chosen.rows or batch_rows(per_sample, memory_limits(self.device))
         self.path = "streamed"
 
     def eval_path(self) -> EvalPath:
@@ -198,12 +199,12 @@ def table(r: dict) -> str:
     ]
     for path, what in (("cached", "cached frontier, `models.hidden_cached`"),
                        ("streamed", "streamed, `metrics.measure_stream`")):
+        bold = "**" if path == r["path"] else ""            # the path this device takes
         lines += [
             f"| one evaluation, {what}, {r['stream_rows']} rows a batch | {r[f'{path}_s']:.3g} s "
             f"({r[f'{path}_s'] * per_image:.3g} ms per image; {r[f'{path}_per_forward']:.1f} forwards) |",
-            f"| {'**' if path == r['path'] else ''}its share of trial time{'**' if path == r['path'] else ''}, "
-            f"eval / ({r['eval_every']} x epoch + eval) | "
-            f"{'**' if path == r['path'] else ''}{100 * r[f'{path}_share']:.1f} %{'**' if path == r['path'] else ''} |",
+            f"| {bold}its share of trial time{bold}, eval / ({r['eval_every']} x epoch + eval) | "
+            f"{bold}{100 * r[f'{path}_share']:.1f} %{bold} |",
         ]
     lines.append(f"| path this device takes at N = {r['eval_as_n']} (train.choose_eval_path) | {here} |")
     return "\n".join(lines)

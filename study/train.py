@@ -248,8 +248,14 @@ def choose_eval_path(model: torch.nn.Module, X: torch.Tensor) -> EvalPath:
     limits = memory_limits(X.device)
     if len(X) * per_sample <= limits.in_memory:
         return EvalPath("memory", None)
-    rows = max(1, limits.stream_batch // per_sample)
-    return EvalPath("cached" if len(X) * per_sample <= limits.cached else "streamed", rows)
+    kind = "cached" if len(X) * per_sample <= limits.cached else "streamed"
+    return EvalPath(kind, batch_rows(per_sample, limits))
+
+
+def batch_rows(per_sample: int, limits: Limits) -> int:
+    """Rows per batch on the cached and streamed paths: about `limits.stream_batch` bytes of
+    the largest activation, `per_sample` bytes a row."""
+    return max(1, limits.stream_batch // per_sample)
 
 
 def make_optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
