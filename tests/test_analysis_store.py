@@ -25,7 +25,7 @@ from study.tracking import open_client                               # noqa: E40
 LAMBDAS = (1e-4, 1e-3, 5e-3, 1e-2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # once per worker under `pytest -n`, whose tests interleave modules
 def store(tmp_path_factory):
     """A real store: study 'toy' (2 bn kinds x 4 λ x 2 seeds, depth 4, a diverged and a
     not-converged corner), a junk run without params, an experiment without trials."""

@@ -38,9 +38,9 @@ def histories(uri: str, run_id: str, key: str) -> list[int]:
     return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # once per worker under `pytest -n`, whose tests interleave modules
 def smoke_study(tmp_path_factory):
-    """The shipped smoke study, run once for this module through the real CLI."""
+    """The shipped smoke study, run through the real CLI once (per test worker) for the tests that read it."""
     folder = tmp_path_factory.mktemp("smoke")
     done = nc_study("run", str(SMOKE), cwd=folder)
     assert done.returncode == 0, done.stdout + done.stderr

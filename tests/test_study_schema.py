@@ -38,7 +38,7 @@ def plain_report(epoch: int, scale: float) -> dict[str, float]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # once per worker under `pytest -n`, whose tests interleave modules
 def written(tmp_path_factory):
     """A study of three trials (converged, diverged, error) written through TrialRuns, the
     writer's own path: start, one log per evaluation, finish."""
