@@ -38,16 +38,21 @@ study: $(STAMP)
 # the thesis' 100 % convergence rule, and a 99.9 % check beside it. Restartable: each study
 # resumes. The MLflow store and Ray's checkpoints live in RUNS, outside the work tree, so a
 # fresh checkout on the same machine resumes them too.
-STUDIES := fig3_3 depth_sweep paper_data conic_wd fig3_1
+STUDIES := fig3_3 depth_sweep data_complexity_teacher data_complexity_conic mnist1d_wd paper_data conic_wd fig3_1
+# report folder under docs/results : the experiment(s) it analyses
+REPORTS := fig3_3:fig3_3 depth_sweep:depth_sweep data_complexity:data_complexity_teacher,data_complexity_conic \
+           mnist1d_wd:mnist1d_wd paper_data:paper_data conic_wd:conic_wd fig3_1:fig3_1
 RUNS    ?= $(HOME)/nc-runs
 RUNFLAGS = --tracking-uri sqlite:///$(RUNS)/mlflow.db
 reproduce: $(STAMP)
 	mkdir -p $(RUNS)
 	for s in $(STUDIES); do \
 	  $(VENV)/bin/nc-study run search_spaces/$$s.yaml $(RUNFLAGS) --storage-path $(RUNS)/ray_results || exit $$?; done
-	for s in $(STUDIES); do \
-	  $(VENV)/bin/nc-study analyze $$s $(RUNFLAGS) --out docs/results/$$s && \
-	  $(VENV)/bin/nc-study analyze $$s $(RUNFLAGS) --out docs/results/$${s}_acc999 --min-train-acc 0.999 --no-log || exit $$?; \
+	for r in $(REPORTS); do \
+	  out=$${r%%:*}; exps=$$(echo $${r#*:} | tr , ' '); \
+	  $(VENV)/bin/nc-study analyze $$exps $(RUNFLAGS) --out docs/results/$$out && \
+	  $(VENV)/bin/nc-study analyze $$exps $(RUNFLAGS) --out docs/results/$${out}_acc999 --min-train-acc 0.999 --no-log \
+	  || exit $$?; \
 	done
 
 bench: $(STAMP)

@@ -11,7 +11,11 @@ enter; each family of p-values is Holm-adjusted; verdicts use `verdict.trend_sta
     per-λ seed mean of log alpha on log λ (d log alpha / d log λ, an elasticity), with a
     95 % t-interval from the residuals of that fit (K per-λ means, K − 2 degrees of freedom;
     none with K = 2). The interval is exact when the seed means lie on a line with equal
-    variance; curvature widens it. No bootstrap.
+    variance; curvature widens it. No bootstrap. The slope and its interval carried over to the
+    group's λ range give alpha's relative change there; when that interval lies within ±5 %
+    (ALPHA_NEGLIGIBLE) the group is `negligible`, whatever the trend's p-value: a norm pinned
+    by construction (an MLP's last non-affine BN: alpha = sqrt(width) but for BN's eps) may trend
+    significantly by 0.01 %, and that is no shrinking.
 
 (ii) `nc_vs_loss` — NC is stronger where the training loss is lower. Within each trial,
     Spearman ρ_i of nc_score against train_loss over its evaluations (the last hidden block;
@@ -45,7 +49,8 @@ from scipy.special import stdtrit
 from . import stats
 from .effects import welch_interval
 from .frame import CONVERGED, by_group, exclusion_counts, final_values, join_label, label_parts, trials
-from .verdict import (INCONCLUSIVE, INSUFFICIENT, clean, excluded_note, interval, num, p_is, trend_state,
+from .verdict import (INCONCLUSIVE, INSUFFICIENT, NEGLIGIBLE, clean, excluded_note, interval, num, p_is,
+                      trend_state,
                       summary)
 
 ALPHA_TEST, LOSS_TEST, COMPLEXITY_TEST = "alpha_vs_lambda", "nc_vs_loss", "data_complexity"
@@ -57,6 +62,9 @@ MIN_TRIALS, MIN_LAMBDAS = 3, 2
 MIN_EVALUATIONS = 3                   # per trial, for its ρ_i
 MIN_SIGN_TRIALS = 6                   # fewest nonzero ρ_i for which a two-sided sign test can reach p < 0.05
 LEVEL = 0.95
+# Claim (i)'s practical tolerance, fixed before any data: a change of alpha by less than 5 % over the
+# whole λ range a group covers is no shrinking in practice (e.g. a non-affine BN pins the norm).
+ALPHA_NEGLIGIBLE = 0.05
 COMPLEXITY_PARAMS = ("dataset", "teacher_depth")
 
 
@@ -170,7 +178,8 @@ def alpha_group(rows: pd.DataFrame, n_perm: int = stats.N_PERM, seed: int = 0) -
            "slope": None, "ci_low": None, "ci_high": None, "ci_level": LEVEL, "df": None,
            "ci_of": ("slope of the per-λ seed mean of log alpha on log λ (least squares over the λ values), "
                      "t-interval from the fit's residuals, K − 2 df"),
-           "no_interval_reason": None,
+           "no_interval_reason": None, "range_change": None, "range_change_low": None, "range_change_high": None,
+           "range_change_tolerance": ALPHA_NEGLIGIBLE,
            "per_lambda": [{"weight_decay": float(level), "n": int(len(s)), "mean": float(s.mean()),
                            "mean_log": float(np.log(s).mean()), "sd": float(s.std(ddof=1)) if len(s) > 1 else None}
                           for level, s in zip(levels, strata)]}
@@ -181,16 +190,51 @@ def alpha_group(rows: pd.DataFrame, n_perm: int = stats.N_PERM, seed: int = 0) -
         return out
     trend = stats.spearman_test(np.log(lam), a, n_perm, seed)
     fit = ols_slope(np.log(levels), [p["mean_log"] for p in out["per_lambda"]])
-    out |= {"statistic": trend.statistic, "p_value": trend.p_value} | fit
+    out |= {"statistic": trend.statistic, "p_value": trend.p_value} | fit | range_change(fit, levels)
     out["state"] = "pending"
     return out
+
+
+def range_change(fit: dict, levels: np.ndarray) -> dict:
+    """The fitted relative change of alpha over the group's λ range, exp(slope · log(λ_max/λ_min)) − 1,
+    with the slope interval carried over (None where the slope has none)."""
+    span = float(np.log(levels.max() / levels.min()))
+    change = {"range_change": None, "range_change_low": None, "range_change_high": None,
+              "range_change_tolerance": ALPHA_NEGLIGIBLE}
+    for key, slope in (("range_change", fit["slope"]), ("range_change_low", fit["ci_low"]),
+                       ("range_change_high", fit["ci_high"])):
+        if slope is not None:
+            change[key] = math.expm1(slope * span)
+    return change
+
+
+def alpha_state(r: dict) -> str:
+    """`negligible` when the interval of the fitted change over the λ range lies within
+    ±ALPHA_NEGLIGIBLE (an equivalence finding, whatever the trend's p-value), else the trend's state."""
+    low, high = r.get("range_change_low"), r.get("range_change_high")
+    if low is not None and high is not None and -ALPHA_NEGLIGIBLE < low and high < ALPHA_NEGLIGIBLE:
+        return NEGLIGIBLE
+    return trend_state(r["statistic"], r["p_value_adjusted"], -1)
+
+
+def change_text(r: dict) -> str:
+    """'-42 % [-45 %, -38 %]': the alpha claim's fitted change over the λ range; '—' without one."""
+    if r.get("range_change") is None:
+        return "—"
+    text = f"{100 * r['range_change']:+.2g} %"
+    if r.get("range_change_low") is not None:
+        text += f" [{100 * r['range_change_low']:+.2g} %, {100 * r['range_change_high']:+.2g} %]"
+    return text
 
 
 def alpha_verdict(r: dict) -> str:
     ci = interval(r["ci_low"], r["ci_high"], r.get("no_interval_reason"))
     lams = [p["weight_decay"] for p in r["per_lambda"]]
+    change = "" if r.get("range_change") is None else f" (alpha changes by {change_text(r)} over the λ range)"
+    note = (f"; the change stays within ±{100 * ALPHA_NEGLIGIBLE:g} %, no shrinking in practice"
+            if r["state"] == NEGLIGIBLE else "")
     return (f"{r['state']}: ρ = {num(r['statistic'])}, {p_is(r['p_value_adjusted'], 'p_adj')}; "
-            f"d log alpha / d log λ = {num(r['slope'])} {ci}; alpha {num(r['per_lambda'][0]['mean'], 3)} → "
+            f"d log alpha / d log λ = {num(r['slope'])} {ci}{change}{note}; alpha {num(r['per_lambda'][0]['mean'], 3)} → "
             f"{num(r['per_lambda'][-1]['mean'], 3)} (seed means); {r['n_converged']} trials, "
             f"{seeds_text(r['seeds_per_lambda'])} seeds per λ, λ {lams[0]:g}–{lams[-1]:g} ({len(lams)} values)"
             f"{excluded_note(r['excluded'])}")
@@ -204,15 +248,17 @@ def alpha_vs_lambda(frame: pd.DataFrame, n_perm: int = stats.N_PERM, seed: int =
         return []
     table = trials(frame).merge(finals[["run_id", "alpha"]], on="run_id", how="left")
     out = [{"group": group, **alpha_group(rows, n_perm, seed)} for group, rows in by_group(table)]
-    return _finish(out, -1, alpha_verdict)
+    return _finish(out, -1, alpha_verdict, decide=alpha_state)
 
 
-def _finish(results: list[dict], predicted_sign: int, describe, direction: str = "statistic") -> list[dict]:
+def _finish(results: list[dict], predicted_sign: int, describe, direction: str = "statistic",
+            decide=None) -> list[dict]:
     _adjust(results)
     for r in results:
         if r["state"] == INSUFFICIENT:
             continue
-        r["state"] = trend_state(r[direction], r["p_value_adjusted"], predicted_sign)
+        r["state"] = (decide(r) if decide else
+                      trend_state(r[direction], r["p_value_adjusted"], predicted_sign))
         r["verdict"] = describe(r)
     return results
 
@@ -414,7 +460,8 @@ def claims_json(results: dict) -> dict:
     """The `claims` entry of conjectures.json: per claim, what it says, how it is tested,
     whether the study has the data, a summary and the per-group results."""
     methods = {ALPHA_TEST: "Spearman rho of final alpha vs log λ over trials, permutation p, Holm over groups; "
-                           "slope of per-λ mean log alpha on log λ with a t-interval (K − 2 df)",
+                           "slope of per-λ mean log alpha on log λ with a t-interval (K − 2 df); 'negligible' when that "
+                           "interval, carried over the group's λ range, keeps alpha's change within ±5 %",
                LOSS_TEST: "per-trial Spearman rho(nc_score, train_loss) over evaluations; across trials an exact "
                           "sign test (Holm over groups) and a t-interval of the mean rho",
                COMPLEXITY_TEST: "Jonckheere–Terpstra of final nc_score (per trial) across teacher_depth, per λ "

@@ -19,7 +19,8 @@ from .bounds import CONSISTENT, INCONCLUSIVE, SD_RATIO_WARN, VIOLATED
 
 ALPHA = 0.05
 SUPPORTED, CONTRADICTED, INSUFFICIENT, CONTROL = "supported", "contradicted", "insufficient", "control"
-STATES = (CONSISTENT, VIOLATED, SUPPORTED, CONTRADICTED, INCONCLUSIVE, INSUFFICIENT, CONTROL)
+NEGLIGIBLE = "negligible"              # a claimed change shown to be smaller than its practical tolerance
+STATES = (CONSISTENT, VIOLATED, SUPPORTED, CONTRADICTED, NEGLIGIBLE, INCONCLUSIVE, INSUFFICIENT, CONTROL)
 P_FLOOR = 1 / (1 + stats.N_PERM)       # a permutation p-value never falls below this
 
 # Tolerances fixed before any data are seen, in each conjecture's own units (docs/science.md §6).

@@ -72,6 +72,21 @@ def test_alpha_flat_is_rarely_supported_and_its_interval_covers_zero():
     assert supported <= 4 and covered >= 34
 
 
+def test_alpha_pinned_by_construction_is_negligible_not_supported():
+    """A norm that barely moves (0.1 % over the 100-fold grid, tiny noise) trends significantly
+    yet is 'negligible'; a real 50 % fall with the same noise stays 'supported'."""
+    rng = np.random.default_rng(2)
+    [pinned] = claims.alpha_vs_lambda(tidy(alpha_trials(-2e-4, rng, noise=1e-5)), n_perm=999)
+    assert pinned["p_value_adjusted"] < 0.01 and pinned["statistic"] < -0.8
+    assert pinned["state"] == "negligible" and "no shrinking in practice" in pinned["verdict"]
+    span = math.log(1e-2 / 1e-4)
+    assert math.isclose(pinned["range_change"], math.expm1(pinned["slope"] * span))
+    assert -0.05 < pinned["range_change_low"] <= pinned["range_change"] <= pinned["range_change_high"] < 0.05
+    [falling] = claims.alpha_vs_lambda(tidy(alpha_trials(-0.15, rng, noise=1e-5)), n_perm=999)
+    assert falling["state"] == "supported" and falling["range_change_high"] < -0.05
+    assert abs(falling["range_change"] - math.expm1(-0.15 * span)) < 1e-3
+
+
 def test_groups_come_in_the_natural_order_of_their_numbers():
     """depth=3 before depth=12 (not as strings), in the results and every figure and table."""
     from analysis.frame import ordered
