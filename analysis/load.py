@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 
 from study.errors import UsageError
-from study.schema import (DIVERGED, EPOCH, ERROR, KIND_STUDY, LAYER_PREFIX, TAG_KIND, TAG_RUN_NAME, TAG_STATUS,
-                          parse_layer_key, plain_name, server_problem, sqlite_path)
+from study.schema import (DIVERGED, ENDED, EPOCH, ERROR, INTERRUPTED, KIND_STUDY, LAYER_PREFIX, RUNNING, TAG_KIND,
+                          TAG_RUN_NAME, TAG_STATUS, parse_layer_key, plain_name, server_problem, sqlite_path)
 
 from .frame import NOT_GROUP_PARAMS, TRIAL_COLUMNS, param_column, regroup
 
@@ -477,6 +477,39 @@ class Listing:
     experiment_ids: dict[str, str]
     parents: dict[str, RunRecord | None]     # experiment name -> parent run (kind KIND_STUDY)
     trials: list[RunRecord]                  # every other run
+
+
+def planned_trials(parent: RunRecord | None) -> int | None:
+    """The number of trials a study defines, from its parent run's params (search.num_samples,
+    else the product of the grid.* list lengths, 1 without a grid); None without a parent run
+    or one that nc-study did not write (no trial.*, grid.* or search.* params)."""
+    if parent is None or not any(k.startswith(("trial.", "grid.", "search.")) for k in parent.params):
+        return None
+    if "search.num_samples" in parent.params:
+        return int(parent.params["search.num_samples"])
+    n = 1
+    for key, values in parent.params.items():
+        if key.startswith("grid."):
+            n *= len(values.split(","))
+    return n
+
+
+def unfinished_notes(listing: Listing) -> list[str]:
+    """One line per experiment whose study has not ended every trial (fewer ended trial runs than
+    the study defines, or runs still running or interrupted): its results are partial."""
+    notes = []
+    for name in listing.experiment_ids:
+        statuses = [r.tags.get(TAG_STATUS) for r in listing.trials if r.experiment == name]
+        ended = sum(s in ENDED for s in statuses)
+        planned = planned_trials(listing.parents.get(name))
+        open_runs = sum(s in (RUNNING, INTERRUPTED) for s in statuses)
+        if open_runs == 0 and (planned is None or ended >= planned):
+            continue
+        of = f" of the {planned} it defines" if planned is not None else ""
+        still = f" ({open_runs} running or interrupted)" if open_runs else ""
+        notes.append(f"study {name} is not finished: {ended} trials ended{of}{still}; these results are "
+                     f"partial (run the study again to finish it, then analyze again)")
+    return notes
 
 
 def open_study(experiments: list[str], tracking_uri: str, backend: str = "auto",

@@ -24,7 +24,7 @@ from study.schema import KIND_STUDY, TAG_KIND
 
 from . import claims, depth, effdepth, effects, stats, theorem, wd
 from .frame import CONVERGED, by_group, final_layers, final_values, ordered, regroup, relax_convergence, trials
-from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, usage_error
+from .load import CACHE_DIR, Listing, Study, cache_root, open_study, read_study, unfinished_notes, usage_error
 from .report_html import markdown_html
 from .verdict import ALPHA, TAU_REASONS, TAUS, clean, interval, num, pval, summary
 
@@ -304,14 +304,17 @@ def _complexity_section(results: list[dict]) -> list[str]:
     return L
 
 
-def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path) -> Path:
+def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Path,
+                 partial: Sequence[str] = ()) -> Path:
+    """report.md; `partial` holds a line per study that has not ended every trial, shown first."""
     res = analysis.results
     table = trials(study.frame)
     groups = ordered(table["group"])
-    L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", "",
-                    "nc_score = intra_min − inter_max of the centred cosines of the last hidden block: 4/3 at "
-                    "full collapse for C = 4 (1 + 1/(C−1) in general), about 0 or below when the features have "
-                    "no class structure.", ""]
+    L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", ""]
+    L += [f"> **Partial results:** {line}." for line in partial] + ([""] if partial else [])
+    L += ["nc_score = intra_min − inter_max of the centred cosines of the last hidden block: 4/3 at "
+          "full collapse for C = 4 (1 + 1/(C−1) in general), about 0 or below when the features have "
+          "no class structure.", ""]
     L.append(f"{len(table)} trials ({int((table['status'] == CONVERGED).sum())} converged) in "
              f"{len(groups)} architecture group(s), read from `{study.tracking_uri}`. Only converged trials "
              f"enter a test; the others are counted beside it. {_rule(analysis.settings)} Significance level {ALPHA}, two-sided "
@@ -617,7 +620,8 @@ def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict,
     say("running the tests")
     analysis = run_tests(study.frame, settings["epsilons"], settings["taus"], settings["n_perm"], settings["seed"])
     analysis.settings = dict(analysis.settings, min_train_acc=settings["min_train_acc"])
-    warnings = []
+    partial = unfinished_notes(listing)
+    warnings = list(partial)
     bad = theorem.violations(analysis.evals)
     if len(bad):
         worst = bad.iloc[0]
@@ -631,7 +635,7 @@ def _compute(listing: Listing, tracking_uri: str, out_dir: Path, settings: dict,
     figures = write_figures(study.frame, analysis, out_dir)
     result = conjectures_json(study, analysis) | {"warnings": warnings}
     (out_dir / "conjectures.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    report = write_report(study, analysis, figures, out_dir / "report.md")
+    report = write_report(study, analysis, figures, out_dir / "report.md", partial)
     page = out_dir / "report.html"     # the same report, readable in MLflow's artifact viewer
     page.write_text(markdown_html(report.read_text(), out_dir), encoding="utf-8")
     return [report, page, out_dir / "conjectures.json"] + figures

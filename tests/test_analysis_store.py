@@ -19,7 +19,7 @@ from analysis.load import load_study, wide_history                   # noqa: E40
 from analysis.synthetic import planted_trials, write_study           # noqa: E402
 from study.entry import main                                         # noqa: E402
 from study.errors import UsageError                                  # noqa: E402
-from study.schema import HEADLINE, metric_key, mlflow_metrics        # noqa: E402
+from study.schema import HEADLINE, RUNNING, TAG_STATUS, metric_key, mlflow_metrics  # noqa: E402
 from study.tracking import open_client                               # noqa: E402
 
 LAMBDAS = (1e-4, 1e-3, 5e-3, 1e-2)
@@ -398,3 +398,42 @@ def test_bad_min_train_acc_is_refused(store, tmp_path, monkeypatch, capsys, valu
     err = _nothing_written(tmp_path, capsys, ["analyze", "toy", "--tracking-uri", store["uri"],
                                               "--out", str(tmp_path / "out"), "--min-train-acc", value])
     assert "--min-train-acc" in err and "(0, 1]" in err
+
+
+@pytest.mark.parametrize("space", ["mnist1d_wd", "smoke", "optuna_wd"])
+def test_planned_trials_read_from_the_parent_run_match_the_study(space, tmp_path):
+    """The parent run that `nc-study run` writes tells the analysis how many trials the study
+    defines (grid product, or the Optuna search's num_samples)."""
+    from analysis.load import RunRecord, planned_trials
+    from study.spaces import load_study as load_space
+    from study.tracking import ensure_experiment, ensure_parent_run
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = open_client(uri)
+    study = load_space(f"search_spaces/{space}.yaml")
+    parent = client.get_run(ensure_parent_run(client, ensure_experiment(client, study.name, uri), study))
+    record = RunRecord(parent.info.run_id, study.name, study.name, None, dict(parent.data.tags),
+                       dict(parent.data.params), 0, None)
+    assert planned_trials(record) == study.n_trials > 1
+
+
+def test_unfinished_study_is_reported_as_partial(store, tmp_path, monkeypatch, capsys):
+    """A study with a trial still running and fewer trials than its grid defines: stderr, the
+    report's first lines and conjectures.json's warnings say the results are partial; a
+    finished study's report has no such line."""
+    client = store["client"]
+    trials = planted_trials(bns=("affine",), lambdas=(1e-4, 1e-3, 1e-2), seeds=range(2), depth=3, epochs=10,
+                            eval_every=5, seed=3)
+    _, parent, children = write_study(client, "half", trials, artifact_location=str(tmp_path / "art"))
+    from mlflow.entities import Param
+    client.log_batch(parent, params=[Param("trial.depth", "3"), Param("grid.weight_decay", "0.0001,0.001,0.01"),
+                                     Param("grid.seed", "0,1,2")])
+    client.set_tag(children[0], TAG_STATUS, RUNNING)
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "half", "--tracking-uri", store["uri"], "--out", "rep", "--no-log"]) == 0
+    line = "study half is not finished: 5 trials ended of the 9 it defines (1 running or interrupted)"
+    assert line in capsys.readouterr().err
+    report = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    assert report[2].startswith(f"> **Partial results:** {line}")
+    assert json.loads((tmp_path / "rep" / "conjectures.json").read_text())["warnings"][0].startswith(line)
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", "full", "--no-log"]) == 0
+    assert "Partial results" not in (tmp_path / "full" / "report.md").read_text()
