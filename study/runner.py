@@ -234,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     address = ray_address(args)
     prepare_ray_env(address)   # before anything imports ray: it reads RAY_AUTH_MODE on import
     try:
+        check_no_other_driver(study, uri)   # before anything, the journal included, is touched
         resend_journal(study, uri, journal_path(storage, study.name))
         experiment_id = completed_experiment(study, uri)
     except TrackingError as exc:
@@ -256,37 +257,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     start_ray(address)
+    lease = None
     try:
         check_resources(study)
         try:
-            experiment_id, parent_id = open_study_record(study, uri)
+            experiment_id, parent_id, lease = open_study_record(study, uri)
         except TrackingError as exc:
             raise UsageError(str(exc)) from None
+        lease.start()
         return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials, state_period,
                        args.tracking_outage_limit)
     finally:
+        if lease is not None:
+            lease.release()
         ray.shutdown()
 
 
-def open_study_record(study: Study, uri: str) -> tuple[str, str]:
-    """The experiment and parent run, created once under the store lock (several studies
-    starting together on a new SQLite store would otherwise corrupt it); the parent is
-    marked RUNNING for this session."""
+def open_study_record(study: Study, uri: str):
+    """The experiment, the parent run and this driver's lease on it (study/lease.py), created
+    once under the store lock (several studies starting together on a new SQLite store would
+    otherwise corrupt it); the parent is marked RUNNING for this session. Another live driver
+    of the study is refused (UsageError)."""
+    from .lease import Lease
     from .tracking import TrackingError, ensure_experiment, ensure_parent_run, first_line, open_client, \
-        set_parent_status, store_lock
+        set_parent_status, sqlite_path, store_lock
     client = open_client(uri)
     try:
         with store_lock(uri):
             experiment_id = ensure_experiment(client, study.name, uri)
             parent_id = ensure_parent_run(client, experiment_id, study)
+            lease = Lease(client, parent_id, study.name, serialised=sqlite_path(uri) is not None)
+            lease.acquire()
         if study.description:
             client.set_experiment_tag(experiment_id, TAG_NOTE, study.description)
         set_parent_status(client, parent_id, "RUNNING")
-    except TrackingError:
+    except (TrackingError, UsageError):
         raise
     except Exception as exc:  # noqa: BLE001 - a store error is one line, not a traceback
         raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
-    return experiment_id, parent_id
+    return experiment_id, parent_id, lease
+
+
+def check_no_other_driver(study: Study, uri: str) -> None:
+    """Refuse before any work when another driver holds the study's lease (reads only; a SQLite
+    store that does not exist yet is not created here)."""
+    from .lease import check_free
+    from .tracking import open_client, sqlite_path
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        return
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(study.name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        check_free(client, experiment.experiment_id, study.name)
 
 
 def resend_journal(study: Study, uri: str, journal: Path) -> None:

@@ -98,8 +98,9 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
     assert all(histories(uri, r.info.run_id, "headline/nc_score") == [10, 20, 30, 40, 50, 60] for r in runs)
 
 
-def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_name: str) -> int:
-    """Start the study, wait until one trial has finished, send `sig` to the driver alone."""
+def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_name: str, meanwhile=None) -> int:
+    """Start the study, wait until one trial has finished, call `meanwhile()` if given, send
+    `sig` to the driver alone."""
     log_path = tmp_path / log_name
     driver = spawn(args, log_path, cwd=tmp_path)
     try:
@@ -109,6 +110,8 @@ def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_n
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(0.5)
         time.sleep(2)  # let the running trials report a few epochs
+        if meanwhile is not None:
+            meanwhile()
         driver.send_signal(sig)
         return driver.wait(timeout=120)
     finally:
@@ -133,7 +136,19 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
     parent_id = stopped[0].data.tags["mlflow.parentRunId"]
     assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"   # the study, stopped short
 
-    interrupt_after_first_trial(tmp_path, args, signal.SIGKILL, "kill.log")
+    def second_driver():
+        """A second `nc-study run` of the study while the first runs it: refused before any work, in
+        one line naming the holder; nothing recorded is lost (the first driver goes on creating runs,
+        and the 6 runs at the end show that the second one made none)."""
+        runs_then = {r.info.run_id for r in trial_runs(uri, "smoke")}
+        second = nc_study("run", str(SMOKE), *flags, cwd=tmp_path)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "study smoke is being run by another driver" in second.stderr
+        assert "(pid " in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert "starting" not in second.stdout and "resuming" not in second.stdout
+        assert runs_then <= {r.info.run_id for r in trial_runs(uri, "smoke")}
+
+    interrupt_after_first_trial(tmp_path, args, signal.SIGKILL, "kill.log", meanwhile=second_driver)
     assert "resuming study smoke" in (tmp_path / "kill.log").read_text()
     # trials were killed holding checkpoints, so the resume below restores from them
     assert list((tmp_path / "ray_results" / "smoke").glob("*/checkpoint_*"))
@@ -146,7 +161,10 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
     runs = trial_runs(uri, "smoke")
     assert len(runs) == 6
     assert {r.info.run_id for r in stopped} <= {r.info.run_id for r in before} <= {r.info.run_id for r in runs}
+    # the killed driver's lease did not hold the study (its pid is gone from this host); the last one
+    # released it on its way out
     assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"   # complete after the resume
+    assert "nc_study.driver" not in MlflowClient(uri).get_run(parent_id).data.tags
     for run in runs:
         assert run.data.tags["status"] in ("converged", "not_converged")
         assert run.info.status == "FINISHED"

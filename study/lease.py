@@ -1,0 +1,146 @@
+"""One driver per study: a lease on the study's parent run in MLflow.
+
+Two `nc-study run` of one study at once (two users of a shared tracking server, or one user in
+two terminals) would both train every pending trial and log each into its run twice. So the
+driver that runs a study holds a lease, the parent run's tag `nc_study.driver`: a small JSON
+of who holds it (user, host, pid, a random token), since when, and when it last renewed it.
+The holder renews it every RENEW_S seconds from a daemon thread and removes it when it stops.
+
+A lease is live while it was renewed within TIMEOUT_S, unless its holder ran on this very
+host and that pid is gone (a driver killed here frees its study at once). A second driver
+finds a live lease and is refused before any work starts, with one line that names the
+holder; a driver that died on another machine frees its study TIMEOUT_S after its last
+renewal. Taking a lease is a check-and-set: atomic under the store lock for a SQLite store,
+and for a tracking server a write, a pause, and a read-back that only one of two racing
+drivers can win.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+
+from .errors import UsageError
+from .schema import KIND_STUDY
+
+TAG_DRIVER = "nc_study.driver"
+RENEW_S = 60.0
+TIMEOUT_S = 300.0
+SETTLE_S = 1.0           # a tracking server: how long to wait before reading a written lease back
+
+
+def holder() -> dict:
+    """This process as a lease holder (without times)."""
+    try:
+        user = getpass.getuser()
+    except Exception:    # noqa: BLE001 - no user name in some containers
+        user = str(os.getuid())
+    return {"user": user, "host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8)}
+
+
+def parse(value: str | None) -> dict | None:
+    try:
+        lease = json.loads(value) if value else None
+    except ValueError:
+        return None
+    return lease if isinstance(lease, dict) and {"host", "pid", "beat", "token"} <= set(lease) else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def is_live(lease: dict | None, now: float | None = None) -> bool:
+    """Renewed within TIMEOUT_S, and not held by a dead pid of this host."""
+    if lease is None:
+        return False
+    now = time.time() if now is None else now
+    if now - float(lease["beat"]) > TIMEOUT_S:
+        return False
+    return not (lease["host"] == socket.gethostname() and not pid_alive(int(lease["pid"])))
+
+
+def describe(lease: dict, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(lease.get("started", lease["beat"]))))
+    return (f"{lease.get('user', '?')}@{lease['host']} (pid {lease['pid']}, since {since}, "
+            f"last heard {max(0, now - float(lease['beat'])):.0f} s ago)")
+
+
+def busy_error(study_name: str, lease: dict) -> UsageError:
+    return UsageError(
+        f"study {study_name} is being run by another driver, {describe(lease)}; wait for it to end or stop it "
+        f"(Ctrl-C in its terminal) and run this again; a driver that died on another machine frees the study "
+        f"{TIMEOUT_S / 60:g} min after it was last heard")
+
+
+def check_free(client, experiment_id: str | None, study_name: str) -> None:
+    """Refuse (UsageError) when the study's parent run carries a live lease; reads only."""
+    from .tracking import find_runs
+    if experiment_id is None:
+        return
+    parents = find_runs(client, experiment_id, KIND_STUDY)
+    lease = parse(parents[0].data.tags.get(TAG_DRIVER)) if parents else None
+    if is_live(lease):
+        raise busy_error(study_name, lease)
+
+
+class Lease:
+    """The lease this driver holds on a study's parent run: `acquire()` (under the store lock
+    for SQLite), then `start()` the renewals, `release()` when the driver stops."""
+
+    def __init__(self, client, parent_id: str, study_name: str, serialised: bool) -> None:
+        self.client, self.parent_id, self.study_name = client, parent_id, study_name
+        self.serialised = serialised          # True: the caller holds a lock that makes check-and-set atomic
+        self.me = holder() | {"started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def current(self) -> dict | None:
+        return parse(self.client.get_run(self.parent_id).data.tags.get(TAG_DRIVER))
+
+    def _write(self) -> None:
+        self.client.set_tag(self.parent_id, TAG_DRIVER, json.dumps(self.me | {"beat": time.time()}))
+
+    def acquire(self) -> None:
+        lease = self.current()
+        if is_live(lease) and lease["token"] != self.me["token"]:
+            raise busy_error(self.study_name, lease)
+        self._write()
+        if not self.serialised:               # a racing driver may have written after us: last write wins
+            time.sleep(SETTLE_S)
+            lease = self.current()
+            if lease is None or lease["token"] != self.me["token"]:
+                raise busy_error(self.study_name, lease or self.me)
+
+    def start(self, renew_s: float = RENEW_S) -> None:
+        def renew():
+            while not self._stop.wait(renew_s):
+                try:
+                    self._write()
+                except Exception:   # noqa: BLE001 - a store outage: the writer reports it; renew next time
+                    pass
+        self._thread = threading.Thread(target=renew, name="nc-study-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop renewing; remove the tag if it is still this driver's (never another's)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            lease = self.current()
+            if lease is not None and lease["token"] == self.me["token"]:
+                self.client.delete_tag(self.parent_id, TAG_DRIVER)
+        except Exception:   # noqa: BLE001 - store down: the lease runs out by itself
+            pass

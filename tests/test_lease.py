@@ -1,0 +1,103 @@
+"""One driver per study (study/lease.py) on a real SQLite MLflow store: a live lease refuses a
+second driver, a stale one (silent too long, or a dead pid of this host) is taken over, renewals
+move its time, and a driver removes only its own lease."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from study import lease as leases
+from study.errors import UsageError
+from study.lease import TAG_DRIVER, Lease, check_free
+from study.spaces import load_study
+from study.tracking import ensure_experiment, ensure_parent_run, open_client
+
+
+@pytest.fixture
+def record(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = open_client(uri)
+    study = load_study("search_spaces/smoke.yaml")
+    experiment_id = ensure_experiment(client, study.name, uri)
+    return client, experiment_id, ensure_parent_run(client, experiment_id, study)
+
+
+def plant(client, parent_id: str, **fields) -> None:
+    """Write a lease as another driver would have left it."""
+    lease = {"user": "ada", "host": "node-7", "pid": 4242, "token": "feedface", "started": time.time() - 600,
+             "beat": time.time()} | fields
+    client.set_tag(parent_id, TAG_DRIVER, json.dumps(lease))
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_live_lease_refuses_a_second_driver_and_names_the_holder(record):
+    client, experiment_id, parent_id = record
+    first = Lease(client, parent_id, "smoke", serialised=True)
+    first.acquire()
+    with pytest.raises(UsageError) as refused:
+        Lease(client, parent_id, "smoke", serialised=True).acquire()
+    text = str(refused.value)
+    assert text.startswith("study smoke is being run by another driver, ")
+    assert f"@{socket.gethostname()} (pid {os.getpid()}, since " in text and "last heard 0 s ago" in text
+    with pytest.raises(UsageError):
+        check_free(client, experiment_id, "smoke")
+    first.release()
+    assert TAG_DRIVER not in client.get_run(parent_id).data.tags
+    check_free(client, experiment_id, "smoke")            # free again
+    Lease(client, parent_id, "smoke", serialised=False).acquire()   # the write / read-back path
+
+
+def test_another_hosts_lease_holds_until_it_falls_silent(record):
+    client, experiment_id, parent_id = record
+    plant(client, parent_id, beat=time.time() - leases.TIMEOUT_S + 30)
+    with pytest.raises(UsageError, match=r"ada@node-7 \(pid 4242, .*last heard 2[67]\d s ago\)"):
+        check_free(client, experiment_id, "smoke")
+    plant(client, parent_id, beat=time.time() - leases.TIMEOUT_S - 1)
+    mine = Lease(client, parent_id, "smoke", serialised=True)
+    mine.acquire()
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == mine.me["token"]
+
+
+def test_a_dead_driver_of_this_host_frees_its_study_at_once(record):
+    client, experiment_id, parent_id = record
+    plant(client, parent_id, host=socket.gethostname(), pid=dead_pid())
+    check_free(client, experiment_id, "smoke")
+    Lease(client, parent_id, "smoke", serialised=True).acquire()
+    plant(client, parent_id, host=socket.gethostname(), pid=os.getppid())   # alive: holds
+    with pytest.raises(UsageError):
+        check_free(client, experiment_id, "smoke")
+
+
+def test_renewals_move_the_beat_and_release_spares_another_drivers_lease(record):
+    client, _, parent_id = record
+    mine = Lease(client, parent_id, "smoke", serialised=True)
+    mine.acquire()
+    first = json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"]
+    mine.start(renew_s=0.2)
+    time.sleep(1.0)
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"] > first
+    mine.release()
+    assert TAG_DRIVER not in client.get_run(parent_id).data.tags
+    silent = Lease(client, parent_id, "smoke", serialised=True)
+    silent.acquire()
+    plant(client, parent_id)            # someone took over after this driver fell silent
+    silent.release()
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == "feedface"
+
+
+def test_a_malformed_lease_tag_holds_nothing(record):
+    client, experiment_id, parent_id = record
+    client.set_tag(parent_id, TAG_DRIVER, "not json")
+    check_free(client, experiment_id, "smoke")
+    Lease(client, parent_id, "smoke", serialised=True).acquire()
