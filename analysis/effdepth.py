@@ -87,7 +87,8 @@ def test_group(rows: pd.DataFrame, epsilon: float, tau: float = TAUS["conjecture
            "epsilon_hat": None, "epsilon_hat_unit": "blocks (largest rise of the seed-mean depth as λ grows)",
            "ci_low": None, "ci_high": None, "ci_level": bounds.LEVEL,
            "ci_of": ("epsilon (largest rise of the mean effective depth, blocks): max-t simultaneous "
-                     "t-intervals, pooled within-λ SD, for every λ pair's rise; [max of lower ends, max of "
+                     "t-intervals, pooled within-λ SD (the largest per-λ SD where Hartley's check finds "
+                     "them unequal: sd_model), for every λ pair's rise; [max of lower ends, max of "
                      "upper ends], clipped at 0"),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of d_{epsilon:g} vs λ (trials)", "p_value": None,

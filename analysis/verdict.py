@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from . import stats
-from .bounds import CONSISTENT, INCONCLUSIVE, SD_RATIO_WARN, VIOLATED
+from .bounds import CONSISTENT, INCONCLUSIVE, VIOLATED
 
 ALPHA = 0.05
 SUPPORTED, CONTRADICTED, INSUFFICIENT, CONTROL = "supported", "contradicted", "insufficient", "control"
@@ -118,10 +118,10 @@ def bound_text(r: dict, unit: str = "") -> str:
         p = f", {p_is(r['p_violated_adjusted'], 'p_adj')}"
     ratio = r.get("sd_ratio")
     caveat = ""
-    if ratio is not None and ratio > SD_RATIO_WARN:
+    if r.get("sd_model") == "largest" and ratio is not None:
         spread = (f"seed SDs differ {num(ratio)}-fold across λ" if math.isfinite(ratio) else
                   "the seeds agree exactly at some λ and not at others")
-        caveat = f" ({spread}: the pooled-SD interval may undercover)"
+        caveat = f" ({spread}, more than equal SDs give: the interval is scaled by the largest)"
     return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{caveat}{floor}; τ = {r['tau']:g}{p}"
 
 

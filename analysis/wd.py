@@ -107,9 +107,10 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
            "lambda_range": lambda_range(rows.loc[rows["weight_decay"] > 0, "weight_decay"].to_numpy(float), levels),
            "n_converged": int(len(used)), "n_excluded": int(sum(excluded.values())), "excluded": excluded,
            "epsilon_hat": None, "ci_low": None, "ci_high": None, "ci_level": bounds.LEVEL,
-           "ci_of": ("epsilon (the conjecture's ε): max-t simultaneous t-intervals, pooled within-λ seed SD, "
-                     "for every λ pair's drop of the seed mean / log(λ2/λ1); [max of lower ends, max of upper "
-                     "ends], clipped at 0"),
+           "ci_of": ("epsilon (the conjecture's ε): max-t simultaneous t-intervals, pooled within-λ seed SD "
+                     "(the largest per-λ SD where Hartley's check finds them unequal: sd_model), for every λ "
+                     "pair's drop of the seed mean / log(λ2/λ1); [max of lower ends, max of upper ends], "
+                     "clipped at 0"),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of {metric} vs log λ (trials)",
            "p_value": None, "jonckheere_J": None, "jonckheere_z": None, "jonckheere_p": None,

@@ -131,16 +131,61 @@ def test_power_rates_move_with_the_truth():
     assert power.pilot_means({1e-4: 0.0, 1e-2: 1.0}, np.array([1e-4, 1e-3, 1e-2])) == pytest.approx([0, 0.5, 1])
 
 
-def test_unequal_seed_sds_are_flagged():
-    """The pooled-SD model's weak spot is reported: sd_ratio, and a caveat in the verdict."""
+def test_unequal_seed_sds_switch_to_the_largest_sd_and_say_so():
+    """Hartley's check: seeds that agree exactly at some λ and not at others, or SDs far apart,
+    scale the band by the largest SD (wider, said in the verdict); equal SDs keep the pooled one."""
     from analysis.verdict import bound_text
     w = bounds.log_lambda_weights(LAMBDAS[4])
     strata = [np.array([0.5, 0.6, 0.4]), np.array([0.5, 0.51, 0.49]), np.array([0.5, 0.5, 0.5]), np.array([0.6, 0.4])]
     r = bounds.pair_bound(strata, w, tau=0.1)
-    assert r["sd_ratio"] == math.inf
+    assert r["sd_ratio"] == math.inf and r["sd_model"] == "largest"
+    assert r["pooled_sd"] == pytest.approx(np.std([0.6, 0.4], ddof=1)) and r["df"] == 1
+    pooled = bounds.pair_bound(strata, w, tau=0.1, sd_model="pooled")
+    assert pooled["ci_high"] < r["ci_high"] and pooled["sd_model"] == "pooled"
     r["epsilon_hat"], r["state"] = 0.0, "inconclusive"
-    assert "the seeds agree exactly at some λ and not at others" in bound_text(r)
+    assert "the seeds agree exactly at some λ and not at others, more than equal SDs give" in bound_text(r)
     r["sd_ratio"] = 12.0
     assert "seed SDs differ 12-fold across λ" in bound_text(r)
     even = bounds.pair_bound([np.array([0.5, 0.6, 0.4])] * 4, w, tau=0.1)
-    assert even["sd_ratio"] == pytest.approx(1.0)
+    assert even["sd_ratio"] == pytest.approx(1.0) and even["sd_model"] == "pooled"
+    assert "more than equal SDs" not in bound_text(even | {"epsilon_hat": 0.0, "state": "inconclusive"})
+
+
+def test_hartley_threshold_is_the_equal_sd_quantile():
+    """The switch fires in about 10 % of studies whose SDs are equal, for each design."""
+    rng = np.random.default_rng(5)
+    for seeds in (3, 5, 10):
+        fired = np.mean([bounds.unequal_sds([rng.standard_normal(seeds) for _ in range(8)]) for _ in range(1000)])
+        assert 0.07 <= fired <= 0.13, (seeds, fired)
+    assert bounds.ratio_threshold((3,) * 8) > bounds.ratio_threshold((5,) * 8) > bounds.ratio_threshold((10,) * 8) > 2
+
+
+HETERO = {"12-fold falling": 0.06 * np.geomspace(1, 1 / 12, 8), "4-fold falling": 0.04 * np.geomspace(1, 1 / 4, 8),
+          "one noisy λ": np.r_[np.full(7, 0.005), 0.06]}
+
+
+@pytest.mark.parametrize("sds", list(HETERO), ids=list(HETERO))
+@pytest.mark.parametrize("n_seeds", [3, 5])
+@pytest.mark.parametrize("planted", [0.0, 0.03])
+def test_epsilon_interval_coverage_with_unequal_sds(sds, n_seeds, planted):
+    """Seed SDs that differ across λ: coverage >= 0.93 over 500 studies and, under no change, a
+    false exclusion of 0 <= 0.07; the pooled band alone falls short with one noisy λ."""
+    lambdas = LAMBDAS[8]
+    log_l = np.log(lambdas)
+    means = 0.5 - planted * (log_l - log_l[0])
+    eps = _true_epsilon(lambdas, means)
+    w = bounds.log_lambda_weights(lambdas)
+    rng = np.random.default_rng(6)
+    covered = covered_pooled = excluded_zero = 0
+    for _ in range(N_STUDIES):
+        strata = [m + sd * rng.standard_normal(n_seeds) for m, sd in zip(means, HETERO[sds])]
+        r = bounds.pair_bound(strata, w, tau=0.1)
+        p = bounds.pair_bound(strata, w, tau=0.1, sd_model="pooled")
+        covered += r["ci_low"] - 1e-12 <= eps <= r["ci_high"] + 1e-12
+        covered_pooled += p["ci_low"] - 1e-12 <= eps <= p["ci_high"] + 1e-12
+        excluded_zero += r["ci_low"] > 0
+    assert covered / N_STUDIES >= 0.93
+    if planted == 0.0:
+        assert excluded_zero / N_STUDIES <= 0.07
+    if sds == "one noisy λ" and n_seeds == 3:
+        assert covered_pooled / N_STUDIES < 0.9
