@@ -122,6 +122,9 @@ def bound_text(r: dict, unit: str = "") -> str:
         spread = (f"seed SDs differ {num(ratio)}-fold across λ" if math.isfinite(ratio) else
                   "the seeds agree exactly at some λ and not at others")
         caveat = f" ({spread}, more than equal SDs give: the interval is scaled by the largest)"
+    elif r.get("sd_model") == "largest":
+        caveat = (" (the models at one λ are noisier than at another across the block steps, more than "
+                  "equal SDs give: each step is scaled by its largest per-λ SD)")
     return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{caveat}{floor}; τ = {r['tau']:g}{p}"
 
 

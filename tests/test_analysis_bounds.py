@@ -111,6 +111,35 @@ def test_step_interval_coverage(n_seeds):
     assert excluded_zero_flat / N_STUDIES <= 0.07
 
 
+@pytest.mark.parametrize("noisy, seeds", [("one noisy λ", 3), ("one noisy λ", 5), ("one noisy step", 5)])
+def test_step_interval_holds_its_level_when_one_lambda_is_noisier(noisy, seeds):
+    """3.2.1 with 4 λ, one λ's models 12 times noisier (at every step, or at one step): the dip
+    is still covered in >= 93 % of 500 studies and a flat curve excludes 0 in <= 7 %; the
+    pooled band alone excludes 0 far more often when a whole λ is noisier. (Noisier at one
+    step only with 3 seeds is the case the check misses: about 10 %, docs/science.md §6.)"""
+    rng = np.random.default_rng(8)
+    true_curve = np.array([0.1, 0.3, 0.45, 0.42, 0.6, 0.7])
+    eps = max(0.0, float((true_curve[:-1] - true_curve[1:]).max()))
+    scale = np.ones((4, 5))
+    if noisy == "one noisy λ":
+        scale[3] = 12
+    else:
+        scale[3, 4] = 12
+    covered = excluded = excluded_pooled = 0
+    for _ in range(N_STUDIES):
+        noise = lambda: [0.005 * scale[k] * rng.standard_normal((seeds, 5)) for k in range(4)]   # noqa: E731
+        dips = [true_curve[:-1] - true_curve[1:] + e for e in noise()]
+        r = bounds.step_bound(dips, tau=0.05)
+        covered += r["ci_low"] - 1e-12 <= eps <= r["ci_high"] + 1e-12
+        flat = noise()
+        excluded += bounds.step_bound(flat, tau=0.05)["ci_low"] > 0
+        excluded_pooled += bounds.step_bound(flat, tau=0.05, sd_model="pooled")["ci_low"] > 0
+    assert covered / N_STUDIES >= 0.93
+    assert excluded / N_STUDIES <= 0.07
+    if noisy == "one noisy λ":
+        assert excluded_pooled / N_STUDIES > 0.15
+
+
 def test_holm_by_hand():
     p = [0.01, 0.04, 0.03, None, 0.005]
     # sorted: 0.005 (×4) = 0.02, 0.01 (×3) = 0.03, 0.03 (×2) = 0.06, 0.04 (×1) = 0.04 -> 0.06
