@@ -93,6 +93,14 @@ def _unit_floor(ns: tuple[int, ...], df: int, w: tuple[float, ...], level: float
     return float(np.quantile(np.maximum(0.0, (np.asarray(w) * (Z[:, i] - Z[:, j])).max(axis=1)), level))
 
 
+@lru_cache(maxsize=16)
+def _normals(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Standard normal draws of a shape, drawn once per (shape, seed); read-only."""
+    draws = np.random.default_rng(seed).standard_normal(shape)
+    draws.flags.writeable = False
+    return draws
+
+
 def _tail(sorted_null: np.ndarray, t: float) -> float:
     """Monte-Carlo P(M >= t), never below 1 / (1 + n_sim)."""
     k = len(sorted_null) - np.searchsorted(sorted_null, t, side="left")
@@ -232,8 +240,7 @@ def step_bound(drops: list[np.ndarray], tau: float, level: float = LEVEL, seed: 
     # Bonferroni needs only each contrast's own law: a t quantile at its step's df
     c = special.stdtrit(df_l, 1 - (1 - level) / (2 * P))[None, :]           # (1, L−2)
     low, high = max(0.0, float((theta - c * se).max())), max(0.0, float((theta + c * se).max()))
-    rng = np.random.default_rng(seed)
-    sim = rng.standard_normal((N_SIM,) + theta.shape) * se
+    sim = _normals((N_SIM,) + theta.shape, seed) * se
     floor = float(np.quantile(np.maximum(0.0, sim.reshape(N_SIM, -1).max(axis=1)), level))
     bonferroni = lambda t: np.minimum(1.0, 2 * P * special.stdtr(df_l[None, :], -t))    # noqa: E731
     p_viol = float(bonferroni((theta - tau) / se).min())     # some contrast's lower end above τ
