@@ -17,6 +17,7 @@ from study.errors import UsageError
 from study.lease import TAG_DRIVER, Lease, check_free
 from study.spaces import load_study
 from study.tracking import ensure_experiment, ensure_parent_run, open_client
+from test_faults import mlflow_server  # noqa: F401  (fixture: a real `mlflow server` on 127.0.0.1)
 
 
 @pytest.fixture
@@ -101,3 +102,34 @@ def test_a_malformed_lease_tag_holds_nothing(record):
     client.set_tag(parent_id, TAG_DRIVER, "not json")
     check_free(client, experiment_id, "smoke")
     Lease(client, parent_id, "smoke", serialised=True).acquire()
+
+
+RACER = """
+import sys, time
+from study.lease import Lease
+from study.errors import UsageError
+from study.tracking import open_client
+uri, parent_id, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+client = open_client(uri)
+time.sleep(max(0.0, start - time.time()))
+try:
+    Lease(client, parent_id, "smoke", serialised=False).acquire()
+    print("won")
+except UsageError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_drivers_racing_for_a_study_on_a_tracking_server_leave_one_winner(tmp_path, mlflow_server):
+    """Four processes take the lease of one study at the same instant through a real `mlflow
+    server` (no store lock there: write, pause, read back): exactly one wins."""
+    uri, _, _ = mlflow_server
+    client = open_client(uri)
+    study = load_study("search_spaces/smoke.yaml")
+    parent_id = ensure_parent_run(client, ensure_experiment(client, study.name, uri), study)
+    start = time.time() + 8          # after every racer has imported MLflow and opened its client
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, uri, parent_id, str(start)], stdout=subprocess.PIPE,
+                               text=True) for _ in range(4)]
+    outcomes = [r.communicate(timeout=120)[0].strip() for r in racers]
+    assert sorted(o.split(":")[0] for o in outcomes) == ["refused"] * 3 + ["won"], outcomes
+    assert all("being run by another driver" in o for o in outcomes if o != "won")
