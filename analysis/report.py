@@ -324,8 +324,9 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     L += ["", "## How to read the verdicts", "",
           "Each conjecture says a quantity never falls by more than a small ε. ε̂ is that smallest ε on "
           "the seed means; its 95 % interval is simultaneous over every λ pair (or block step) the "
-          "conjecture quantifies over, from the pooled within-λ seed SD, and holds its level for 2–10 seeds "
-          "per λ (tests/test_analysis_bounds.py). The **noise floor** is the 95th percentile of ε̂ when "
+          "conjecture quantifies over, from the pooled within-λ seed SD, or from the largest per-λ SD where "
+          "the SDs differ more than equal SDs give (the verdict then says so), and holds its level for 2–10 "
+          "seeds per λ, equal SDs or not (tests/test_analysis_bounds.py). The **noise floor** is the 95th percentile of ε̂ when "
           "nothing changes at all, given the seed SD: an ε̂ below it is what noise alone gives. The verdict "
           "compares the interval with a tolerance τ fixed before the data: **consistent** (the whole "
           "interval lies below τ), **violated** (above τ), else **inconclusive**; each decision is a test "
