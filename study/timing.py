@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -28,14 +29,21 @@ STOPPED_GAP_S = 120.0   # no trial running for this long: the study was stopped,
 
 def segments(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """(start, end) in seconds of each segment of one trial, from its (timestamp_s, wall clock)
-    reports in step order; a drop of the clock starts a new segment."""
+    reports in step order. A packed member's clock runs at 1/K of real time (trainable.run_pack),
+    so the clock is first put back on real time by its median rate between reports. A segment
+    ends where the clock drops (a restart) or where more real time passed between two reports
+    than the clock says, by STOPPED_GAP_S or more (the trial was stopped, and its clock had
+    passed the old value again by the first report that a resume logged)."""
+    rates = [(c2 - c1) / (t2 - t1) for (t1, c1), (t2, c2) in zip(points, points[1:]) if t2 > t1 and c2 > c1]
+    rate = statistics.median(rates) if rates else 1.0
     out, first, last = [], None, None
     for stamp, clock in points:
-        if last is not None and clock < last[1]:
+        real = clock / rate
+        if last is not None and (real < last[1] or (stamp - last[0]) - (real - last[1]) >= STOPPED_GAP_S):
             out.append((first[0] - first[1], last[0]))
             first = None
-        first = first or (stamp, clock)
-        last = (stamp, clock)
+        first = first or (stamp, real)
+        last = (stamp, real)
     if first is not None:
         out.append((first[0] - first[1], last[0]))
     return out

@@ -344,6 +344,11 @@ def test_running_time_leaves_out_stretches_with_no_trial():
     from study.timing import segments, stopped_time
     # reports (timestamp, wall clock): started at 100, reported at 110 and 120; resumed at 500
     assert segments([(110, 10), (120, 20), (505, 5), (515, 15)]) == [(100, 120), (500, 515)]
+    # stopped at clock 20, resumed 3 h later: by its first logged report the clock had passed 20 again
+    assert segments([(110, 10), (120, 20), (10_830, 30), (10_840, 40)]) == [(100, 120), (10_800, 10_840)]
+    # a member of a pack of 4: its clock is a quarter of the pack's wall time
+    assert segments([(110, 2.5), (150, 12.5), (190, 22.5)]) == [(100, 190)]
+    assert segments([(110, 2.5), (150, 12.5), (10_850, 7.5), (10_890, 17.5)]) == [(100, 150), (10_820, 10_890)]
     assert segments([]) == []
     intervals = [(100, 120), (500, 515), (110, 130), (510, 512), (140, 150)]
     assert stopped_time(intervals, min_gap_s=120) == 500 - 150       # the 10 s gap is start-up, not a stop
