@@ -127,18 +127,20 @@ def ratio_threshold(ns: tuple[int, ...], q: float = SD_TEST_LEVEL, n_sim: int = 
     return float(np.quantile(sds.max(axis=1) / sds.min(axis=1), q))
 
 
-def unequal_sds(strata: list[np.ndarray]) -> bool:
-    """Hartley's check: sd_ratio above its SD_TEST_LEVEL quantile under equal SDs."""
-    ratio = sd_ratio(strata)
+def unequal_sds(strata: list[np.ndarray], ratio: float | None = None) -> bool:
+    """Hartley's check: sd_ratio (given, or computed here) above its SD_TEST_LEVEL quantile
+    under equal SDs."""
+    ratio = sd_ratio(strata) if ratio is None else ratio
     return ratio is not None and ratio > ratio_threshold(tuple(sorted(len(x) for x in strata if len(x) > 1)))
 
 
 def _setting_spread(drops: list[np.ndarray]) -> float:
     """Largest minus smallest over settings of the mean over steps of log(SD at the setting /
-    pooled SD of the step): how much noisier one setting is than another at every step."""
-    sds = np.stack([d.std(axis=0, ddof=1) for d in drops if len(d) > 1])      # (K', L−2)
-    ss = (sds ** 2 * np.array([len(d) - 1 for d in drops if len(d) > 1])[:, None]).sum(axis=0)
-    pooled = np.sqrt(ss / sum(len(d) - 1 for d in drops if len(d) > 1))
+    pooled SD of the step): how much noisier one setting is than another at every step.
+    Every setting has >= 2 models."""
+    sds = np.stack([d.std(axis=0, ddof=1) for d in drops])                   # (K, L−2)
+    dfs = np.array([len(d) - 1 for d in drops], float)
+    pooled = np.sqrt((sds ** 2 * dfs[:, None]).sum(axis=0) / dfs.sum())
     with np.errstate(divide="ignore"):
         g = np.log(sds / pooled).mean(axis=1)
     return float(g.max() - g.min())
@@ -185,7 +187,7 @@ def pair_bound(strata: list[np.ndarray], weights: np.ndarray, tau: float, level:
     if s == 0:
         return no_interval("the seeds agree exactly at every λ: no within-λ variance to scale an interval", tau)
     ratio = sd_ratio(strata)
-    if sd_model == "largest" or (sd_model == "auto" and unequal_sds(strata)):
+    if sd_model == "largest" or (sd_model == "auto" and unequal_sds(strata, ratio)):
         s, df = largest_sd(strata)
         sd_model = "largest"
     else:

@@ -178,8 +178,7 @@ def alpha_group(rows: pd.DataFrame, n_perm: int = stats.N_PERM, seed: int = 0) -
            "slope": None, "ci_low": None, "ci_high": None, "ci_level": LEVEL, "df": None,
            "ci_of": ("slope of the per-λ seed mean of log alpha on log λ (least squares over the λ values), "
                      "t-interval from the fit's residuals, K − 2 df"),
-           "no_interval_reason": None, "range_change": None, "range_change_low": None, "range_change_high": None,
-           "range_change_tolerance": ALPHA_NEGLIGIBLE,
+           "no_interval_reason": None, **range_change({"slope": None, "ci_low": None, "ci_high": None}, levels),
            "per_lambda": [{"weight_decay": float(level), "n": int(len(s)), "mean": float(s.mean()),
                            "mean_log": float(np.log(s).mean()), "sd": float(s.std(ddof=1)) if len(s) > 1 else None}
                           for level, s in zip(levels, strata)]}
@@ -198,13 +197,10 @@ def alpha_group(rows: pd.DataFrame, n_perm: int = stats.N_PERM, seed: int = 0) -
 def range_change(fit: dict, levels: np.ndarray) -> dict:
     """The fitted relative change of alpha over the group's λ range, exp(slope · log(λ_max/λ_min)) − 1,
     with the slope interval carried over (None where the slope has none)."""
-    span = float(np.log(levels.max() / levels.min()))
-    change = {"range_change": None, "range_change_low": None, "range_change_high": None,
-              "range_change_tolerance": ALPHA_NEGLIGIBLE}
+    change: dict = {"range_change_tolerance": ALPHA_NEGLIGIBLE}
     for key, slope in (("range_change", fit["slope"]), ("range_change_low", fit["ci_low"]),
                        ("range_change_high", fit["ci_high"])):
-        if slope is not None:
-            change[key] = math.expm1(slope * span)
+        change[key] = None if slope is None else math.expm1(slope * float(np.log(levels.max() / levels.min())))
     return change
 
 

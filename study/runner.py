@@ -302,14 +302,24 @@ def check_no_other_driver(study: Study, uri: str) -> None:
     """Refuse before any work when another driver holds the study's lease (reads only; a SQLite
     store that does not exist yet is not created here)."""
     from .lease import check_free
+    found = existing_experiment(study, uri)
+    if found is not None:
+        client, experiment = found
+        check_free(client, experiment.experiment_id, study.name)
+
+
+def existing_experiment(study: Study, uri: str):
+    """(client, experiment) of the study when the store and a live experiment of its name exist,
+    else None; reads only: a SQLite store that does not exist yet is not created here."""
     from .tracking import open_client, sqlite_path
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
-        return
+        return None
     client = open_client(uri)
     experiment = client.get_experiment_by_name(study.name)
-    if experiment is not None and experiment.lifecycle_stage != "deleted":
-        check_free(client, experiment.experiment_id, study.name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        return None
+    return client, experiment
 
 
 def resend_journal(study: Study, uri: str, journal: Path) -> None:
@@ -334,14 +344,11 @@ def completed_experiment(study: Study, uri: str) -> str | None:
     its trials as trained to its end, else None: there is something to run, resume or retry
     (errored trials are retried from their checkpoints). Only reads; a SQLite store that does
     not exist yet is not created here."""
-    from .tracking import KIND_STUDY, KIND_TRIAL, find_runs, open_client, sqlite_path
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
+    from .tracking import KIND_STUDY, KIND_TRIAL, find_runs
+    found = existing_experiment(study, uri)
+    if found is None:
         return None
-    client = open_client(uri)
-    experiment = client.get_experiment_by_name(study.name)
-    if experiment is None or experiment.lifecycle_stage == "deleted":
-        return None
+    client, experiment = found
     parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
     if not parents or parents[0].data.tags.get(TAG_FINGERPRINT) != study.fingerprint():
         return None  # a changed definition is refused further on, with its own message
