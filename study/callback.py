@@ -51,6 +51,7 @@ class MlflowTracker(Callback):
         self.labels = list(study.grid) + (list(study.search.space) if study.search else [])
         self.axes = list(study.grid)
         self.packed = study.pack_size > 1
+        self.already = 0   # trials MLflow held as trained, left out of this Tuner (runner.trained_cells)
         self.cell_index = {} if study.search else \
             {cell_id(cell, self.axes): i for i, cell in enumerate(study.cells(), start=1)}
         self.journal_path, self.max_outage_s = journal, max_outage_s
@@ -222,7 +223,7 @@ class MlflowTracker(Callback):
         running = [t for t in trials if t.status == "RUNNING"]
         epochs = ", ".join(f"{int((t.last_result or {}).get('epoch', 0))}/{members_of(t.config)[0].get('epochs', '?')}"
                            for t in running[:4])
-        done, total = epochs_done(trials, self.n_trials)
+        done, total = epochs_done(trials, self.n_trials - self.already)
         if self.baseline is None:
             self.baseline = (done, time.time())
         left = eta(done - self.baseline[0], total - done, time.time() - self.baseline[1])
@@ -238,7 +239,7 @@ class MlflowTracker(Callback):
     def _done_line(self, trial, n: int, config: dict, status: str, last: dict) -> None:
         """`[  3/6] converged  <run name> ...` for the n-th trial config of the Ray trial."""
         done = sum(len(members_of(t.config)) for t in self.trials
-                   if t.status in ("TERMINATED", "ERROR") and t is not trial) + n + 1
+                   if t.status in ("TERMINATED", "ERROR") and t is not trial) + n + 1 + self.already
         score = last.get(metric_key("nc_score"), last.get("nc_score"))
         acc = last.get(metric_key("train_acc"), last.get("train_acc"))
         extra = (f" nc_score={score:+.3f}" if isinstance(score, float) else "") + \

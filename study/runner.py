@@ -176,15 +176,17 @@ def check_resources(study: Study) -> None:
 
 # ------------------------------------------------------------------------------ Tune pieces
 
-def param_space(study: Study, slots: int = 1) -> dict:
+def param_space(study: Study, slots: int = 1, skip: frozenset[int] = frozenset()) -> dict:
     """What Tune expands into trials: the grid (one trial per cell), the grid packed (one
     trial per pack: the fixed fields and MEMBERS, its list of cells; spaces.members_of; the
-    packs balanced over `slots` parallel trials), or the search space."""
+    packs balanced over `slots` parallel trials), or the search space. Cells at the positions
+    in `skip` are left out, the others then go as packs (of one when the study does not pack:
+    trainable.run_pack trains a pack of one as run_trial does)."""
     from ray import tune
     space: dict = dict(study.fixed)
-    if study.search is None and study.pack_size > 1:
+    if study.search is None and (study.pack_size > 1 or skip):
         cells = list(study.cells())
-        space[MEMBERS] = tune.grid_search([[cells[i] for i in pack] for pack in packs(study, slots)])
+        space[MEMBERS] = tune.grid_search([[cells[i] for i in pack] for pack in packs(study, slots, skip)])
         return space
     if study.search is None:
         space |= {k: tune.grid_search(v) for k, v in study.grid.items()}
@@ -397,17 +399,21 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     from .trainable import run_pack, run_trial
 
     threads = max(1, int(study.cpu))
-    packed = study.pack_size > 1
-    trainable = tune.with_resources(
-        tune.with_parameters(run_pack if packed else run_trial, checkpoint_every=study.checkpoint_every,
-                             threads=threads, min_checkpoint_s=2 * state_period + 0.5),
-        {"cpu": study.cpu, "gpu": study.gpu})
+
+    def trainable_of(packed: bool):
+        return tune.with_resources(
+            tune.with_parameters(run_pack if packed else run_trial, checkpoint_every=study.checkpoint_every,
+                                 threads=threads, min_checkpoint_s=2 * state_period + 0.5),
+            {"cpu": study.cpu, "gpu": study.gpu})
+
     tracker = MlflowTracker(uri, experiment_id, parent_id, study, journal_path(storage, study.name), outage_limit)
     exp_dir = f"{storage}/{study.name}"
     failure = tune.FailureConfig(max_failures=study.max_failures)
     started = time.time()
+    tracker.runs   # read the study's runs back now, while the store is known to answer
     if tune.Tuner.can_restore(exp_dir):   # cmd_run has refused a run of another definition
         print(f"resuming study {study.name} from {exp_dir}", flush=True)
+        trainable = trainable_of(read_marker(exp_dir, PACK_MARKER) is not None)   # as the run that made it
         tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
         run_config = tuner._local_tuner.get_run_config()
@@ -421,21 +427,29 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             metric = metric_key(study.search.metric)   # `nc_score` in the file is `headline/nc_score` in results
             search_alg = OptunaSearch(metric=metric, mode=study.search.mode, seed=study.search.seed)
             tune_kwargs = dict(metric=metric, mode=study.search.mode)
+        skip = trained_cells(study, tracker.runs) if study.search is None else frozenset()
+        if skip:
+            print(f"{len(skip)} of the {study.n_trials} trials are already trained in {uri}, which {exp_dir} "
+                  f"has no Ray state of (lost or moved): training the other {study.n_trials - len(skip)}",
+                  flush=True)
+        tracker.already = len(skip)
+        packed = study.pack_size > 1 or bool(skip)
+        trainable = trainable_of(packed)
         slots = 1
-        if packed:
+        if study.pack_size > 1:
             import ray
             total = ray.cluster_resources()
             slots = parallel_slots(total.get("CPU", 0), total.get("GPU", 0), study)
             slots = min(slots, max_concurrent) if max_concurrent else slots
-            print(f"starting study {study.name}: {study.n_trials} trials in {len(packs(study, slots))} packs of up "
-                  f"to {study.pack_size}, balanced for {slots} at once (cpu={study.cpu:g}, gpu={study.gpu:g} per "
-                  f"pack) -> {uri}", flush=True)
+            print(f"starting study {study.name}: {study.n_trials - len(skip)} trials in "
+                  f"{len(packs(study, slots, skip))} packs of up to {study.pack_size}, balanced for {slots} at once "
+                  f"(cpu={study.cpu:g}, gpu={study.gpu:g} per pack) -> {uri}", flush=True)
         else:
-            print(f"starting study {study.name}: {study.n_trials} trials "
+            print(f"starting study {study.name}: {study.n_trials - len(skip)} trials "
                   f"(cpu={study.cpu:g}, gpu={study.gpu:g} per trial) -> {uri}", flush=True)
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(study, slots),
+            param_space=param_space(study, slots, skip),
             tune_config=tune.TuneConfig(num_samples=study.search.num_samples if study.search else 1,
                                         search_alg=search_alg, reuse_actors=True,
                                         max_concurrent_trials=max_concurrent or None, **tune_kwargs),
@@ -446,7 +460,6 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         write_marker(exp_dir, study.fingerprint())
         if packed:
             write_marker(exp_dir, str(study.pack_size), PACK_MARKER)
-    tracker.runs   # read the study's runs back now, while the store is known to answer
     tuner.fit()
     tracker.progress.close()
     if tracker.gave_up or not tracker.flush():
@@ -456,6 +469,15 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
               f"same command again to send them and resume", file=sys.stderr, flush=True)
         return EXIT_TRACKING_DOWN
     return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id)
+
+
+def trained_cells(study: Study, runs) -> frozenset[int]:
+    """Positions in `study.cells()` of the cells whose MLflow run (TrialRuns `runs`, found by
+    trial key) is tagged trained: a study whose Ray state is gone (a head node's disk lost, a
+    fresh --storage-path) trains only the others."""
+    from .callback import trial_key
+    trained = {key for key, status in runs.statuses.items() if status in TRAINED}
+    return frozenset(i for i, cell in enumerate(study.cells()) if trial_key({**study.fixed, **cell}) in trained)
 
 
 def check_earlier_run(study: Study, storage: str) -> None:

@@ -298,8 +298,9 @@ def distinct_configs(study: Study) -> list[dict]:
             for combo in itertools.product(*coupled.values())]
 
 
-def packs(study: Study, slots: int = 1) -> list[list[int]]:
-    """The grid's cells grouped into Ray trials, as positions in `study.cells()` order.
+def packs(study: Study, slots: int = 1, skip: frozenset[int] = frozenset()) -> list[list[int]]:
+    """The grid's cells grouped into Ray trials, as positions in `study.cells()` order; the
+    positions in `skip` (cells MLflow already holds as trained, runner.execute) left out.
 
     Cells that share a `pack_key` (study.packed: everything but MEMBER_FIELDS) form a kind,
     in `--dry-run` order. A kind of n cells is cut into ceil(n / pack_size) packs of nearly
@@ -313,11 +314,13 @@ def packs(study: Study, slots: int = 1) -> list[list[int]]:
     cells = list(study.cells())
     size = study.pack_size
     if size == 1:
-        return [[i] for i in range(len(cells))]
+        return [[i] for i in range(len(cells)) if i not in skip]
     from .packed import pack_key   # torch: only for a packed study
     kinds: dict = {}
     singles: list[list[int]] = []
     for i, cell in enumerate(cells):
+        if i in skip:
+            continue
         cfg = TrialConfig.from_dict({**study.fixed, **cell})
         if cfg.model != "mlp":
             singles.append([i])

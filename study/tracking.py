@@ -249,10 +249,12 @@ class TrialRuns:
         self.run_ids: dict[str, str] = {}      # trial key -> run id
         self.last_step: dict[str, int] = {}    # run id -> last epoch logged
         self.inputs: dict[str, set] = {}       # run id -> (name, digest) of its dataset inputs
+        self.statuses: dict[str, str] = {}     # trial key -> its status tag when read
         for run in find_runs(client, experiment_id, KIND_TRIAL):
             key = run.data.tags.get(TAG_TRIAL_KEY)
             if key:
                 self.run_ids[key] = run.info.run_id
+                self.statuses[key] = run.data.tags.get(TAG_STATUS, "")
                 self.last_step[run.info.run_id] = int(run.data.metrics.get(EPOCH, 0))
                 self.inputs[run.info.run_id] = {(d.dataset.name, d.dataset.digest)
                                                 for d in run.inputs.dataset_inputs}

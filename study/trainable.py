@@ -151,6 +151,11 @@ class SoloPack:
     def seconds(self) -> dict[str, float]:
         return self.trainer.seconds
 
+    @property
+    def eval_path(self):
+        """PackedTrainer.eval_path (the Trainer chooses it once, at its first call)."""
+        return self.trainer.eval_path()
+
     def run(self):
         return ([metrics] for metrics in self.trainer.run())
 

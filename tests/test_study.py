@@ -171,6 +171,39 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
         assert histories(uri, run.info.run_id, "headline/nc_score") == list(range(20, 161, 20))
 
 
+def test_study_whose_ray_state_is_lost_trains_only_what_mlflow_lacks(tmp_path, monkeypatch):
+    """Ray's folder gone (a head node's own disk lost, or a study moved to a new machine with its
+    MLflow store): the same command trains only the trials MLflow does not hold as trained, in
+    their existing runs; the trained runs are left exactly as they were."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    flags = ["--set", "epochs=160", "--set", "eval_every=20", "--set", "n_samples=3000"]
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    args = [sys.executable, "-m", "study", "run", str(SMOKE), *flags]
+    assert interrupt_after_first_trial(tmp_path, args, signal.SIGINT, "ctrl-c.log") == 130
+    client = MlflowClient(uri)
+    stopped = trial_runs(uri, "smoke")
+    trained = {r.info.run_id: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "headline/nc_score")]
+               for r in stopped if r.data.tags["status"] in ("converged", "not_converged")}
+    assert 1 <= len(trained) < 6
+    subprocess.run(["rm", "-rf", str(tmp_path / "ray_results")], check=True)
+
+    again = nc_study("run", str(SMOKE), *flags, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f"{len(trained)} of the 6 trials are already trained in {uri}, which "
+            f"{tmp_path / 'ray_results' / 'smoke'} has no Ray state of") in again.stdout
+    assert f"starting study smoke: {6 - len(trained)} trials (cpu=1, gpu=0 per trial)" in again.stdout
+    assert f"[  {len(trained) + 1}/6] " in again.stdout and "[  6/6] " in again.stdout, again.stdout
+    assert "study smoke: 6 converged, 0 not converged, 0 diverged, 0 failed of 6 trials" in again.stdout, again.stdout
+    runs = trial_runs(uri, "smoke")
+    assert len(runs) == 6 and {r.info.run_id for r in stopped} <= {r.info.run_id for r in runs}
+    for run in runs:
+        assert run.data.tags["status"] in ("converged", "not_converged") and run.info.status == "FINISHED"
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "headline/nc_score")]
+        assert [step for step, _ in history] == list(range(20, 161, 20))
+        if run.info.run_id in trained:
+            assert history == trained[run.info.run_id]
+
+
 # ------------------------------------------------------------------------------ refused input
 
 BAD_FILES = {
