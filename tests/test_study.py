@@ -366,6 +366,63 @@ def test_analyze_reads_the_real_smoke_study_back(smoke_study):
     assert "analysis/report.md" in logged and "analysis/fig3_1.png" in logged
 
 
+def test_export_then_import_gives_the_same_study_in_another_store(smoke_study, tmp_path):
+    """`nc-study export` of the real smoke study, `import` into a new SQLite store: the same runs
+    (params, tags, every metric's history, inputs, layers.csv) under a new parent, the same
+    analysis, and a `run` of the copy finds the study complete. A second import, and files
+    that are not exports, are refused in one line with the store unchanged."""
+    folder, uri, _ = smoke_study
+    out = tmp_path / "smoke.jsonl.gz"
+    done = nc_study("export", "smoke", "--tracking-uri", uri, "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "exported study 'smoke': 7 runs (6 trials)" in done.stdout
+    copy = f"sqlite:///{tmp_path}/copy.db"
+    done = nc_study("import", str(out), "--tracking-uri", copy, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    a, b = MlflowClient(uri), MlflowClient(copy)
+    originals = {r.data.tags["trial_key"]: r for r in trial_runs(uri, "smoke")}
+    copies = {r.data.tags["trial_key"]: r for r in trial_runs(copy, "smoke")}
+    assert set(copies) == set(originals) and len(copies) == 6
+    (new_parent,) = {r.data.tags["mlflow.parentRunId"] for r in copies.values()}
+    assert b.get_run(new_parent).data.tags["nc_study.kind"] == "study"
+    assert b.get_run(new_parent).data.params == a.get_run(
+        next(iter(originals.values())).data.tags["mlflow.parentRunId"]).data.params
+    for key, run in originals.items():
+        twin = copies[key]
+        assert twin.data.params == run.data.params and twin.info.run_name == run.info.run_name
+        assert {k: v for k, v in twin.data.tags.items() if k != "mlflow.parentRunId"} == \
+            {k: v for k, v in run.data.tags.items() if k != "mlflow.parentRunId"}
+        assert (twin.info.status, twin.info.start_time, twin.info.end_time) == \
+            (run.info.status, run.info.start_time, run.info.end_time)
+        for metric in run.data.metrics:
+            assert [(m.step, m.value, m.timestamp) for m in b.get_metric_history(twin.info.run_id, metric)] == \
+                [(m.step, m.value, m.timestamp) for m in a.get_metric_history(run.info.run_id, metric)], metric
+        assert set(twin.data.metrics) == set(run.data.metrics)
+        assert [d.dataset.digest for d in twin.inputs.dataset_inputs] == [d.dataset.digest for d in run.inputs.dataset_inputs]
+        assert Path(b.download_artifacts(twin.info.run_id, "layers.csv")).read_text() == \
+            Path(a.download_artifacts(run.info.run_id, "layers.csv")).read_text()
+    for store, name in ((uri, "orig"), (copy, "copy")):
+        done = nc_study("analyze", "smoke", "--tracking-uri", store, "--out", name, "--no-log", cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+    orig, dup = (json.loads((tmp_path / name / "conjectures.json").read_text()) for name in ("orig", "copy"))
+    assert orig.pop("generated") and dup.pop("generated")
+    text = json.dumps(orig).replace(uri, copy)   # only where it was read from, and the run ids, differ
+    for key, run in originals.items():
+        text = text.replace(run.info.run_id, copies[key].info.run_id)
+    assert text == json.dumps(dup)
+    again = nc_study("run", str(SMOKE), "--tracking-uri", copy, cwd=tmp_path)
+    assert "study smoke is complete: all 6 trials ended; nothing to run" in again.stdout, again.stdout + again.stderr
+
+    twice = nc_study("import", str(out), "--tracking-uri", copy, cwd=tmp_path)
+    assert twice.returncode == 2 and f"already holds a study 'smoke'" in twice.stderr
+    assert len(twice.stderr.strip().splitlines()) == 1 and len(trial_runs(copy, "smoke")) == 6
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    bad = nc_study("import", str(tmp_path / "bad.jsonl.gz"), "--tracking-uri", f"sqlite:///{tmp_path}/x.db",
+                   cwd=tmp_path)
+    assert bad.returncode == 2 and "is not a file of `nc-study export`" in bad.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_segment_total_adds_up_clocks_restarted_by_resumes():
     from study.timing import segment_total
     assert segment_total([1.0, 2.0, 3.0]) == 3.0

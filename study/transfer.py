@@ -1,0 +1,182 @@
+"""`nc-study export` and `nc-study import`: a recorded study as one portable file.
+
+The file (gzipped JSON lines) holds the experiment (name, tags) and every run of it, the
+parent and each trial: name, status, start and end, params, tags, every metric's whole
+history (step, value, timestamp), dataset inputs and the text artifacts (layers.csv). Import
+re-creates them in another store (a team's tracking server, a fresh SQLite file on a new
+machine), the trials as children of the new parent. The copy is a study like the original:
+`nc-study analyze` reads it, and `nc-study run` of the same file finishes it, training only
+the trials it does not hold as trained (runner.trained_cells), so a study can move between
+machines, or be kept beside its report, without its Ray state.
+
+What a copy leaves out: a driver's lease (study/lease.py: the copy has no driver), and
+artifacts that are not UTF-8 text.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+from .errors import UsageError
+from .schema import DEFAULT_URI, KIND_STUDY, KIND_TRIAL, TAG_KIND, TAG_PARENT, TAG_RUN_NAME
+
+FORMAT = "nc-study-export"
+VERSION = 1
+BATCH = 1000   # MLflow's log_batch takes at most 1000 metrics, 100 params, 100 tags per call
+
+
+def add_transfer_parsers(sub) -> None:
+    """Register `export` and `import` on the subparsers object of `nc-study`."""
+    uri_help = f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI} here)"
+    p = sub.add_parser("export", help="write a recorded study (every run, metric history, artifact) to one file",
+                       description="Write a recorded study to one gzipped JSON-lines file that `nc-study import` "
+                                   "loads into another store.")
+    p.add_argument("study", help="the study's name (its MLflow experiment)")
+    p.add_argument("--out", type=Path, required=True, help="file to write, e.g. fig3_1.jsonl.gz")
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("import", help="load a file of `nc-study export` into a tracking store",
+                       description="Re-create an exported study in a tracking store that does not hold it yet.")
+    p.add_argument("file", type=Path, help="a file written by `nc-study export`")
+    p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.set_defaults(func=cmd_import)
+
+
+# ------------------------------------------------------------------------------ export
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .lease import TAG_DRIVER
+    from .tracking import TrackingError, check_uri, find_runs, open_client, resolve_uri
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        check_uri(uri, must_exist=True)
+    except TrackingError as exc:
+        raise UsageError(str(exc)) from None
+    if not args.out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: no folder {args.out.parent}; create it first")
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(args.study)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        raise UsageError(f"no study {args.study!r} in {uri}; `nc-study run` records one, or pass its --tracking-uri")
+    experiment_id = experiment.experiment_id
+    runs = find_runs(client, experiment_id, KIND_STUDY) + find_runs(client, experiment_id, KIND_TRIAL)
+    if not runs:
+        raise UsageError(f"study {args.study!r} in {uri} has no runs to export")
+    tmp = args.out.with_name(args.out.name + ".part")
+    with gzip.open(tmp, "wt", encoding="utf-8") as out:
+        head = {"format": FORMAT, "version": VERSION, "name": experiment.name,
+                "tags": {k: v for k, v in experiment.tags.items() if not k.startswith("mlflow.")}}
+        out.write(json.dumps(head) + "\n")
+        for i, run in enumerate(runs, start=1):
+            out.write(json.dumps(run_record(client, run, skip_tags={TAG_DRIVER})) + "\n")
+            if i % 25 == 0:
+                print(f"  … {i}/{len(runs)} runs", flush=True)
+    tmp.replace(args.out)   # never a half-written file under the name asked for
+    print(f"exported study {args.study!r}: {len(runs)} runs ({len(runs) - 1} trials) from {uri} to {args.out} "
+          f"({args.out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def run_record(client, run, skip_tags: set[str]) -> dict:
+    """One run as a JSON-able dict: everything import needs to re-create it."""
+    run_id = run.info.run_id
+    metrics = {key: [[m.step, m.value, m.timestamp] for m in client.get_metric_history(run_id, key)]
+               for key in run.data.metrics}
+    inputs = [{"dataset": {field: getattr(d.dataset, field) for field in
+                           ("name", "digest", "source_type", "source", "schema", "profile")},
+               "tags": {t.key: t.value for t in d.tags}} for d in run.inputs.dataset_inputs]
+    artifacts = {}
+    for item in client.list_artifacts(run_id):
+        if item.is_dir:
+            continue
+        try:
+            artifacts[item.path] = Path(client.download_artifacts(run_id, item.path)).read_text()
+        except UnicodeDecodeError:
+            continue
+    return {"run_id": run_id, "name": run.info.run_name, "status": run.info.status,
+            "start_time": run.info.start_time, "end_time": run.info.end_time,
+            "params": dict(run.data.params),
+            "tags": {k: v for k, v in run.data.tags.items() if k not in skip_tags},
+            "metrics": metrics, "inputs": inputs, "artifacts": artifacts}
+
+
+# ------------------------------------------------------------------------------ import
+
+def read_export(path: Path) -> tuple[dict, list[dict]]:
+    """The head line and the runs of an export file; UsageError for anything else."""
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as stream:
+            lines = [json.loads(line) for line in stream if line.strip()]
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not a file of `nc-study export` ({exc})") from None
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("format") != FORMAT:
+        raise UsageError(f"{path} is not a file of `nc-study export` (its first line names no {FORMAT!r})")
+    if lines[0].get("version") != VERSION:
+        raise UsageError(f"{path} is format version {lines[0].get('version')}; this nc-study reads version {VERSION}")
+    runs = lines[1:]
+    parents = [r for r in runs if r.get("tags", {}).get(TAG_KIND) == KIND_STUDY]
+    if len(parents) != 1:
+        raise UsageError(f"{path} holds {len(parents)} study (parent) runs, not 1: not a whole study export")
+    return lines[0], runs
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .tracking import TrackingError, check_uri, ensure_experiment, open_client, resolve_uri, store_lock
+    head, runs = read_export(args.file)   # the whole file checked before the store is touched
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        check_uri(uri)
+    except TrackingError as exc:
+        raise UsageError(str(exc)) from None
+    name = head["name"]
+    client = open_client(uri)
+    with store_lock(uri):
+        existing = client.get_experiment_by_name(name)
+        if existing is not None:
+            held = len(client.search_runs([existing.experiment_id], max_results=1))
+            if held or existing.lifecycle_stage == "deleted":
+                raise UsageError(f"{uri} already holds a study {name!r}; import into another --tracking-uri "
+                                 "(or delete that experiment, and empty MLflow's trash, first)")
+        experiment_id = ensure_experiment(client, name, uri)
+    for key, value in head.get("tags", {}).items():
+        client.set_experiment_tag(experiment_id, key, value)
+    runs.sort(key=lambda r: r["tags"].get(TAG_KIND) != KIND_STUDY)   # the parent first: children name it
+    new_ids: dict[str, str] = {}
+    for i, record in enumerate(runs, start=1):
+        new_ids[record["run_id"]] = recreate(client, experiment_id, record, new_ids)
+        if i % 25 == 0:
+            print(f"  … {i}/{len(runs)} runs", flush=True)
+    print(f"imported study {name!r}: {len(runs)} runs ({len(runs) - 1} trials) from {args.file} into {uri}")
+    print(f"next: nc-study analyze {name} --tracking-uri {uri}")
+    return 0
+
+
+def recreate(client, experiment_id: str, record: dict, new_ids: dict[str, str]) -> str:
+    """Create one run of an export in `experiment_id`; its parent tag follows `new_ids`."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+    tags = {k: v for k, v in record["tags"].items() if k != TAG_RUN_NAME}
+    if TAG_PARENT in tags:
+        tags[TAG_PARENT] = new_ids.get(tags[TAG_PARENT], tags[TAG_PARENT])
+    run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["name"])
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in record["params"].items()]
+    tag_list = [RunTag(k, v) for k, v in tags.items()]
+    metrics = [Metric(key, value, ts, step) for key, points in record["metrics"].items()
+               for step, value, ts in points]
+    for start in range(0, max(len(params), len(tag_list), 1), 100):
+        client.log_batch(run_id, params=params[start:start + 100], tags=tag_list[start:start + 100])
+    for start in range(0, len(metrics), BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+    if record["inputs"]:
+        client.log_inputs(run_id, [DatasetInput(Dataset(**d["dataset"]),
+                                                tags=[InputTag(k, v) for k, v in d["tags"].items()])
+                                   for d in record["inputs"]])
+    for path, text in record["artifacts"].items():
+        client.log_text(run_id, text, path)
+    if record["status"] != "RUNNING":
+        client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
+    return run_id
