@@ -252,6 +252,26 @@ def test_packs_are_balanced_over_the_parallel_slots(tmp_path):
     assert packs(uneven) == [list(range(5)), list(range(5, 10))]
 
 
+def test_cells_already_trained_are_left_out_of_the_packs(tmp_path):
+    """A study resumed from MLflow alone (runner.trained_cells) packs only the cells left: each
+    exactly once, none of the skipped, packs still of one kind and re-balanced over the slots."""
+    space = write(tmp_path, """
+        name: balance
+        trial: {epochs: 5}
+        grid: {bn: [affine, nonaffine, none], seed: [0, 1, 2, 3, 4, 5, 6, 7]}
+        pack: 8
+    """)
+    study = load_study(space)
+    skip = frozenset({0, 1, 2, 3, 4, 5, 9, 23})              # most of affine, one nonaffine, one none
+    left = packs(study, slots=2, skip=skip)
+    assert sorted(i for g in left for i in g) == sorted(set(range(24)) - skip)
+    assert len(left) % 2 == 0 and sorted(map(len, left)) == [2, 3, 4, 7]   # 2 + 7 + 7 cells, one 7 cut
+    kinds = kinds_of(study)
+    assert all(any(set(g) <= set(members) for members in kinds.values()) for g in left)
+    unpacked = dataclasses.replace(study, pack_size=1)
+    assert packs(unpacked, skip=skip) == [[i] for i in range(24) if i not in skip]
+
+
 def test_parallel_slots_from_the_cluster_totals(tmp_path):
     study = load_study(write(tmp_path, STUDY.format(pack="pack: 3")))
     assert parallel_slots(2, 0, study) == 2 and parallel_slots(16, 0, study) == 16
