@@ -268,7 +268,7 @@ def test_cells_already_trained_are_left_out_of_the_packs(tmp_path):
     assert len(left) % 2 == 0 and sorted(map(len, left)) == [2, 3, 4, 7]   # 2 + 7 + 7 cells, one 7 cut
     kinds = kinds_of(study)
     assert all(any(set(g) <= set(members) for members in kinds.values()) for g in left)
-    unpacked = dataclasses.replace(study, pack_size=1)
+    unpacked = dataclasses.replace(study, pack=1)
     assert packs(unpacked, skip=skip) == [[i] for i in range(24) if i not in skip]
 
 
