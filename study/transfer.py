@@ -41,6 +41,9 @@ def add_transfer_parsers(sub) -> None:
                        description="Re-create an exported study in a tracking store that does not hold it yet.")
     p.add_argument("file", type=Path, help="a file written by `nc-study export`")
     p.add_argument("--tracking-uri", default=None, help=uri_help)
+    p.add_argument("--if-absent", action="store_true",
+                   help="when the store already holds the study, say so and exit 0 instead of refusing "
+                        "(for scripts that import a carried-over record before resuming, as `make reproduce`)")
     p.set_defaults(func=cmd_import)
 
 
@@ -138,6 +141,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         existing = client.get_experiment_by_name(name)
         if existing is not None:
             held = len(client.search_runs([existing.experiment_id], max_results=1))
+            if held and args.if_absent and existing.lifecycle_stage != "deleted":
+                print(f"{uri} already holds study {name!r}; {args.file} not imported (--if-absent)")
+                return 0
             if held or existing.lifecycle_stage == "deleted":
                 raise UsageError(f"{uri} already holds a study {name!r}; import into another --tracking-uri "
                                  "(or delete that experiment, and empty MLflow's trash, first)")

@@ -416,6 +416,9 @@ def test_export_then_import_gives_the_same_study_in_another_store(smoke_study, t
     twice = nc_study("import", str(out), "--tracking-uri", copy, cwd=tmp_path)
     assert twice.returncode == 2 and f"already holds a study 'smoke'" in twice.stderr
     assert len(twice.stderr.strip().splitlines()) == 1 and len(trial_runs(copy, "smoke")) == 6
+    polite = nc_study("import", str(out), "--tracking-uri", copy, "--if-absent", cwd=tmp_path)
+    assert polite.returncode == 0 and "not imported (--if-absent)" in polite.stdout
+    assert len(trial_runs(copy, "smoke")) == 6
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
     bad = nc_study("import", str(tmp_path / "bad.jsonl.gz"), "--tracking-uri", f"sqlite:///{tmp_path}/x.db",
                    cwd=tmp_path)
