@@ -220,17 +220,20 @@ def assert_runs_of_their_kind(study, groups: list[list[int]]) -> None:
         assert [i for g in mine for i in g] == members
 
 
+BALANCE = """
+    name: balance
+    trial: {epochs: 5}
+    grid: {bn: [affine, nonaffine, none], seed: [0, 1, 2, 3, 4, 5, 6, 7]}
+    pack: 8
+"""
+
+
 def test_packs_are_balanced_over_the_parallel_slots(tmp_path):
     """fig3_1's shape in miniature: 3 kinds x 8 cells with pack: 8 would be 3 packs on 2
     cores (one core idle a third of the time, BENCHMARKS.md); balanced for 2 slots it is 4
     packs, one kind cut in two halves. Near-equal sizes within a kind; slots that the kinds
     cannot fill are left as they are."""
-    space = write(tmp_path, """
-        name: balance
-        trial: {epochs: 5}
-        grid: {bn: [affine, nonaffine, none], seed: [0, 1, 2, 3, 4, 5, 6, 7]}
-        pack: 8
-    """)
+    space = write(tmp_path, BALANCE)
     study = load_study(space)
     one = packs(study)
     assert sorted(map(len, one)) == [8, 8, 8]
@@ -255,12 +258,7 @@ def test_packs_are_balanced_over_the_parallel_slots(tmp_path):
 def test_cells_already_trained_are_left_out_of_the_packs(tmp_path):
     """A study resumed from MLflow alone (runner.trained_cells) packs only the cells left: each
     exactly once, none of the skipped, packs still of one kind and re-balanced over the slots."""
-    space = write(tmp_path, """
-        name: balance
-        trial: {epochs: 5}
-        grid: {bn: [affine, nonaffine, none], seed: [0, 1, 2, 3, 4, 5, 6, 7]}
-        pack: 8
-    """)
+    space = write(tmp_path, BALANCE)
     study = load_study(space)
     skip = frozenset({0, 1, 2, 3, 4, 5, 9, 23})              # most of affine, one nonaffine, one none
     left = packs(study, slots=2, skip=skip)
