@@ -116,6 +116,10 @@ def bound_text(r: dict, unit: str = "") -> str:
         p = f", {p_is(r['p_consistent_adjusted'], 'p_adj')}"
     elif r["state"] == VIOLATED:
         p = f", {p_is(r['p_violated_adjusted'], 'p_adj')}"
+    elif r["state"] == INCONCLUSIVE and r.get("bound_state") in (CONSISTENT, VIOLATED):
+        side, key = ("below", "p_consistent") if r["bound_state"] == CONSISTENT else ("above", "p_violated")
+        p = (f"; the interval alone lies {side} τ ({p_is(r.get(key), 'p')}), but not after Holm's "
+             f"adjustment over the conjecture's groups ({p_is(r.get(key + '_adjusted'), 'p_adj')})")
     ratio = r.get("sd_ratio")
     caveat = ""
     if r.get("sd_model") == "largest" and ratio is not None:

@@ -218,3 +218,27 @@ def test_epsilon_interval_coverage_with_unequal_sds(sds, n_seeds, planted):
         assert excluded_zero / N_STUDIES <= 0.07
     if sds == "one noisy λ" and n_seeds == 3:
         assert covered_pooled / N_STUDIES < 0.9
+
+
+def test_an_interval_beyond_tau_that_holm_does_not_confirm_says_so():
+    """A group whose interval alone lies above τ but whose violation p-value Holm lifts over
+    0.05 (paper_data, mlp_3 non-affine, 3.2.1: [0.1, 0.25] against τ = 0.05, p 0.0099, p_adj
+    0.059) is inconclusive, and its verdict says why; a group Holm confirms names only p_adj."""
+    from analysis import verdict
+    def group(p_violated: float) -> dict:
+        return {"epsilon_hat": 0.18, "ci_low": 0.1, "ci_high": 0.25, "noise_floor": 0.09, "tau": 0.05,
+                "bound_state": bounds.VIOLATED, "p_consistent": 1.0, "p_violated": p_violated, "p_value": 0.001}
+    family = [group(0.03), group(0.04)]
+    verdict.adjust(family)
+    assert [r["p_violated_adjusted"] for r in family] == pytest.approx([0.06, 0.06])
+    for r in family:
+        r["state"] = verdict.bound_state(r)
+        assert r["state"] == bounds.INCONCLUSIVE
+    text = verdict.bound_text(family[0])
+    assert "the interval alone lies above τ (p = 0.03), but not after Holm's adjustment" in text
+    assert "(p_adj = 0.06)" in text
+    confirmed = [group(0.001), group(0.04)]
+    verdict.adjust(confirmed)
+    confirmed[0]["state"] = verdict.bound_state(confirmed[0])
+    assert confirmed[0]["state"] == bounds.VIOLATED
+    assert "interval alone" not in verdict.bound_text(confirmed[0])
