@@ -460,6 +460,8 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         write_marker(exp_dir, study.fingerprint())
         if packed:
             write_marker(exp_dir, str(study.pack_size), PACK_MARKER)
+        else:   # a marker left by an earlier start that saved no Ray state would make a resume pack
+            remove_marker(exp_dir, PACK_MARKER)
     tuner.fit()
     tracker.progress.close()
     if tracker.gave_up or not tracker.flush():
@@ -496,11 +498,17 @@ def check_earlier_run(study: Study, storage: str) -> None:
                          "another --storage-path")
 
 
+def marker_fs(exp_dir: str):
+    """(pyarrow file system, path) of `exp_dir`: a local folder or a URI such as s3://..."""
+    import pyarrow.fs
+    return pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
+
+
 def read_marker(exp_dir: str, name: str = FINGERPRINT_MARKER) -> str | None:
     """A marker of the run that created `exp_dir` (a local folder or a URI): the fingerprint
-    of its definition, or (PACK_MARKER, written only when packed) its trials per Ray trial."""
-    import pyarrow.fs
-    fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
+    of its definition, or (PACK_MARKER, written only when its Ray trials are packs: a packed
+    study, or one that left trained cells out, in packs of one) its trials per Ray trial."""
+    fs, path = marker_fs(exp_dir)
     try:
         with fs.open_input_stream(f"{path}/{name}") as stream:
             return stream.read().decode().strip()
@@ -509,11 +517,18 @@ def read_marker(exp_dir: str, name: str = FINGERPRINT_MARKER) -> str | None:
 
 
 def write_marker(exp_dir: str, value: str, name: str = FINGERPRINT_MARKER) -> None:
-    import pyarrow.fs
-    fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir) if is_uri(exp_dir) else (pyarrow.fs.LocalFileSystem(), exp_dir)
+    fs, path = marker_fs(exp_dir)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{name}") as stream:
         stream.write((value + "\n").encode())
+
+
+def remove_marker(exp_dir: str, name: str) -> None:
+    fs, path = marker_fs(exp_dir)
+    try:
+        fs.delete_file(f"{path}/{name}")
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def clock(seconds: float) -> str:

@@ -192,6 +192,7 @@ def test_study_whose_ray_state_is_lost_trains_only_what_mlflow_lacks(tmp_path, m
     assert (f"{len(trained)} of the 6 trials are already trained in {uri}, which "
             f"{tmp_path / 'ray_results' / 'smoke'} has no Ray state of") in again.stdout
     assert f"starting study smoke: {6 - len(trained)} trials (cpu=1, gpu=0 per trial)" in again.stdout
+    assert (tmp_path / "ray_results" / "smoke" / "nc_study_pack").read_text() == "1\n"   # a resume trains packs of one
     assert f"[  {len(trained) + 1}/6] " in again.stdout and "[  6/6] " in again.stdout, again.stdout
     assert "study smoke: 6 converged, 0 not converged, 0 diverged, 0 failed of 6 trials" in again.stdout, again.stdout
     runs = trial_runs(uri, "smoke")
