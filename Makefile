@@ -44,15 +44,16 @@ REPORTS := fig3_3:fig3_3 depth_sweep:depth_sweep data_complexity:data_complexity
            mnist1d_wd:mnist1d_wd paper_data:paper_data conic_wd:conic_wd fig3_1:fig3_1
 RUNS    ?= $(HOME)/nc-runs
 RUNFLAGS = --tracking-uri sqlite:///$(RUNS)/mlflow.db
-# A study's record carried in git (CARRY/<study>.jsonl.gz, `nc-study export` of a study stopped
-# part-way on a machine that did not last) is imported first when RUNS lacks it; the run then
-# trains only the trials that record does not hold as trained.
-CARRY   := docs/results/carry
+# A study's MLflow record kept in git (RECORDS/<study>.jsonl.gz, `nc-study export`: a finished
+# study's, beside its report, or one stopped part-way on a machine that did not last) is imported
+# first when RUNS lacks the study; the run then trains only the trials it does not hold as
+# trained (none for a finished study: its reports are re-made from the record alone).
+RECORDS := docs/results/records
 reproduce: $(STAMP)
 	mkdir -p $(RUNS)
 	for s in $(STUDIES); do \
-	  if [ -f $(CARRY)/$$s.jsonl.gz ]; then \
-	    $(VENV)/bin/nc-study import $(CARRY)/$$s.jsonl.gz $(RUNFLAGS) --if-absent || exit $$?; fi; \
+	  if [ -f $(RECORDS)/$$s.jsonl.gz ]; then \
+	    $(VENV)/bin/nc-study import $(RECORDS)/$$s.jsonl.gz $(RUNFLAGS) --if-absent || exit $$?; fi; \
 	  $(VENV)/bin/nc-study run search_spaces/$$s.yaml $(RUNFLAGS) --storage-path $(RUNS)/ray_results || exit $$?; done
 	for r in $(REPORTS); do \
 	  out=$${r%%:*}; exps=$$(echo $${r#*:} | tr , ' '); \

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import tempfile
 from pathlib import Path
 
 from .errors import UsageError
@@ -50,6 +51,8 @@ def add_transfer_parsers(sub) -> None:
 # ------------------------------------------------------------------------------ export
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import os
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # one bar per layers.csv otherwise
     from .lease import TAG_DRIVER
     from .tracking import TrackingError, check_uri, find_runs, open_client, resolve_uri
     uri = resolve_uri(args.tracking_uri)
@@ -91,13 +94,14 @@ def run_record(client, run, skip_tags: set[str]) -> dict:
                            ("name", "digest", "source_type", "source", "schema", "profile")},
                "tags": {t.key: t.value for t in d.tags}} for d in run.inputs.dataset_inputs]
     artifacts = {}
-    for item in client.list_artifacts(run_id):
-        if item.is_dir:
-            continue
-        try:
-            artifacts[item.path] = Path(client.download_artifacts(run_id, item.path)).read_text()
-        except UnicodeDecodeError:
-            continue
+    with tempfile.TemporaryDirectory() as folder:
+        for item in client.list_artifacts(run_id):
+            if item.is_dir:
+                continue
+            try:
+                artifacts[item.path] = Path(client.download_artifacts(run_id, item.path, folder)).read_text()
+            except UnicodeDecodeError:
+                continue
     return {"run_id": run_id, "name": run.info.run_name, "status": run.info.status,
             "start_time": run.info.start_time, "end_time": run.info.end_time,
             "params": dict(run.data.params),
