@@ -157,6 +157,15 @@ def _bn_stats(frame: pd.DataFrame) -> str:
     return "; ".join(words.get(k, k) for k in kinds)
 
 
+def _full_collapse(frame: pd.DataFrame) -> str:
+    """nc_score at full collapse, 1 + 1/(C−1), for the study's class counts (the `num_classes`
+    param; 4, the synthetic sets' C, for trials recorded before it was logged)."""
+    counts = (sorted({int(c) for c in frame["num_classes"].dropna()}) if "num_classes" in frame.columns
+              else []) or [4]
+    values = ", ".join(f"{1 + 1 / (c - 1):.3g} for C = {c}" for c in counts)
+    return f"1 + 1/(C−1) ({values})"
+
+
 def _rule(settings: dict) -> str:
     acc = settings.get("min_train_acc", 1.0)
     if acc >= 1.0:
@@ -312,8 +321,8 @@ def write_report(study: Study, analysis: Analysis, figures: list[Path], path: Pa
     groups = ordered(table["group"])
     L: list[str] = [f"# nc-study analysis: {', '.join(study.experiment_ids)}", ""]
     L += [f"> **Partial results:** {line}." for line in partial] + ([""] if partial else [])
-    L += ["nc_score = intra_min − inter_max of the centred cosines of the last hidden block: 4/3 at "
-          "full collapse for C = 4 (1 + 1/(C−1) in general), about 0 or below when the features have "
+    L += ["nc_score = intra_min − inter_max of the centred cosines of the last hidden block: "
+          f"{_full_collapse(study.frame)} at full collapse, about 0 or below when the features have "
           "no class structure.", ""]
     L.append(f"{len(table)} trials ({int((table['status'] == CONVERGED).sum())} converged) in "
              f"{len(groups)} architecture group(s), read from `{study.tracking_uri}`. Only converged trials "

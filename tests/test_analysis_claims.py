@@ -342,6 +342,10 @@ def test_report_has_the_claim_sections_only_with_their_data(tmp_path):
     other = Study(single, study.skipped, {}, {"p": "1"}, "x", "sqlite")
     text = write_report(other, plain, [], tmp_path / "r2.md").read_text()
     assert "## Paper claims" not in text and "Data complexity" not in text
+    assert "(1.33 for C = 4) at full collapse" in text          # no num_classes param: the synthetic C
+    ten = Study(single.assign(num_classes=10), study.skipped, {}, {"p": "1"}, "x", "sqlite")
+    text = write_report(ten, plain, [], tmp_path / "r3.md").read_text()
+    assert "(1.11 for C = 10) at full collapse" in text and "C = 4" not in text.split("## How to read")[0]
     c = conjectures_json(other, plain)["claims"]
     assert not c["data_complexity"]["applies"] and c["data_complexity"]["groups"] == []
     assert not c["alpha_vs_lambda"]["applies"] and not c["nc_vs_loss"]["applies"]
