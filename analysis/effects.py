@@ -10,7 +10,10 @@ converged trials with a finite final metric x (one value per seed):
     ν  = se⁴ / ((s_a²/n_a)²/(n_a − 1) + (s_b²/n_b)²/(n_b − 1))     Welch–Satterthwaite
     d ± t_{ν, (1 + level)/2} · se
 
-One interval per cell, not adjusted for multiplicity; none where a side has < 2 seeds.
+One interval per cell; none where a side has < 2 seeds. A claim such as "a beats b" is read
+over the λ of a set, so each cell also carries its interval at the Bonferroni level
+1 − (1 − level)/m, m = the cells of the same set and pair that have an interval: all m of
+them cover their true differences together with probability ≥ level.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ CLAIM = "affine vs non-affine vs no BN at each λ: differences of seed means of 
 
 def ci_of(metric: str = "nc_score") -> str:
     return (f"difference of seed means of final {metric} (a − b), Welch t-interval, per cell, "
-            "not adjusted for multiplicity")
+            "not adjusted for multiplicity (ci_*_adjusted: Bonferroni over the pair's λ cells in its set)")
 
 
 def set_label(group: str) -> str:
@@ -84,7 +87,8 @@ def compare(label: str, lam: float, a: str, b: str, x_a: np.ndarray, x_b: np.nda
     out = {"set": label, "weight_decay": float(lam), "a": a, "b": b, "n_a": stat["a"]["n"], "n_b": stat["b"]["n"],
            "mean_a": stat["a"]["mean"], "mean_b": stat["b"]["mean"], "sd_a": stat["a"]["sd"], "sd_b": stat["b"]["sd"],
            "diff": None, "ci_low": None, "ci_high": None, "ci_level": level, "ci_of": ci_of(metric),
-           "df": None, "no_interval_reason": reason}
+           "df": None, "no_interval_reason": reason, "ci_low_adjusted": None, "ci_high_adjusted": None,
+           "family_size": None}
     if len(x_a) and len(x_b):
         out["diff"] = stat["a"]["mean"] - stat["b"]["mean"]
     if reason is None:
@@ -104,10 +108,28 @@ def bn_effects(scores: pd.DataFrame, metric: str = "nc_score", level: float = 0.
     for label, sub in rows.groupby("comparison_set", sort=True):
         kinds = set(sub["bn"])
         pairs = [(a, b) for a, b in PAIRS if a in kinds and b in kinds]
-        for lam, cell in sub.groupby("weight_decay", sort=True):
-            out += [compare(label, lam, a, b, seed_values(cell, a, metric), seed_values(cell, b, metric), metric, level)
-                    for a, b in pairs]
+        cells = [(compare(label, lam, a, b, seed_values(cell, a, metric), seed_values(cell, b, metric), metric,
+                          level), seed_values(cell, a, metric), seed_values(cell, b, metric))
+                 for lam, cell in sub.groupby("weight_decay", sort=True) for a, b in pairs]
+        for a, b in pairs:
+            _adjust([c for c in cells if (c[0]["a"], c[0]["b"]) == (a, b)], level)
+        out += [c[0] for c in cells]
     return out
+
+
+def _adjust(family: list[tuple[dict, np.ndarray, np.ndarray]], level: float) -> None:
+    """Give each cell of one set × pair with an interval its Bonferroni interval over those cells."""
+    with_ci = [(e, x_a, x_b) for e, x_a, x_b in family if e["ci_low"] is not None]
+    m = len(with_ci)
+    for e, x_a, x_b in with_ci:
+        _, low, high, _ = welch_interval(x_a, x_b, 1 - (1 - level) / m)
+        e |= {"ci_low_adjusted": float(low), "ci_high_adjusted": float(high), "family_size": m}
+
+
+def beyond_zero_adjusted(effect: dict) -> bool:
+    """Whether the cell's Bonferroni interval excludes 0."""
+    low, high = effect.get("ci_low_adjusted"), effect.get("ci_high_adjusted")
+    return low is not None and (low > 0 or high < 0)
 
 
 def cell_text(effect: dict) -> str:
@@ -116,4 +138,5 @@ def cell_text(effect: dict) -> str:
         return "—"
     if effect["ci_low"] is None or (isinstance(effect["ci_low"], float) and math.isnan(effect["ci_low"])):
         return f"{num(effect['diff'])} (no CI: {effect['no_interval_reason']})"
-    return f"{num(effect['diff'])} {interval(effect['ci_low'], effect['ci_high'])}"
+    mark = " ‡" if beyond_zero_adjusted(effect) else ""
+    return f"{num(effect['diff'])} {interval(effect['ci_low'], effect['ci_high'])}{mark}"

@@ -202,7 +202,11 @@ def _bn_effects_section(cells: list[dict]) -> list[str]:
         return []
     L = ["## BN kind: effect sizes at each λ", "",
          "Difference of seed means of the final nc_score between BN kinds (first minus second), with a "
-         "Welch 95 % t-interval per cell, not adjusted for multiplicity; converged trials only.", ""]
+         "Welch 95 % t-interval per cell; converged trials only. **‡**: the difference is shown after "
+         "multiplicity control, its Bonferroni interval over the row's cells with an interval (level "
+         "1 − 0.05/m, in conjectures.json as `ci_low_adjusted`, `ci_high_adjusted`, `family_size` m) "
+         "excluding 0. Read a row's claim (\"a beats b\") from the ‡ cells, not from the unadjusted "
+         "intervals.", ""]
     for label in sorted({c["set"] for c in cells}):
         mine = [c for c in cells if c["set"] == label]
         lams = sorted({c["weight_decay"] for c in mine})

@@ -79,6 +79,35 @@ def test_welch_interval_covers_at_nominal_level():
     assert 0.93 <= coverage <= 0.97
 
 
+def test_bonferroni_interval_over_a_rows_cells_by_hand():
+    """m counts the cells of one set × pair that have an interval; each adjusted interval is
+    the hand-computed Welch interval at level 1 − 0.05/m and contains the unadjusted one."""
+    scores = table({("bn=affine", lam, "converged"): [v + k for v in A] for k, lam in enumerate((1e-4, 1e-3, 1e-2))}
+                   | {("bn=none", lam, "converged"): Z for lam in (1e-4, 1e-3)}
+                   | {("bn=none", 1e-2, "converged"): [0.3]})          # one seed: no interval, not counted
+    out = {e["weight_decay"]: e for e in effects.bn_effects(scores)}
+    assert out[1e-2]["ci_low_adjusted"] is None and out[1e-2]["family_size"] is None
+    for k, lam in enumerate((1e-4, 1e-3)):
+        e = out[lam]
+        d, low, high, _ = hand_welch([v + k for v in A], Z, 1 - 0.05 / 2)
+        assert e["family_size"] == 2
+        assert (e["ci_low_adjusted"], e["ci_high_adjusted"]) == (pytest.approx(low, rel=1e-12), pytest.approx(high, rel=1e-12))
+        assert e["ci_low_adjusted"] < e["ci_low"] and e["ci_high"] < e["ci_high_adjusted"]
+
+
+def test_bonferroni_row_holds_its_family_level_where_cells_alone_do_not():
+    """No true difference in any of m = 5 cells (3 vs 3 seeds): the chance that some cell's
+    95 % interval excludes 0 is well above 0.05 (at most 1 − 0.95^5 ≈ 0.23; about 0.15, as Welch
+    is conservative at 3 seeds a side), and ≤ 0.05 with the adjusted intervals."""
+    rng = np.random.default_rng(1)
+    x_a, x_b = rng.normal(0.5, 0.05, (2, 4000, 5, 3))
+    _, low, high, _ = effects.welch_interval(x_a, x_b)
+    _, low_adj, high_adj, _ = effects.welch_interval(x_a, x_b, 1 - 0.05 / 5)
+    unadjusted = np.mean(((low > 0) | (high < 0)).any(axis=1))
+    adjusted = np.mean(((low_adj > 0) | (high_adj < 0)).any(axis=1))
+    assert unadjusted > 0.12 and adjusted <= 0.055
+
+
 def test_one_seed_and_no_converged_side_give_no_interval():
     scores = table({("bn=affine", 1e-3, "converged"): A, ("bn=nonaffine", 1e-3, "converged"): [0.5],
                     ("bn=none", 1e-3, "not_converged"): Z,
@@ -108,7 +137,8 @@ def test_non_converged_trials_are_excluded():
     assert len(clean_out) == len(noisy_out) == 1
     assert noisy_out == clean_out
     assert (noisy_out[0]["n_a"], noisy_out[0]["n_b"]) == (len(A), len(Z))
-    assert effects.cell_text(noisy_out[0]).endswith("]")
+    assert effects.cell_text(noisy_out[0]).endswith("] ‡")     # one cell: Bonferroni over m = 1 changes nothing
+    assert (noisy_out[0]["ci_low_adjusted"], noisy_out[0]["family_size"]) == (noisy_out[0]["ci_low"], 1)
 
 
 def test_nan_final_value_and_zero_variance():
