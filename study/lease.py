@@ -77,6 +77,14 @@ def describe(lease: dict, now: float | None = None) -> str:
             f"last heard {max(0, now - float(lease['beat'])):.0f} s ago)")
 
 
+def collided(exc: Exception) -> bool:
+    """Whether a failed tag write is two drivers inserting the same new tag at once, which the
+    server's database refuses by its unique key (SQLite: "UNIQUE constraint failed",
+    PostgreSQL: "duplicate key value violates unique constraint", MySQL: "Duplicate entry")."""
+    text = str(exc).lower()
+    return "unique constraint" in text or "duplicate entry" in text
+
+
 def busy_error(study_name: str, lease: dict) -> UsageError:
     return UsageError(
         f"study {study_name} is being run by another driver, {describe(lease)}; wait for it to end or stop it "
@@ -112,15 +120,26 @@ class Lease:
     def _write(self) -> None:
         self.client.set_tag(self.parent_id, TAG_DRIVER, json.dumps(self.me | {"beat": time.time()}))
 
+    def _claim(self) -> bool:
+        """Write this driver's lease; False when a racing driver's first write of the tag won
+        the server store's unique key on (run, tag) and this one was refused."""
+        try:
+            self._write()
+            return True
+        except Exception as exc:              # noqa: BLE001 - MLflow's REST error, matched by its text
+            if self.serialised or not collided(exc):
+                raise
+            return False
+
     def acquire(self) -> None:
         lease = self.current()
         if is_live(lease) and lease["token"] != self.me["token"]:
             raise busy_error(self.study_name, lease)
-        self._write()
+        wrote = self._claim()
         if not self.serialised:               # a racing driver may have written after us: last write wins
             time.sleep(SETTLE_S)
             lease = self.current()
-            if lease is None or lease["token"] != self.me["token"]:
+            if not wrote or lease is None or lease["token"] != self.me["token"]:
                 raise busy_error(self.study_name, lease or self.me)
 
     def start(self, renew_s: float = RENEW_S) -> None:

@@ -104,6 +104,21 @@ def test_a_malformed_lease_tag_holds_nothing(record):
     Lease(client, parent_id, "smoke", serialised=True).acquire()
 
 
+def test_a_tag_write_refused_by_the_servers_unique_key_is_a_lost_race():
+    """Two racers inserting the lease tag at once: the server's database keeps the first and
+    answers the second with its unique-key error (seen under load: SQLite behind `mlflow
+    server`); that driver has lost the race, any other failure is not."""
+    from mlflow.exceptions import RestException
+    from study.lease import collided
+    sqlite = RestException({"error_code": "BAD_REQUEST", "message": "(sqlite3.IntegrityError) UNIQUE constraint "
+                            "failed: tags.key, tags.run_uuid [SQL: INSERT INTO tags (\"key\", value, run_uuid)]"})
+    postgres = RestException({"error_code": "BAD_REQUEST", "message": "(psycopg2.errors.UniqueViolation) duplicate "
+                              "key value violates unique constraint \"tag_pk\""})
+    outage = RestException({"error_code": "INTERNAL_ERROR", "message": "database is locked"})
+    assert collided(sqlite) and collided(postgres) and not collided(outage)
+    assert not collided(ConnectionError("Connection refused"))
+
+
 RACER = """
 import sys, time
 from study.lease import Lease
