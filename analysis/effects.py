@@ -108,9 +108,11 @@ def bn_effects(scores: pd.DataFrame, metric: str = "nc_score", level: float = 0.
     for label, sub in rows.groupby("comparison_set", sort=True):
         kinds = set(sub["bn"])
         pairs = [(a, b) for a, b in PAIRS if a in kinds and b in kinds]
-        cells = [(compare(label, lam, a, b, seed_values(cell, a, metric), seed_values(cell, b, metric), metric,
-                          level), seed_values(cell, a, metric), seed_values(cell, b, metric))
-                 for lam, cell in sub.groupby("weight_decay", sort=True) for a, b in pairs]
+        cells = []                            # (effect, x_a, x_b) per λ × pair
+        for lam, cell in sub.groupby("weight_decay", sort=True):
+            for a, b in pairs:
+                x_a, x_b = seed_values(cell, a, metric), seed_values(cell, b, metric)
+                cells.append((compare(label, lam, a, b, x_a, x_b, metric, level), x_a, x_b))
         for a, b in pairs:
             _adjust([c for c in cells if (c[0]["a"], c[0]["b"]) == (a, b)], level)
         out += [c[0] for c in cells]
