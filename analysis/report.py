@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from study.config import SYNTHETIC_NUM_CLASSES
 from study.schema import KIND_STUDY, TAG_KIND
 
 from . import claims, depth, effdepth, effects, stats, theorem, wd
@@ -161,7 +162,7 @@ def _full_collapse(frame: pd.DataFrame) -> str:
     """nc_score at full collapse, 1 + 1/(C−1), for the study's class counts (the `num_classes`
     param; 4, the synthetic sets' C, for trials recorded before it was logged)."""
     counts = (sorted({int(c) for c in frame["num_classes"].dropna()}) if "num_classes" in frame.columns
-              else []) or [4]
+              else []) or [SYNTHETIC_NUM_CLASSES]
     values = ", ".join(f"{1 + 1 / (c - 1):.3g} for C = {c}" for c in counts)
     return f"1 + 1/(C−1) ({values})"
 

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from study.config import SYNTHETIC_NUM_CLASSES
+
 from . import stats
 from .verdict import CONTRADICTED, INSUFFICIENT, SUPPORTED, num
 from .frame import by_group
@@ -61,7 +63,7 @@ def evaluations(frame: pd.DataFrame) -> pd.DataFrame:
     rows = rows[np.isfinite(rows["loss_gap"].to_numpy(float)) & _bias_free(rows)]
     out = rows.reindex(columns=cols).reset_index(drop=True)
     C = (rows["num_classes"].to_numpy(float) if "num_classes" in rows.columns
-         else np.full(len(rows), 4.0))
+         else np.full(len(rows), float(SYNTHETIC_NUM_CLASSES)))
     gap = np.clip(out["loss_gap"].to_numpy(float), 0, None)
     with np.errstate(divide="ignore", invalid="ignore"):
         out["x_intra"] = np.sqrt(gap) / (out["alpha"].to_numpy(float) * out["beta"].to_numpy(float))
