@@ -53,9 +53,27 @@ def grid(n: int, max_cols: int = 4, sharey: bool = False, legend_rows: int = 0) 
     return fig, axes[:n]
 
 
+class NarrowLogLocator(matplotlib.ticker.LogLocator):
+    """Ticks at the powers of 10, and where the view spans too little for two of them (a
+    λ grid like 3e-4, 5e-4), at 1, 2, 3, 5 (else 1 to 9) times them: minor ticks, which
+    would otherwise label such an axis, are off (`_log_x`)."""
+
+    def tick_values(self, vmin, vmax):
+        low, high = sorted((vmin, vmax))
+        if low > 0 and np.isfinite(high) and high / low < 100:
+            decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+            for mantissas in ((1,), (1, 2, 3, 5), range(1, 10)):
+                ticks = [m * 10.0 ** k for k in decades for m in mantissas if low <= m * 10.0 ** k <= high]
+                if len(ticks) >= 2:
+                    return np.array(ticks)
+        return super().tick_values(vmin, vmax)
+
+
 def _log_x(ax) -> None:
-    # no minor ticks: on log axes they cost most of the drawing time and add nothing here
+    # no minor ticks: on log axes they cost most of the drawing time and add nothing here;
+    # a view too narrow for two powers of 10 is labelled by NarrowLogLocator instead
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(NarrowLogLocator())
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
@@ -468,6 +486,7 @@ def _rate_panel(ax, rows: pd.DataFrame, relation: str, colors: dict) -> None:
     x, y = rows[x_col].to_numpy(float)[on], rows[y_col].to_numpy(float)[on]
     _log_x(ax)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(NarrowLogLocator())
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name)

@@ -215,3 +215,25 @@ def test_markdown_html_tables_lists_inline_and_embedded_images(tmp_path):
     assert '<a href="missing.png">gone</a>' in page
     assert "th { white-space: nowrap" in page and "overflow-x: auto" in page
     assert "<a>" not in page and "<b>" not in page
+
+
+def _xtick_labels(fig, panel: int = 0) -> list[tuple[float, str]]:
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[panel]
+    low, high = ax.get_xlim()
+    return [(round(t.get_position()[0], 12), t.get_text()) for t in ax.get_xticklabels()
+            if t.get_text() and low <= t.get_position()[0] <= high]
+
+
+def test_a_lambda_axis_narrower_than_a_decade_still_names_its_lambdas():
+    """Minor ticks are off, so a λ grid within one decade (3e-4, 5e-4: no power of 10 in view)
+    had an x axis without a single label; it gets ticks at its 1-2-3-5 values. A grid over
+    decades keeps the powers of 10 alone."""
+    def scores(lams):
+        return pd.DataFrame([dict(group="bn=none", status="converged", weight_decay=lam, nc_score=0.5 + 0.01 * s)
+                             for lam in lams for s in range(3)])
+    result = [dict(group="bn=none", state="control", epsilon_hat=0.0, tau=0.1, statistic=0.0)]
+    narrow = _xtick_labels(figures.conjecture_3_1_1(scores([3e-4, 5e-4]), result))
+    assert [x for x, _ in narrow] == [3e-4, 5e-4]
+    wide = _xtick_labels(figures.conjecture_3_1_1(scores([1e-4, 1e-3, 1e-2]), result))
+    assert [x for x, _ in wide] == [1e-4, 1e-3, 1e-2]
