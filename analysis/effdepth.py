@@ -57,6 +57,12 @@ def per_trial(frame: pd.DataFrame, epsilons=EPSILONS) -> pd.DataFrame:
     return table
 
 
+def largest_rise(rows: pd.DataFrame) -> float:
+    """The most the mean effective depth can rise between two λ: d runs from block 1 to
+    L = n_blocks + 1 (no block under ε), a rise of at most n_blocks (the largest over rows)."""
+    return float(np.nanmax(rows["n_blocks"].to_numpy(float)))
+
+
 def depth_column(epsilon: float) -> str:
     return f"d_{epsilon:g}"
 
@@ -89,7 +95,8 @@ def test_group(rows: pd.DataFrame, epsilon: float, tau: float = TAUS["conjecture
            "ci_of": ("epsilon (largest rise of the mean effective depth, blocks): max-t simultaneous "
                      "t-intervals, pooled within-λ SD (the largest per-λ SD where Hartley's check finds "
                      "them unequal: sd_model), for every λ pair's rise; [max of lower ends, max of "
-                     "upper ends], clipped at 0"),
+                     "upper ends], clipped at 0 and at L - 1 blocks, the largest rise possible "
+                     "(d lies in 1 .. L for L - 1 measured blocks; the interval keeps its level)"),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of d_{epsilon:g} vs λ (trials)", "p_value": None,
            "set_by": [], "violating_pairs": [], "n_violating_trial_pairs": None, "n_trial_pairs": None,
@@ -107,6 +114,8 @@ def test_group(rows: pd.DataFrame, epsilon: float, tau: float = TAUS["conjecture
     trend = stats.spearman_test(lam, d, n_perm, seed)
     earlier = lam[:, None] < lam[None, :]
     out |= bounds.pair_bound(strata, np.full((len(levels), len(levels)), -1.0), tau, seed=seed)
+    if out["ci_high"] is not None:       # ε lies in [0, largest rise]: cutting there keeps coverage
+        out["ci_high"] = min(out["ci_high"], largest_rise(used))
     out |= {"epsilon_hat": float(eps_hat), "statistic": trend.statistic, "p_value": trend.p_value,
             "violating_pairs": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]),
                                  "depth_1": float(means[i]), "depth_2": float(means[j])} for i, j in pairs],

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import depth, effdepth, theorem, wd
+from analysis import bounds, depth, effdepth, theorem, wd
 from analysis.report import run_tests
 from study.metrics import effective_depth as study_effective_depth
 
@@ -250,6 +250,22 @@ def test_322_strictly_falling_depth_is_supported():
     [r] = results
     assert r["statistic"] == pytest.approx(-1.0, abs=0.05) and r["p_value"] < 0.01
     assert r["trend"] == "supported" and r["violating_pairs"] == [] and r["n_violating_trial_pairs"] == 0
+
+
+def test_322_interval_stops_at_the_largest_rise_the_depth_allows():
+    """d_0.01 lies in 1 .. 6 for 5 blocks, so the mean depth can rise by 5 blocks at most.
+    Two seeds that disagree by 4 blocks at one λ (the largest-SD interval, 1 df) give an upper
+    end far above that; it is cut at 5, and the verdict (against τ = 0.5) stays inconclusive."""
+    plan = {1e-4: [(1, 1), (1, 1)], 1e-3: [(1, 1), (5, 5)], 1e-2: [(2, 2), (2, 2)]}
+    trials = [{"weight_decay": lam, "seed": s, "S": 0.5, "layers": {"ncc_acc": ncc_curve(*d)}}
+              for lam, ds in plan.items() for s, d in enumerate(ds)]
+    frame = planted_frame(trials)
+    [r], table = effdepth.conjecture_3_2_2(frame, (0.01,), n_perm=99)
+    assert r["sd_model"] == "largest"
+    strata = [table.loc[table["weight_decay"] == lam, "d_0.01"].to_numpy(float) for lam in sorted(plan)]
+    unclipped = bounds.pair_bound(strata, np.full((3, 3), -1.0), r["tau"])["ci_high"]
+    assert unclipped > 5 and r["ci_high"] == 5.0 and r["ci_low"] == 0.0
+    assert r["state"] == "inconclusive" and "[0, 5]" in r["verdict"]
 
 
 # ------------------------------------------------------------------ Theorem 2.3.1
