@@ -26,6 +26,11 @@ from .frame import CONVERGED, by_group, exclusion_counts, final_layers, trials
 from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_1"
+# nc_score = intra_min - inter_max lies in [-1, 1 + 1/(C-1)]: intra_c = ||u-bar_c||^2 is in
+# [0, 1], inter_max in [-1/(C-1), 1] (the C(C-1) inner products sum to ||sum_c u-bar_c||^2 -
+# sum_c ||u-bar_c||^2 >= -C). So no drop exceeds 2 + 1/(C-1), at most 3 (C >= 2, whatever
+# classes a layer lacks).
+NC_SCORE_SPAN = 3.0
 MIN_MODELS, MIN_LAMBDA_MODELS = 1, 3
 
 
@@ -99,7 +104,9 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS
            "ci_level": bounds.LEVEL,
            "ci_of": ("epsilon = max over λ and block steps of the seed-mean drop S_l − S_{l+1}: Bonferroni "
                      "t-intervals over every (λ, step), per-step pooled within-λ SD; [max of lower ends, "
-                     "max of upper ends], clipped at 0"),
+                     "max of upper ends], clipped at 0" + (
+                         f" and at {NC_SCORE_SPAN:g}, the largest drop nc_score allows (it lies in "
+                         "[-1, 1 + 1/(C-1)], C >= 2; the interval keeps its level)" if metric == "nc_score" else "")),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"mean per-model Spearman rho of {metric} vs block index",
            "p_value": None, "lambda_rho": None, "lambda_p": None, "share_nondecreasing": None,
@@ -129,6 +136,8 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS
     drops = [curves[lam == level, :-1] - curves[lam == level, 1:] for level in np.unique(lam)]
     out["epsilon_hat"] = max(0.0, float(max(d.mean(axis=0).max() for d in drops)))
     out |= bounds.step_bound(drops, tau, seed=seed)
+    if metric == "nc_score" and out["ci_high"] is not None:    # ε lies in [0, span]: cutting keeps coverage
+        out["ci_high"] = min(out["ci_high"], NC_SCORE_SPAN)
     if len(used) >= MIN_LAMBDA_MODELS and len(np.unique(lam)) >= 2:
         by_lambda = stats.spearman_test(lam, eps, n_perm, seed)
         out["lambda_rho"], out["lambda_p"] = by_lambda.statistic, by_lambda.p_value

@@ -208,6 +208,45 @@ def ncc_curve(d05: int, d01: int, n_blocks: int = 5) -> np.ndarray:
     return np.where(l >= d01, 0.995, np.where(l >= d05, 0.96, 0.9))
 
 
+def test_nc_score_never_leaves_its_range_so_no_drop_exceeds_three():
+    """nc_score = intra_min - inter_max lies in [-1, 1 + 1/(C-1)] (docstring of
+    depth.NC_SCORE_SPAN), measured by study.metrics on random, collapsed (simplex),
+    antipodal-within-class and all-in-one-direction features, C = 2 .. 10."""
+    from study.metrics import class_stats, cosine_matrix, cosine_summary
+    import torch
+    rng = np.random.default_rng(0)
+    seen = []
+    for C in (2, 3, 4, 10):
+        y = np.repeat(np.arange(C), 6)
+        simplex = np.eye(C) - 1 / C
+        cases = [rng.standard_normal((len(y), 12)),                              # no structure
+                 simplex[y] @ rng.standard_normal((C, 12)),                      # full collapse
+                 np.where((np.arange(len(y)) % 2)[:, None] == 0, 1, -1) * rng.standard_normal((1, 12)),
+                 np.abs(rng.standard_normal((len(y), 12))) + 5]                  # one direction
+        for H in cases:
+            stats = class_stats(torch.tensor(H), torch.tensor(y))
+            score = cosine_summary(cosine_matrix(stats), stats.n)["nc_score"]
+            assert -1 - 1e-12 <= score <= 1 + 1 / (C - 1) + 1e-12
+            seen.append(score)
+    assert max(seen) == pytest.approx(1 + 1 / (2 - 1))                         # the simplex at C = 2 reaches it
+    assert 2 + 1 / (2 - 1) <= depth.NC_SCORE_SPAN
+
+
+def test_321_interval_stops_at_the_largest_drop_nc_score_allows():
+    """Two models per λ that disagree wildly at one step (df = 1 with the largest SD) give an
+    upper end far above the 3 that nc_score's range allows; it is cut at 3."""
+    rng = np.random.default_rng(1)
+    trials = [{"weight_decay": lam, "seed": s, "S": 0.5,
+               "layers": {"nc_score": np.array([0.1, 0.2, 0.3, 0.4]) + (0.9 * s if lam == 1e-2 else 0)
+                          * np.array([0, 0, 1, -1]) + 0.001 * rng.standard_normal(4)}}
+              for lam in (1e-4, 1e-3, 1e-2) for s in range(2)]
+    [r], models = depth.conjecture_3_2_1(planted_frame(trials, depth_=5), n_perm=99)
+    drops = [np.stack(models.loc[models["weight_decay"] == lam, "curve"].to_list()) for lam in (1e-4, 1e-3, 1e-2)]
+    unclipped = bounds.step_bound([c[:, :-1] - c[:, 1:] for c in drops], r["tau"])["ci_high"]
+    assert unclipped > depth.NC_SCORE_SPAN and r["ci_high"] == depth.NC_SCORE_SPAN
+    assert r["state"] == "inconclusive" and "at 3, the largest drop" in r["ci_of"]
+
+
 def test_322_effective_depth_matches_study_metrics():
     rng = np.random.default_rng(0)
     for _ in range(50):
