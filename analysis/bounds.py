@@ -54,6 +54,13 @@ SD_TEST_LEVEL = 0.90      # the equal-SD check's quantile (Hartley's F_max, simu
 CONSISTENT, VIOLATED, INCONCLUSIVE = "consistent", "violated", "inconclusive"
 
 
+# nc_score = intra_min - inter_max lies in [-1, 1 + 1/(C-1)]: intra_c = ||u-bar_c||^2 is in
+# [0, 1], inter_max in [-1/(C-1), 1] (the C(C-1) inner products sum to ||sum_c u-bar_c||^2 -
+# sum_c ||u-bar_c||^2 >= -C). So no change of it exceeds 2 + 1/(C-1), at most 3 (C >= 2,
+# whatever classes a layer lacks): an interval for a drop may be cut there, keeping its level.
+NC_SCORE_SPAN = 3.0
+
+
 def sd_ratio(strata: list[np.ndarray]) -> float | None:
     """Largest over smallest SD among the settings with >= 2 values (None if fewer than two)."""
     sds = [float(np.std(x, ddof=1)) for x in strata if len(x) > 1]

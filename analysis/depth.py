@@ -22,15 +22,11 @@ import numpy as np
 import pandas as pd
 
 from . import bounds, stats
+from .bounds import NC_SCORE_SPAN
 from .frame import CONVERGED, by_group, exclusion_counts, final_layers, trials
 from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_1"
-# nc_score = intra_min - inter_max lies in [-1, 1 + 1/(C-1)]: intra_c = ||u-bar_c||^2 is in
-# [0, 1], inter_max in [-1/(C-1), 1] (the C(C-1) inner products sum to ||sum_c u-bar_c||^2 -
-# sum_c ||u-bar_c||^2 >= -C). So no drop exceeds 2 + 1/(C-1), at most 3 (C >= 2, whatever
-# classes a layer lacks).
-NC_SCORE_SPAN = 3.0
 MIN_MODELS, MIN_LAMBDA_MODELS = 1, 3
 
 

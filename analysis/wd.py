@@ -110,7 +110,9 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
            "ci_of": ("epsilon (the conjecture's ε): max-t simultaneous t-intervals, pooled within-λ seed SD "
                      "(the largest per-λ SD where Hartley's check finds them unequal: sd_model), for every λ "
                      "pair's drop of the seed mean / log(λ2/λ1); [max of lower ends, max of upper ends], "
-                     "clipped at 0"),
+                     "clipped at 0" + (f" and at {bounds.NC_SCORE_SPAN:g} / log(λ2/λ1) of the closest λ pair, the "
+                                       "largest drop nc_score's range allows (the interval keeps its level)"
+                                       if metric == "nc_score" else "")),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of {metric} vs log λ (trials)",
            "p_value": None, "jonckheere_J": None, "jonckheere_z": None, "jonckheere_p": None,
@@ -128,7 +130,11 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
     eps, pairs = epsilon_hat(levels, means)
     trend = stats.spearman_test(np.log(lam), S, n_perm, seed)
     jt, z = stats.jonckheere_test(S, lam, n_perm, seed)
-    out |= bounds.pair_bound(strata, bounds.log_lambda_weights(levels), tau, seed=seed)
+    weights = bounds.log_lambda_weights(levels)
+    out |= bounds.pair_bound(strata, weights, tau, seed=seed)
+    if metric == "nc_score" and out["ci_high"] is not None:    # ε lies in [0, that]: cutting keeps coverage
+        closest = np.max(weights[np.triu_indices(len(levels), k=1)])
+        out["ci_high"] = min(out["ci_high"], bounds.NC_SCORE_SPAN * float(closest))
     out |= {"epsilon_hat": eps, "statistic": trend.statistic,
             "p_value": trend.p_value, "jonckheere_J": jt.statistic, "jonckheere_z": z, "jonckheere_p": jt.p_value,
             "set_by": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]), "S_1": float(means[i]),

@@ -160,6 +160,19 @@ def test_311_holm_within_the_family_and_the_lambda_range():
     assert "no converged trial at λ 0.01" in first["verdict"] and "λ 0.0001–0.003 (5 values)" in first["verdict"]
 
 
+def test_311_interval_stops_at_the_largest_drop_nc_score_allows():
+    """With λ = 1e-4, 2e-4, 1e-2 the steepest possible fall is nc_score's whole range, 3, over
+    log 2 (the closest pair); two seeds 1.6 apart at one λ (the largest SD, 1 df) give an
+    upper end far above that, and it is cut there."""
+    trials = [{"weight_decay": lam, "seed": s, "S": S} for lam, pair in
+              {1e-4: (0.5, 0.5001), 2e-4: (0.5, 0.5002), 1e-2: (-0.6, 1.0)}.items() for s, S in enumerate(pair)]
+    [r] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=99)
+    strata = [np.array(p) for p in ((0.5, 0.5001), (0.5, 0.5002), (-0.6, 1.0))]
+    unclipped = bounds.pair_bound(strata, bounds.log_lambda_weights(np.array([1e-4, 2e-4, 1e-2])), r["tau"])
+    assert unclipped["ci_high"] > 3 / math.log(2)
+    assert r["ci_high"] == pytest.approx(3 / math.log(2)) and r["state"] == "inconclusive"
+
+
 # ------------------------------------------------------------------ Conjecture 3.2.1
 
 def test_321_model_epsilon_on_a_known_dip():
@@ -200,14 +213,6 @@ def test_321_group_on_curves_with_a_known_dip():
     assert len(models) == 12
 
 
-# ------------------------------------------------------------------ Conjecture 3.2.2
-
-def ncc_curve(d05: int, d01: int, n_blocks: int = 5) -> np.ndarray:
-    """NCC accuracy per block: error 0.1 before block d05, 0.04 from d05, 0.005 from d01."""
-    l = np.arange(1, n_blocks + 1)
-    return np.where(l >= d01, 0.995, np.where(l >= d05, 0.96, 0.9))
-
-
 def test_nc_score_never_leaves_its_range_so_no_drop_exceeds_three():
     """nc_score = intra_min - inter_max lies in [-1, 1 + 1/(C-1)] (docstring of
     depth.NC_SCORE_SPAN), measured by study.metrics on random, collapsed (simplex),
@@ -245,6 +250,14 @@ def test_321_interval_stops_at_the_largest_drop_nc_score_allows():
     unclipped = bounds.step_bound([c[:, :-1] - c[:, 1:] for c in drops], r["tau"])["ci_high"]
     assert unclipped > depth.NC_SCORE_SPAN and r["ci_high"] == depth.NC_SCORE_SPAN
     assert r["state"] == "inconclusive" and "at 3, the largest drop" in r["ci_of"]
+
+
+# ------------------------------------------------------------------ Conjecture 3.2.2
+
+def ncc_curve(d05: int, d01: int, n_blocks: int = 5) -> np.ndarray:
+    """NCC accuracy per block: error 0.1 before block d05, 0.04 from d05, 0.005 from d01."""
+    l = np.arange(1, n_blocks + 1)
+    return np.where(l >= d01, 0.995, np.where(l >= d05, 0.96, 0.9))
 
 
 def test_322_effective_depth_matches_study_metrics():
