@@ -69,12 +69,18 @@ class NarrowLogLocator(matplotlib.ticker.LogLocator):
         return super().tick_values(vmin, vmax)
 
 
+def _narrow_log(axis) -> None:
+    """`NarrowLogLocator`'s ticks on a log axis, every one labelled (the stock formatter
+    labels only some of 1 to 9 on a view under a decade), and no minor ticks: on log axes
+    they cost most of the drawing time and add nothing here."""
+    axis.set_major_locator(NarrowLogLocator())
+    axis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation(minor_thresholds=(math.inf, math.inf)))
+    axis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def _log_x(ax) -> None:
-    # no minor ticks: on log axes they cost most of the drawing time and add nothing here;
-    # a view too narrow for two powers of 10 is labelled by NarrowLogLocator instead
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(NarrowLogLocator())
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    _narrow_log(ax.xaxis)
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -154,6 +160,13 @@ def _empty_note(ax, rows: pd.DataFrame) -> None:
             fontsize=8, color="0.3", transform=ax.transAxes)
 
 
+def _lambda_span(ax, rows: pd.DataFrame) -> None:
+    """An empty λ panel spans its trials' λ (else its axis would show a meaningless 1 to 10)."""
+    lams = rows.loc[rows["weight_decay"] > 0, "weight_decay"].to_numpy(float)
+    if len(lams):
+        ax.set_xlim(lams.min() / 1.5, lams.max() * 1.5)
+
+
 def _handles(axes) -> dict:
     """label -> handle over every panel, first one wins (for one figure legend)."""
     out = {}
@@ -218,6 +231,7 @@ def fig3_1(finals: pd.DataFrame) -> Figure:
                                 f"{metric}{name}", colour[rest[kind, group]], style)
         if sub.empty:
             _empty_note(ax, finals[finals["bn"] == kind])
+            _lambda_span(ax, finals[finals["bn"] == kind])
         marked |= _mark_failures(ax, finals[finals["bn"] == kind])
         _log_x(ax)
         ax.set_title(f"bn = {kind}")
@@ -327,6 +341,8 @@ def conjecture_3_1_1(scores: pd.DataFrame, results: list[dict], metric: str = "n
                     label="λ pair that sets ε̂")
         if g.empty:
             _empty_note(ax, every)
+            _lambda_span(ax, every)
+            _mark_failures(ax, every)
         elif _mark_failures(ax, every):
             _headroom(ax)
         r = by_group[group]
@@ -360,6 +376,8 @@ def alpha_vs_lambda(alphas: pd.DataFrame, results: list[dict]) -> Figure:
         ax.plot(means.index, means.values, "-", color="C0", label="seed mean")
         if g.empty:
             _empty_note(ax, every)
+            _lambda_span(ax, every)
+            _mark_failures(ax, every)
         else:
             ax.set_yscale("log")
             ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -396,6 +414,7 @@ def conjecture_3_2_1(models: pd.DataFrame) -> Figure:
         ax.plot(med.index, med.values, "-", color="C1", label="median over seeds")
         if g.empty:
             _empty_note(ax, every)
+            _lambda_span(ax, every)
         marked |= _mark_failures(ax, every)
         if (every["weight_decay"] > 0).all() and len(every):
             _log_x(ax)
@@ -432,6 +451,7 @@ def conjecture_3_2_2(depths: pd.DataFrame, epsilons) -> Figure:
             ax.plot(means.index, means.values, "-", color=f"C{i}", label=f"ε = {eps:g}")
         if g.empty:
             _empty_note(ax, every)
+            _lambda_span(ax, every)
         marked |= _mark_failures(ax, every)
         if len(every) and (every["weight_decay"] > 0).all():
             _log_x(ax)
@@ -486,8 +506,7 @@ def _rate_panel(ax, rows: pd.DataFrame, relation: str, colors: dict) -> None:
     x, y = rows[x_col].to_numpy(float)[on], rows[y_col].to_numpy(float)[on]
     _log_x(ax)
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(NarrowLogLocator())
-    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    _narrow_log(ax.yaxis)
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name)
     if not len(x):

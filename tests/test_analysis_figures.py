@@ -237,3 +237,24 @@ def test_a_lambda_axis_narrower_than_a_decade_still_names_its_lambdas():
     assert [x for x, _ in narrow] == [3e-4, 5e-4]
     wide = _xtick_labels(figures.conjecture_3_1_1(scores([1e-4, 1e-3, 1e-2]), result))
     assert [x for x, _ in wide] == [1e-4, 1e-3, 1e-2]
+    # every tick of a narrow view is labelled (the stock formatter skips 5 x 10^-4 here)
+    three = _xtick_labels(figures.conjecture_3_1_1(scores([3e-4, 5e-4, 1e-3]), result))
+    assert [x for x, _ in three] == [3e-4, 5e-4, 1e-3]
+
+
+def test_a_panel_with_nothing_converged_spans_its_trials_lambdas():
+    """An empty panel's λ axis covers its group's λ, instead of matplotlib's empty default of
+    1 to 10: from its failure marks where trials failed, else (all still running) set so."""
+    status = {"bn=affine": "converged", "bn=nonaffine": "not_converged", "bn=none": "running"}
+    rows = pd.DataFrame([dict(group=g, status=st, weight_decay=lam, nc_score=0.5)
+                         for g, st in status.items() for lam in (1e-3, 1e-2)])
+    results = [dict(group=g, state="inconclusive", epsilon_hat=0.0, tau=0.1, statistic=0.0) for g in status]
+    fig = figures.conjecture_3_1_1(rows, results)
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes[1:3]:
+        low, high = ax.get_xlim()
+        assert low < 1e-3 and 1e-2 < high < 0.1
+    lines, texts = _failure_marks(fig.axes[1])
+    assert list(lines[0].get_xdata()) == [1e-3, 1e-2]
+    assert [t for _, t in texts if t.isdigit()] == ["1", "1"]
+    assert _failure_marks(fig.axes[2])[0] == []
