@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from collections import deque
 from pathlib import Path
 
 from ray.tune import Callback
@@ -65,7 +66,7 @@ class MlflowTracker(Callback):
         self.eval_path: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.trials: list = []
-        self.baseline: tuple[int, float] | None = None     # (epochs done, time) at the first heartbeat
+        self.pace = Pace()                                  # epochs per second, for the time left
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -224,9 +225,7 @@ class MlflowTracker(Callback):
         epochs = ", ".join(f"{int((t.last_result or {}).get('epoch', 0))}/{members_of(t.config)[0].get('epochs', '?')}"
                            for t in running[:4])
         done, total = epochs_done(trials, self.n_trials - self.already)
-        if self.baseline is None:
-            self.baseline = (done, time.time())
-        left = eta(done - self.baseline[0], total - done, time.time() - self.baseline[1])
+        left = self.pace.add(time.time(), done).left(done, total)
         backlog = self._writer.pending if self._writer is not None and self._writer.down_since else 0
         unit = "packs" if self.packed else "trials"
         self.progress.status(
@@ -281,8 +280,33 @@ def epochs_done(trials, n_trials: int) -> tuple[int, int]:
     return done, total
 
 
+PACE_WINDOW_S = 900.0
+
+
+class Pace:
+    """The pace of a study, epochs per second, over its last `window` seconds of heartbeats
+    (all of this session until then), so that the time left follows a machine that got
+    busier or freer, or a resume's first reports, instead of averaging them in for good."""
+
+    def __init__(self, window: float = PACE_WINDOW_S) -> None:
+        self.window = window
+        self.samples: deque[tuple[float, float]] = deque()      # (time, epochs done)
+
+    def add(self, when: float, done: float) -> "Pace":
+        self.samples.append((when, done))
+        while len(self.samples) > 1 and when - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        return self
+
+    def left(self, done: float, total: float) -> float | None:
+        """Seconds left for total - done epochs at this pace (None until there is one)."""
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return eta(d1 - d0, total - done, t1 - t0)
+
+
 def eta(done_since: float, left: float, seconds: float) -> float | None:
-    """Seconds left at the pace seen so far in this session (None until there is a pace)."""
+    """Seconds left for `left` epochs at done_since epochs per `seconds` (None until there
+    is a pace)."""
     if done_since <= 0 or seconds <= 0:
         return None
     return left * seconds / done_since

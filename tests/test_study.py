@@ -464,7 +464,7 @@ def test_timing_of_the_real_smoke_study(smoke_study):
 
 def test_progress_estimate_counts_epochs_left():
     """The heartbeat's time-left estimate: ended trials count whole, running ones to their
-    last report, trials not created yet at the mean; the pace is this session's."""
+    last report, trials not created yet at the mean."""
     from types import SimpleNamespace as T
     from study.callback import epochs_done, eta
     trials = [T(status="TERMINATED", config={"epochs": 100}, last_result={"epoch": 40.0}),   # diverged at 40
@@ -474,3 +474,17 @@ def test_progress_estimate_counts_epochs_left():
     assert epochs_done(trials, 5) == (130, 500)                 # two trials a search will create
     assert eta(done_since=65, left=170, seconds=60.0) == pytest.approx(170 * 60 / 65)
     assert eta(done_since=0, left=170, seconds=60.0) is None    # no pace yet
+
+
+def test_progress_pace_follows_the_last_quarter_hour():
+    """20 minutes at 1 epoch/s (a busy machine), then 20 at 3 epochs/s: the time left is
+    reckoned at 3, not at the session's mean of 2; before any progress there is no estimate."""
+    from study.callback import PACE_WINDOW_S, Pace
+    pace = Pace()
+    assert pace.add(0.0, 0).left(0, 10_000) is None
+    done = 0
+    for second in range(1, 2401):
+        done += 1 if second <= 1200 else 3
+        pace.add(float(second), done)
+    assert PACE_WINDOW_S <= 1200
+    assert pace.left(done, done + 6000) == pytest.approx(6000 / 3, rel=0.01)
