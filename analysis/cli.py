@@ -47,11 +47,17 @@ def parse_epsilons(text: str) -> list[float]:
 
 
 def parse_taus(values: list[str]) -> dict[str, float]:
-    """['0.1', '3.2.2=0.5'] -> {'conjecture_3_1_1': 0.1, 'conjecture_3_2_2': 0.5}."""
+    """['0.1', '3.2.2=0.5'] -> {'conjecture_3_1_1': 0.1, 'conjecture_3_2_2': 0.5}; a name may
+    also be spelt as conjectures.json's key (conjecture_3_2_2=0.5)."""
+    from .verdict import TAUS
     out = {}
     for text in values:
         name, _, value = text.rpartition("=")
-        key = "conjecture_" + (name or "3.1.1").strip().replace(".", "_")
+        name = (name or "3.1.1").strip()
+        key = "conjecture_" + name.removeprefix("conjecture_").replace(".", "_")
+        if key not in TAUS:
+            raise UsageError(f"--tau {text}: unknown conjecture {name!r}; use 3.1.1, 3.2.1 or 3.2.2, "
+                             "e.g. --tau 3.2.2=0.5")
         try:
             out[key] = float(value)
         except ValueError:

@@ -305,7 +305,8 @@ def test_bad_epsilon_and_usage_error_class(store, tmp_path):
 
 
 @pytest.mark.parametrize("flag, words", [("0", "--tau 3.1.1=0.0 must be a positive number"),
-                                         ("3.3.3=0.1", "unknown conjecture 'conjecture_3_3_3'"),
+                                         ("3.3.3=0.1", "--tau 3.3.3=0.1: unknown conjecture '3.3.3'"),
+                                         ("conjecture_3_1_1=-1", "--tau 3.1.1=-1.0 must be a positive number"),
                                          ("3.2.2=big", "--tau expects a number or CONJECTURE=NUMBER")])
 def test_bad_tau_is_refused(store, tmp_path, monkeypatch, capsys, flag, words):
     monkeypatch.chdir(tmp_path)
@@ -317,7 +318,7 @@ def test_bad_tau_is_refused(store, tmp_path, monkeypatch, capsys, flag, words):
 def test_tau_flag_reaches_the_verdicts(store, tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(out), "--no-cache", "--no-log",
-                 "--tau", "0.5", "--tau", "3.2.2=2"]) == 0
+                 "--tau", "0.5", "--tau", "conjecture_3_2_2=2"]) == 0      # conjectures.json's name too
     result = json.loads((out / "conjectures.json").read_text())
     assert result["settings"]["taus"]["conjecture_3_1_1"] == 0.5
     assert {r["tau"] for r in result["tests"]["conjecture_3_2_2"]["groups"] if "tau" in r} == {2.0}
