@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import hashlib
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ EXIT_TRACKING_DOWN = 75   # sysexits' EX_TEMPFAIL: the store was gone too long; 
 EXIT_INTERRUPTED = 130
 STATE_PERIOD_S = 5.0  # how often Ray saves the experiment state, unless TUNE_GLOBAL_CHECKPOINT_S says
 OUTAGE_LIMIT_S = 3600.0
+CLUSTER_PROBE_S = 5.0   # how long --address may take to accept a connection
 JOURNAL = "mlflow_journal.jsonl"
 FINGERPRINT_MARKER = "nc_study_fingerprint"
 PACK_MARKER = "nc_study_pack"   # Ray's trials of a packed study are packs: a resume must pack alike
@@ -142,6 +144,21 @@ def prepare_ray_env(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def probe_cluster(address: str, timeout: float = CLUSTER_PROBE_S) -> None:
+    """Refuse an address where nothing listens, in seconds: `ray.init` would retry its GCS
+    for minutes, printing connection warnings. HOST:PORT and ray://HOST:PORT are probed with
+    a TCP connection; other forms ("auto") are left to Ray."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise UsageError(f"no Ray cluster answers at {address} ({reason} within {timeout:g} s); start one with "
+                         "`ray start --head --port PORT` or fix --address / RAY_ADDRESS") from None
+
+
 def start_ray(address: str | None) -> None:
     """Embedded local Ray by default (a bare ray.init() would join any cluster running
     here); an explicit address joins that cluster."""
@@ -235,6 +252,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return dry_run(study, uri, storage)
     address = ray_address(args)
     prepare_ray_env(address)   # before anything imports ray: it reads RAY_AUTH_MODE on import
+    if address is not None:
+        probe_cluster(address)     # before the store is touched: a wrong address is a usage error
     try:
         check_no_other_driver(study, uri)   # before anything, the journal included, is touched
         resend_journal(study, uri, journal_path(storage, study.name))

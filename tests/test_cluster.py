@@ -46,6 +46,20 @@ def cluster(tmp_path):
             kill_session(proc.pid)
 
 
+def test_an_address_where_no_cluster_listens_is_refused_at_once(tmp_path):
+    """`ray.init` would retry a dead address for minutes, printing warnings; the driver probes
+    it first and refuses in one line, before the tracking store is touched."""
+    db = tmp_path / "mlflow.db"
+    dead = f"127.0.0.1:{free_port()}"
+    run = nc_study("run", str(SMOKE), "--address", dead, "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path,
+                   timeout=120, env={"RAY_AUTH_TOKEN": "x"})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip() == (f"nc-study run: error: no Ray cluster answers at {dead} (Connection refused "
+                                  "within 5 s); start one with `ray start --head --port PORT` or fix --address / "
+                                  "RAY_ADDRESS")
+    assert not db.exists()
+
+
 def test_smoke_study_on_a_ray_cluster_with_an_mlflow_server(cluster):
     folder, uri = cluster["folder"], cluster["uri"]
     work = folder / "work"
