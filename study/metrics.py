@@ -187,14 +187,15 @@ class ClassStatsAccumulator:
         Y = F.one_hot(y, C).to(H.dtype)                       # (B, C)
         r_norm = torch.empty(B, dtype=H.dtype, device=H.device)          # ||r_i||
         P = torch.empty(B, self.Q_.shape[1], dtype=H.dtype, device=H.device)  # Q^T r_i
-        buf = None
+        buf = gathered = None
         for rows in _chunks(H):
             Hc = H[rows]
-            buf = _buffer(buf, Hc)
+            buf, gathered = _buffer(buf, Hc), _buffer(gathered, Hc)
             X = torch.sub(Hc, self.mu_G_, out=buf[:len(Hc)])  # (b, D) x_i
             inv = _inverse(torch.linalg.vector_norm(X, dim=1))
             self.U += ((Y[rows] * inv[:, None]).T @ X).to(torch.float64)
-            R = _minus_class_rows(X, Y[rows], y[rows], self.M_)   # (b, D) r_i, in place of x_i
+            M_y = torch.index_select(self.M_, 0, y[rows], out=gathered[:len(Hc)])   # (b, D) m_{y_i}
+            R = X.sub_(M_y)                                   # (b, D) r_i, in place of x_i
             torch.linalg.vector_norm(R, dim=1, out=r_norm[rows])
             torch.mm(R, self.Q_, out=P[rows])
         P = P.to(torch.float64)
@@ -254,17 +255,6 @@ def _buffer(buf: torch.Tensor | None, Hc: torch.Tensor) -> torch.Tensor:
     if buf is None or len(buf) < len(Hc):
         buf = torch.empty_like(Hc, memory_format=torch.contiguous_format)
     return buf
-
-
-def _minus_class_rows(X: torch.Tensor, Y: torch.Tensor, y: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """X - M[y] in place of X (b, D), with Y (b, C) the one-hot rows of y. On CPU as
-    X - Y M in one BLAS call: the product picks each m_{y_i} exactly, so the result is the
-    subtraction's bit for bit, without a gathered (b, D) copy of M (one pass less over the
-    chunk). Elsewhere, or where float32 products may run at reduced precision (TF32 on a
-    GPU, bfloat16 under `torch.set_float32_matmul_precision`), which would round M: the gather."""
-    if X.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest":
-        return X.addmm_(Y, M, alpha=-1)
-    return X.sub_(M.index_select(0, y))
 
 
 def _inverse(norms: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from study import metrics
 from study.metrics import CLASSIFIER_KEYS, COSINE_KEYS, LAYER_KEYS, layer_key, measure
@@ -253,27 +252,6 @@ def test_chunked_sweeps_match_brute_force(monkeypatch, dtype, tol):
                         for H in layers], y, W.astype(np.float32).astype(np.float64) if dtype == torch.float32
                        else W, b.astype(np.float32).astype(np.float64) if dtype == torch.float32 else b)
     assert_close(chunked, want, rel=tol, abs_=tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_residuals_from_a_one_hot_product_are_the_subtractions_bit_for_bit(dtype, precision):
-    """Sweep 2's r_i = x_i - m_{y_i}, taken on CPU as X - Y M (Y one-hot) in one BLAS call,
-    equals the plain gathered subtraction exactly, also where float32 products may be
-    rounded (then the gather is used); and far from the origin, where the subtraction cancels."""
-    gen = torch.Generator().manual_seed(3)
-    for offset in (0.0, 1e4):
-        X = torch.randn(1_000, 37, generator=gen, dtype=dtype) + offset
-        y = torch.randint(0, 6, (1_000,), generator=gen)
-        M = X[:6] + 1e-3 * torch.randn(6, 37, generator=gen, dtype=dtype)
-        want = X - M[y]
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(precision)
-        try:
-            got = metrics._minus_class_rows(X.clone(), F.one_hot(y, 6).to(dtype), y, M)
-        finally:
-            torch.set_float32_matmul_precision(previous)
-        assert torch.equal(got, want)
 
 
 def test_cosine_matrix_is_the_mean_over_all_pairs():
