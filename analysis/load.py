@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from study import schema
 from study.errors import UsageError
 from study.schema import (DIVERGED, ENDED, EPOCH, ERROR, INTERRUPTED, KIND_STUDY, LAYER_PREFIX, RUNNING, TAG_KIND,
                           TAG_RUN_NAME, TAG_STATUS, parse_layer_key, plain_name, server_problem, sqlite_path)
@@ -480,18 +481,9 @@ class Listing:
 
 
 def planned_trials(parent: RunRecord | None) -> int | None:
-    """The number of trials a study defines, from its parent run's params (search.num_samples,
-    else the product of the grid.* list lengths, 1 without a grid); None without a parent run
-    or one that nc-study did not write (no trial.*, grid.* or search.* params)."""
-    if parent is None or not any(k.startswith(("trial.", "grid.", "search.")) for k in parent.params):
-        return None
-    if "search.num_samples" in parent.params:
-        return int(parent.params["search.num_samples"])
-    n = 1
-    for key, values in parent.params.items():
-        if key.startswith("grid."):
-            n *= len(values.split(","))
-    return n
+    """The number of trials a study defines, from its parent run's params
+    (`study.schema.planned_trials`); None without a parent run."""
+    return None if parent is None else schema.planned_trials(parent.params)
 
 
 def unfinished_notes(listing: Listing) -> list[str]:

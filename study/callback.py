@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 from .config import TrialConfig
 from .data import resolve_num_classes
-from .progress import Progress
+from .progress import Progress, clock
 from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_EVAL_PATH, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id,
                      metric_key, run_name)
 from .spaces import MEMBERS as MEMBERS_KEY
@@ -320,9 +320,3 @@ def _error_text(trial) -> str:
     except OSError:
         pass
     return str(getattr(trial, "error_msg", "") or "trial raised an error")
-
-
-def clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

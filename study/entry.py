@@ -6,6 +6,7 @@
     analyze  analysis.cli   the thesis' conjectures tested on a recorded study
     export   study.transfer a recorded study as one file
     import   study.transfer that file into another tracking store
+    status   study.status   where a recorded study stands, from MLflow alone
 
 The one module that imports both packages, so neither imports the other's command line:
 the console script `nc-study` and `python -m study` start here. The subcommand modules import their heavy dependencies (torch,
@@ -19,11 +20,13 @@ from analysis.cli import add_analyze_parser
 
 from .cli import add_measure_parser, add_train_parser, run_command
 from .runner import add_run_parser
+from .status import add_status_parser
 from .transfer import add_transfer_parsers
 
 DESCRIPTION = ("Neural collapse studies: train one bare trial, measure exported features, run a study "
-               "on Ray Tune recorded in MLflow, analyze a recorded study, export it to a file and import it elsewhere. A mistake a user can fix ends "
-               "in one line on stderr and exit status 2.")
+               "on Ray Tune recorded in MLflow, see where a recorded study stands, analyze it, export it to a "
+               "file and import it elsewhere. A mistake a user can fix ends in one line on stderr and exit "
+               "status 2.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_analyze_parser(sub)
     add_transfer_parsers(sub)
+    add_status_parser(sub)
     return parser
 
 

@@ -62,3 +62,10 @@ class Progress:
                 self.stream.write(CLEAR)
                 self.stream.flush()
             self.shown = ""
+
+
+def clock(seconds: float) -> str:
+    """1h02m03s, or 2m03s under an hour."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

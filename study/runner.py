@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
 from .errors import UsageError
+from .progress import clock
 from .schema import DEFAULT_URI, ENDED, INTERRUPTED, RUNNING, TAG_FINGERPRINT, TAG_NOTE, TAG_STATUS, TRAINED, metric_key, run_name, runs_link
 from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, local_packs, packs, parallel_slots
 
@@ -550,9 +551,6 @@ def remove_marker(exp_dir: str, name: str) -> None:
         pass
 
 
-def clock(seconds: float) -> str:
-    from .callback import clock as fmt
-    return fmt(seconds)
 
 
 def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: float | None = None,

@@ -97,6 +97,21 @@ def cell_id(cell: dict[str, Any], keys: Iterable[str]) -> str:
     return "|".join(repr(cell.get(k)) for k in keys)
 
 
+def planned_trials(params: dict[str, str]) -> int | None:
+    """The number of trials a study defines, from its parent run's params (search.num_samples,
+    else the product of the grid.* list lengths, 1 without a grid); None for a parent that
+    nc-study did not write (no trial.*, grid.* or search.* params)."""
+    if not any(k.startswith(("trial.", "grid.", "search.")) for k in params):
+        return None
+    if "search.num_samples" in params:
+        return int(params["search.num_samples"])
+    n = 1
+    for key, values in params.items():
+        if key.startswith("grid."):
+            n *= len(values.split(","))
+    return n
+
+
 def runs_link(base_url: str, experiment_id: str) -> str:
     """The MLflow UI's page of an experiment's training runs (not its GenAI overview)."""
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

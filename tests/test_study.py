@@ -462,6 +462,55 @@ def test_timing_of_the_real_smoke_study(smoke_study):
     assert "trials per hour" in timing.lines()[0]
 
 
+def test_status_of_a_study_complete_running_and_stopped(smoke_study, tmp_path):
+    """`nc-study status` reads the store alone: the finished smoke study is complete; in a copy,
+    with two trials put back to running and a real driver lease on the parent, it is running
+    (driver, last hour's pace); with the lease released, stopped, with how to go on."""
+    import shutil
+    from study.lease import Lease
+    folder, uri, _ = smoke_study
+    done = nc_study("status", "smoke", "--tracking-uri", uri, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == [
+        f"study smoke in {uri}: 6 of 6 trials ended (3 converged, 3 not converged, 0 diverged, 0 failed)",
+        f"complete; next: nc-study analyze smoke --tracking-uri {uri}"]
+
+    shutil.copy(folder / "mlflow.db", tmp_path / "copy.db")
+    copy = f"sqlite:///{tmp_path}/copy.db"
+    client = MlflowClient(copy)
+    runs = trial_runs(copy, "smoke")
+    for run in runs[:2]:
+        client.set_tag(run.info.run_id, "status", "running")
+    lease = Lease(client, runs[0].data.tags["mlflow.parentRunId"], "smoke", serialised=True)
+    lease.acquire()
+    try:
+        running = nc_study("status", "smoke", "--tracking-uri", copy, cwd=tmp_path)
+    finally:
+        lease.release()
+    lines = running.stdout.splitlines()
+    converged = sum(r.data.tags["status"] == "converged" for r in runs[2:])
+    assert lines[0] == (f"study smoke in {copy}: 4 of 6 trials ended ({converged} converged, {4 - converged} not "
+                        "converged, 0 diverged, 0 failed), 2 running"), lines
+    assert lines[1].startswith(f"run by {lease.me['user']}@") and f"pid {os.getpid()}" in lines[1]
+    assert lines[2].startswith("last hour: 4 trials ended; about ") and lines[2].endswith(" left at that pace")
+    stopped = nc_study("status", "smoke", "--tracking-uri", copy, cwd=tmp_path).stdout.splitlines()
+    assert ", 2 stopped part-way" in stopped[0]
+    assert stopped[1].startswith("no driver is running it: run `nc-study run`")
+
+
+def test_status_names_a_driver_that_is_gone():
+    from study.status import status_lines
+    lease = {"user": "bob", "host": "elsewhere", "pid": 7, "token": "t", "beat": 1_000.0, "started": 0.0}
+    lines = status_lines("s", "sqlite:///x.db", 10, [("converged", 900_000), ("running", None)], lease, now=5_000.0)
+    assert lines[0] == "study s in sqlite:///x.db: 1 of 10 trials ended (1 converged, 0 not converged, 0 diverged, " \
+                       "0 failed), 1 stopped part-way, 8 not started"
+    assert lines[1].startswith("no driver is running it: its last driver, bob@elsewhere (pid 7, since "
+                               "1970-01-01 00:00 UTC, last heard 4000 s ago), is gone; ")
+    live = status_lines("s", "u", 10, [("converged", 4_000_000), ("running", None)], lease | {"beat": 4_990.0},
+                        now=5_000.0)
+    assert live[2] == "last hour: 1 trial ended; about 9h00m00s left at that pace"   # 9 to go, 1 running
+
+
 def test_progress_estimate_counts_epochs_left():
     """The heartbeat's time-left estimate: ended trials count whole, running ones to their
     last report, trials not created yet at the mean."""

@@ -1,0 +1,103 @@
+"""`nc-study status STUDY`: where a recorded study stands, read from MLflow alone (no Ray, and
+nothing written), from any machine that reaches its tracking store:
+
+    study fig3_1 in sqlite:///…/mlflow.db: 64 of 240 trials ended (27 converged, 30 not converged,
+      7 diverged, 0 failed), 16 running, 160 not started
+    run by alice@node1 (pid 4242, since 2026-11-24 02:53 UTC, last heard 12 s ago)
+    last hour: 16 trials ended; about 10h00m left at that pace
+    browse it: …
+
+The driver is the lease a running `nc-study run` keeps on the study's parent run
+(study/lease.py); a study that no live driver holds says how to go on with it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .errors import UsageError
+from .progress import clock
+from .schema import (CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL, NOT_CONVERGED, RUNNING,
+                     TAG_STATUS, DEFAULT_URI, planned_trials)
+
+PACE_WINDOW_S = 3600.0
+ENDED_WORDS = ((CONVERGED, "converged"), (NOT_CONVERGED, "not converged"), (DIVERGED, "diverged"), (ERROR, "failed"))
+
+
+def add_status_parser(sub) -> None:
+    p = sub.add_parser("status", help="where a recorded study stands: trials by status, its driver, time left",
+                       description="Where a recorded study stands, read from MLflow alone (nothing is written): "
+                                   "its trials by status out of those it defines, the driver running it or that "
+                                   "none does, the pace of the last hour and the time left at it.")
+    p.add_argument("study", help="the study's name (its MLflow experiment)")
+    p.add_argument("--tracking-uri", default=None,
+                   help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI} here)")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .lease import TAG_DRIVER, parse
+    from .runner import browse_lines
+    from .tracking import TrackingError, check_uri, find_runs, open_client, resolve_uri
+    uri = resolve_uri(args.tracking_uri)
+    try:
+        check_uri(uri, must_exist=True)
+    except TrackingError as exc:
+        raise UsageError(str(exc)) from None
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(args.study)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        raise UsageError(f"no study {args.study!r} in {uri}; `nc-study run` records one, or pass its --tracking-uri")
+    parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+    if not parents:
+        raise UsageError(f"experiment {args.study!r} in {uri} holds no study of nc-study (no parent run)")
+    trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time)
+              for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]
+    parent = parents[0]
+    for line in status_lines(args.study, uri, planned_trials(parent.data.params), trials,
+                             parse(parent.data.tags.get(TAG_DRIVER))):
+        print(line)
+    for line in browse_lines(uri, experiment.experiment_id):
+        print(line)
+    return 0
+
+
+def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[str, int | None]],
+                 lease: dict | None, now: float | None = None) -> list[str]:
+    """The report: `trials` as (status tag, end time in ms or None) per trial run, `lease` the
+    parent run's driver lease (parsed) or None."""
+    from .lease import describe, is_live
+    now = time.time() if now is None else now
+    counts: dict[str, int] = {}
+    for status, _ in trials:
+        counts[status] = counts.get(status, 0) + 1
+    ended = sum(counts.get(s, 0) for s, _ in ENDED_WORDS)
+    open_runs = counts.get(RUNNING, 0) + counts.get(INTERRUPTED, 0)
+    live = is_live(lease, now)
+    of = f" of {planned}" if planned is not None else ""
+    outcome = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in ENDED_WORDS)
+    rest = []
+    if open_runs:
+        rest.append(f"{open_runs} running" if live else f"{open_runs} stopped part-way")
+    if planned is not None and planned > ended + open_runs:
+        rest.append(f"{planned - ended - open_runs} not started")
+    lines = [f"study {name} in {uri}: {ended}{of} trials ended ({outcome})" + "".join(f", {r}" for r in rest)]
+    complete = planned is not None and ended >= planned and not open_runs
+    if complete:
+        lines.append(f"complete; next: nc-study analyze {name} --tracking-uri {uri}")
+        return lines
+    if live:
+        lines.append(f"run by {describe(lease, now)}")
+        recent = sum(1 for status, end in trials if end and status in dict(ENDED_WORDS)
+                     and now - end / 1000 <= PACE_WINDOW_S)
+        if recent and planned is not None:
+            left = (planned - ended) * PACE_WINDOW_S / recent
+            lines.append(f"last hour: {recent} trial{'s' if recent != 1 else ''} ended; about {clock(left)} "
+                         "left at that pace")
+        elif not recent:
+            lines.append("last hour: no trial ended yet (a trial or pack may take longer; see its runs' epochs)")
+    else:
+        gone = f"its last driver, {describe(lease, now)}, is gone; " if lease else ""
+        lines.append(f"no driver is running it: {gone}run `nc-study run` on its search-space file again "
+                     f"(the same --tracking-uri) to go on where it stopped")
+    return lines
