@@ -398,6 +398,47 @@ def alpha_vs_lambda(alphas: pd.DataFrame, results: list[dict]) -> Figure:
     return fig
 
 
+def bn_effects(cells: list[dict]) -> Figure:
+    """The BN-kind effect sizes (`analysis.effects`) against λ, one panel per comparison set,
+    one colour per pair of BN kinds: the difference of seed means (a dot; hollow where a side
+    has too few seeds for an interval), its per-cell 95 % interval (thin) and its Bonferroni
+    interval over the pair's λ cells (thick), which is what a claim over the row rests on."""
+    sets = sorted({c["set"] for c in cells})
+    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in cells))
+    labels = [f"{a} − {b}" for a, b in pairs] + ["per-cell 95 % interval", "Bonferroni interval over the λ"]
+    ncol, legend_rows = _legend_layout(len(sets), labels)
+    fig, axes = grid(max(len(sets), 1), sharey=True, legend_rows=legend_rows)
+    for ax, label in zip(axes, sets):
+        for i, (a, b) in enumerate(pairs):
+            mine = [c for c in cells if c["set"] == label and (c["a"], c["b"]) == (a, b) and c["diff"] is not None]
+            shift = 1 + 0.06 * (i - (len(pairs) - 1) / 2)          # side by side at each λ
+            for c in mine:
+                x = c["weight_decay"] * shift
+                if c["ci_low"] is not None:
+                    ax.plot([x, x], [c["ci_low"], c["ci_high"]], "-", lw=0.8, color=f"C{i}")
+                if c["ci_low_adjusted"] is not None:
+                    ax.plot([x, x], [c["ci_low_adjusted"], c["ci_high_adjusted"]], "-", lw=3, alpha=0.45,
+                            color=f"C{i}", solid_capstyle="butt")
+            ok = [c for c in mine if c["ci_low"] is not None]
+            bare = [c for c in mine if c["ci_low"] is None]
+            ax.plot([c["weight_decay"] * shift for c in ok], [c["diff"] for c in ok], "o", ms=4, color=f"C{i}",
+                    label=f"{a} − {b}")
+            ax.plot([c["weight_decay"] * shift for c in bare], [c["diff"] for c in bare], "o", ms=4,
+                    mfc="none", color=f"C{i}")
+        ax.axhline(0, color="0.5", lw=0.8)
+        _lambda_span(ax, pd.DataFrame({"weight_decay": [c["weight_decay"] for c in cells if c["set"] == label]}))
+        _log_x(ax)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("weight decay λ")
+        ax.set_ylabel("difference of final nc_score")
+    handles = list(_handles(axes).values()) + [
+        matplotlib.lines.Line2D([], [], color="0.4", lw=0.8, label="per-cell 95 % interval"),
+        matplotlib.lines.Line2D([], [], color="0.4", lw=3, alpha=0.45, label="Bonferroni interval over the λ")]
+    _below(fig, handles, ncol)
+    fig.suptitle("BN kind: differences of seed means at each λ (hollow: too few seeds for an interval)")
+    return fig
+
+
 def conjecture_3_2_1(models: pd.DataFrame) -> Figure:
     """Per-model ε̂ over consecutive blocks against λ, one panel per group."""
     rows = models[(models["status"] == CONVERGED) & np.isfinite(models["epsilon_hat"].to_numpy(float))]

@@ -89,6 +89,8 @@ def write_figures(frame: pd.DataFrame, analysis: Analysis, out_dir: Path) -> lis
              figures.save(figures.conjecture_3_2_1(analysis.models), out_dir / "conjecture_3_2_1.png"),
              figures.save(figures.conjecture_3_2_2(analysis.depths, analysis.epsilons), out_dir / "conjecture_3_2_2.png"),
              figures.save(figures.theorem_scatter(analysis.evals), out_dir / "theorem_2_3_1.png")]
+    if analysis.effects:
+        paths.append(figures.save(figures.bn_effects(analysis.effects), out_dir / "bn_effects.png"))
     if analysis.claims.get(claims.ALPHA_TEST):
         alphas = trials(frame).merge(final_values(frame, "alpha")[["run_id", "alpha"]], on="run_id", how="left")
         paths.append(figures.save(figures.alpha_vs_lambda(alphas, analysis.claims[claims.ALPHA_TEST]),
@@ -216,7 +218,7 @@ def _bn_effects_section(cells: list[dict]) -> list[str]:
         rows = [[f"{a} − {b}"] + [effects.cell_text(by[a, b, l]) if (a, b, l) in by else "—" for l in lams]
                 for a, b in pairs]
         L += [f"`{label}`:", "", _md_table(["pair"] + [f"λ={l:g}" for l in lams], rows), ""]
-    return L
+    return L + ["![BN kind effect sizes](bn_effects.png)", ""]
 
 
 CLAIM_TITLES = ((claims.ALPHA_TEST, "Paper claim: alpha"), (claims.LOSS_TEST, "Paper claim: NC and the loss"),

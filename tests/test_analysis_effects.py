@@ -158,4 +158,5 @@ def test_report_section_one_table_per_set():
     assert "`depth=4`:" in text and "`depth=6`:" in text
     assert "| affine − none | " in text and "| affine − nonaffine | " in text
     assert "(no CI: nonaffine: 1 converged seed)" in text and "| — |" in text
+    assert text.rstrip().endswith("![BN kind effect sizes](bn_effects.png)")   # the picture of the tables
     assert _bn_effects_section([]) == []

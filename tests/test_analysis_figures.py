@@ -258,3 +258,31 @@ def test_a_panel_with_nothing_converged_spans_its_trials_lambdas():
     assert list(lines[0].get_xdata()) == [1e-3, 1e-2]
     assert [t for _, t in texts if t.isdigit()] == ["1", "1"]
     assert _failure_marks(fig.axes[2])[0] == []
+
+
+def test_bn_effects_draws_each_cell_with_both_intervals():
+    """One panel per comparison set; per pair of BN kinds a dot at each λ's difference, a thin
+    line for its 95 % interval and a thick one for its Bonferroni interval, a hollow dot where a
+    side had too few seeds (no interval)."""
+    from analysis.effects import bn_effects
+    rng = np.random.default_rng(3)
+    rows = [dict(group=f"bn={bn}, depth={d}", bn=bn, weight_decay=lam, status="converged",
+                 nc_score=(0.8 if bn == "affine" else 0.3) + 0.02 * rng.standard_normal())
+            for d in (3, 6) for bn in ("affine", "none") for lam in (1e-4, 1e-3)
+            for _ in range(3 if not (d == 6 and lam == 1e-3 and bn == "none") else 1)]
+    cells = bn_effects(pd.DataFrame(rows))
+    fig = figures.bn_effects(cells)
+    FigureCanvasAgg(fig).draw()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["depth=3", "depth=6"]
+    for ax, (n_ci, n_bare) in zip(panels, ((2, 0), (1, 1))):
+        thin = [l for l in ax.get_lines() if l.get_linewidth() == 0.8 and len(l.get_xdata()) == 2
+                and l.get_xdata()[0] == l.get_xdata()[1]]
+        thick = [l for l in ax.get_lines() if l.get_linewidth() == 3]
+        dots = [l for l in ax.get_lines() if l.get_marker() == "o"]
+        assert len(thin) == len(thick) == n_ci
+        filled = sum(len(l.get_xdata()) for l in dots if l.get_markerfacecolor() != "none")
+        hollow = sum(len(l.get_xdata()) for l in dots if l.get_markerfacecolor() == "none")
+        assert (filled, hollow) == (n_ci, n_bare)
+        ys = sorted(float(y) for l in dots for y in l.get_ydata())
+        assert all(0.4 < y < 0.6 for y in ys)                       # affine − none ≈ 0.5 at every λ
