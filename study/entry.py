@@ -3,10 +3,10 @@
     train    study.cli      one bare trial (no Ray, no MLflow)
     measure  study.cli      NC metrics of exported features
     run      study.runner   a study on Ray Tune, recorded in MLflow
+    status   study.status   where a recorded study stands, from MLflow alone
     analyze  analysis.cli   the thesis' conjectures tested on a recorded study
     export   study.transfer a recorded study as one file
     import   study.transfer that file into another tracking store
-    status   study.status   where a recorded study stands, from MLflow alone
 
 The one module that imports both packages, so neither imports the other's command line:
 the console script `nc-study` and `python -m study` start here. The subcommand modules import their heavy dependencies (torch,
@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_measure_parser(sub)
     add_run_parser(sub)
+    add_status_parser(sub)
     add_analyze_parser(sub)
     add_transfer_parsers(sub)
-    add_status_parser(sub)
     return parser
 
 
