@@ -525,6 +525,10 @@ def open_study(experiments: list[str], tracking_uri: str, backend: str = "auto",
         else:
             trials.append(record)
     for name in experiment_ids:
+        unfinished = parents[name] and schema.unfinished_import(parents[name].tags, name, tracking_uri)
+        if unfinished:
+            source.close()
+            raise usage_error(unfinished)
         if not any(r.experiment == name for r in trials):
             source.close()
             raise usage_error(f"experiment {name!r} has no trial runs; run the study first "

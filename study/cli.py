@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import get_type_hints
 
 from .config import CHOICES, ConfigError, TrialConfig, from_flags, parse_overrides
-from .errors import DataError, UsageError
+from .errors import EXIT_STORE_DOWN, DataError, StoreDown, UsageError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -27,6 +27,9 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
     except (UsageError, ConfigError, DataError) as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreDown as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_DOWN
     except KeyboardInterrupt:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

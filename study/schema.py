@@ -34,6 +34,7 @@ TAG_NOTE = "mlflow.note.content"           # MLflow's description field
 TAG_PARENT = "mlflow.parentRunId"          # child: the parent run's id
 TAG_DATA_CONTEXT = "mlflow.data.context"   # dataset input tag: what the data were used for
 TAG_RUN_NAME = "mlflow.runName"            # MLflow's copy of the run name
+TAG_IMPORTING = "nc_study.importing"       # parent: set while `nc-study import` writes the study (the file)
 
 # trial statuses (tag TAG_STATUS)
 RUNNING, CONVERGED, NOT_CONVERGED, DIVERGED, ERROR, INTERRUPTED = (
@@ -183,3 +184,13 @@ def mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
             return 2, 0
         return (3, 0) if "/" in name else (1, 0)
     return {metric_key(k): metrics[k] for k in sorted(metrics, key=rank)}
+
+
+def unfinished_import(parent_tags: dict[str, str], name: str, uri: str) -> str | None:
+    """Why a study cannot be read or run yet: its parent run still carries the mark of an
+    `nc-study import` that did not finish (its runs may lack metrics); None otherwise."""
+    source = parent_tags.get(TAG_IMPORTING)
+    if source is None:
+        return None
+    return (f"study {name!r} in {uri} is an import that did not finish (of {source}): run `nc-study import "
+            f"{source} --tracking-uri {uri}` again to complete it")

@@ -18,7 +18,7 @@ import time
 from .errors import UsageError
 from .progress import clock
 from .schema import (CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL, NOT_CONVERGED, RUNNING,
-                     TAG_STATUS, DEFAULT_URI, planned_trials)
+                     TAG_STATUS, DEFAULT_URI, planned_trials, unfinished_import)
 
 PACE_WINDOW_S = 3600.0
 ENDED_WORDS = ((CONVERGED, "converged"), (NOT_CONVERGED, "not converged"), (DIVERGED, "diverged"), (ERROR, "failed"))
@@ -54,6 +54,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time)
               for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]
     parent = parents[0]
+    unfinished = unfinished_import(parent.data.tags, args.study, uri)
+    if unfinished:
+        raise UsageError(unfinished)
     for line in status_lines(args.study, uri, planned_trials(parent.data.params), trials,
                              parse(parent.data.tags.get(TAG_DRIVER))):
         print(line)

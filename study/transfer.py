@@ -20,8 +20,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
-from .schema import DEFAULT_URI, KIND_STUDY, KIND_TRIAL, TAG_KIND, TAG_PARENT, TAG_RUN_NAME
+from .errors import StoreDown, UsageError
+from .schema import DEFAULT_URI, KIND_STUDY, KIND_TRIAL, TAG_IMPORTING, TAG_KIND, TAG_PARENT, TAG_RUN_NAME, unfinished_import
 
 FORMAT = "nc-study-export"
 VERSION = 1
@@ -54,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import os
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # one bar per layers.csv otherwise
     from .lease import TAG_DRIVER
-    from .tracking import TrackingError, check_uri, find_runs, open_client, resolve_uri
+    from .tracking import TrackingError, check_uri, find_runs, first_line, open_client, resolve_uri
     uri = resolve_uri(args.tracking_uri)
     try:
         check_uri(uri, must_exist=True)
@@ -70,19 +70,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     runs = find_runs(client, experiment_id, KIND_STUDY) + find_runs(client, experiment_id, KIND_TRIAL)
     if not runs:
         raise UsageError(f"study {args.study!r} in {uri} has no runs to export")
+    unfinished = unfinished_import(runs[0].data.tags, args.study, uri) if runs[0].data.tags.get(TAG_KIND) == \
+        KIND_STUDY else None
+    if unfinished:
+        raise UsageError(unfinished)
     tmp = args.out.with_name(args.out.name + ".part")
-    with gzip.open(tmp, "wt", encoding="utf-8") as out:
-        head = {"format": FORMAT, "version": VERSION, "name": experiment.name,
-                "tags": {k: v for k, v in experiment.tags.items() if not k.startswith("mlflow.")}}
-        out.write(json.dumps(head) + "\n")
-        for i, run in enumerate(runs, start=1):
-            out.write(json.dumps(run_record(client, run, skip_tags={TAG_DRIVER})) + "\n")
-            if i % 25 == 0:
-                print(f"  … {i}/{len(runs)} runs", flush=True)
+    quiet_store_errors()
+    try:
+        with gzip.open(tmp, "wt", encoding="utf-8") as out:
+            head = {"format": FORMAT, "version": VERSION, "name": experiment.name,
+                    "tags": {k: v for k, v in experiment.tags.items() if not k.startswith("mlflow.")}}
+            out.write(json.dumps(head) + "\n")
+            for i, run in enumerate(runs, start=1):
+                out.write(json.dumps(run_record(client, run, skip_tags={TAG_DRIVER})) + "\n")
+                if i % 25 == 0:
+                    print(f"  … {i}/{len(runs)} runs", flush=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):     # the store went away mid-way; Ctrl-C stays Ctrl-C
+            raise StoreDown(f"tracking store {uri} failed during the export ({first_line(exc)}); nothing was "
+                            f"written to {args.out}; run the export again once the store answers") from None
+        raise
     tmp.replace(args.out)   # never a half-written file under the name asked for
     print(f"exported study {args.study!r}: {len(runs)} runs ({len(runs) - 1} trials) from {uri} to {args.out} "
           f"({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def quiet_store_errors() -> None:
+    """MLflow logs a SQLite store's failure with its traceback before raising it; export and
+    import say it in one line (StoreDown) instead."""
+    import logging
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def run_record(client, run, skip_tags: set[str]) -> dict:
@@ -132,7 +151,7 @@ def read_export(path: Path) -> tuple[dict, list[dict]]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .tracking import TrackingError, check_uri, ensure_experiment, open_client, resolve_uri, store_lock
+    from .tracking import TrackingError, check_uri, ensure_experiment, first_line, open_client, resolve_uri, store_lock
     head, runs = read_export(args.file)   # the whole file checked before the store is touched
     uri = resolve_uri(args.tracking_uri)
     try:
@@ -145,6 +164,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         existing = client.get_experiment_by_name(name)
         if existing is not None:
             held = len(client.search_runs([existing.experiment_id], max_results=1))
+            if held and existing.lifecycle_stage != "deleted" and discard_unfinished_import(client, existing, uri):
+                held = 0
             if held and args.if_absent and existing.lifecycle_stage != "deleted":
                 print(f"{uri} already holds study {name!r}; {args.file} not imported (--if-absent)")
                 return 0
@@ -156,22 +177,50 @@ def cmd_import(args: argparse.Namespace) -> int:
         client.set_experiment_tag(experiment_id, key, value)
     runs.sort(key=lambda r: r["tags"].get(TAG_KIND) != KIND_STUDY)   # the parent first: children name it
     new_ids: dict[str, str] = {}
-    for i, record in enumerate(runs, start=1):
-        new_ids[record["run_id"]] = recreate(client, experiment_id, record, new_ids)
-        if i % 25 == 0:
-            print(f"  … {i}/{len(runs)} runs", flush=True)
+    quiet_store_errors()
+    try:
+        for i, record in enumerate(runs, start=1):
+            # the parent is created marked as importing, so that a store this import leaves half
+            # written is never read or run as the study; the mark goes once every run is in
+            mark = {TAG_IMPORTING: str(args.file)} if i == 1 else {}
+            new_ids[record["run_id"]] = recreate(client, experiment_id, record, new_ids, mark)
+            if i % 25 == 0:
+                print(f"  … {i}/{len(runs)} runs", flush=True)
+        client.delete_tag(new_ids[runs[0]["run_id"]], TAG_IMPORTING)
+    except Exception as exc:   # noqa: BLE001 - the store went away mid-way: one line, and the way on
+        raise StoreDown(f"tracking store {uri} failed during the import ({first_line(exc)}) after {len(new_ids)} "
+                        f"of {len(runs)} runs; the study is marked as an unfinished import: run the same "
+                        "import again once the store answers (it starts over)") from None
     print(f"imported study {name!r}: {len(runs)} runs ({len(runs) - 1} trials) from {args.file} into {uri}")
     print(f"next: nc-study analyze {name} --tracking-uri {uri}")
     return 0
 
 
-def recreate(client, experiment_id: str, record: dict, new_ids: dict[str, str]) -> str:
-    """Create one run of an export in `experiment_id`; its parent tag follows `new_ids`."""
+def discard_unfinished_import(client, experiment, uri: str) -> bool:
+    """When `experiment` holds what an interrupted `nc-study import` left (its parent run
+    still marked importing), delete those runs so the import starts over; True if it did."""
+    from .tracking import find_runs
+    parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+    if not parents or TAG_IMPORTING not in parents[0].data.tags:
+        return False
+    runs = parents + find_runs(client, experiment.experiment_id, KIND_TRIAL)
+    print(f"{uri} holds an import of study {experiment.name!r} that did not finish "
+          f"(of {parents[0].data.tags[TAG_IMPORTING]}): its {len(runs)} runs are deleted and the import starts over")
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return True
+
+
+def recreate(client, experiment_id: str, record: dict, new_ids: dict[str, str],
+             mark: dict[str, str] | None = None) -> str:
+    """Create one run of an export in `experiment_id`; its parent tag follows `new_ids`;
+    `mark` tags are set at its creation."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
     tags = {k: v for k, v in record["tags"].items() if k != TAG_RUN_NAME}
     if TAG_PARENT in tags:
         tags[TAG_PARENT] = new_ids.get(tags[TAG_PARENT], tags[TAG_PARENT])
-    run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["name"])
+    run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["name"],
+                            tags=mark or None)
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in record["params"].items()]
     tag_list = [RunTag(k, v) for k, v in tags.items()]

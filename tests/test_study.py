@@ -429,6 +429,71 @@ def test_export_then_import_gives_the_same_study_in_another_store(smoke_study, t
     assert not (tmp_path / "x.db").exists()
 
 
+def test_an_import_cut_short_is_never_read_and_a_second_import_starts_it_over(smoke_study, tmp_path):
+    """An import leaves its parent run marked until every run is in. A store left so (the mark,
+    two trial runs missing: what an import stopped part-way leaves) is refused by analyze,
+    status, export and run in one line; importing the file again deletes the partial runs and
+    re-creates the study whole, --if-absent included."""
+    folder, uri, _ = smoke_study
+    out = tmp_path / "smoke.jsonl.gz"
+    assert nc_study("export", "smoke", "--tracking-uri", uri, "--out", str(out), cwd=tmp_path).returncode == 0
+    copy = f"sqlite:///{tmp_path}/copy.db"
+    assert nc_study("import", str(out), "--tracking-uri", copy, cwd=tmp_path).returncode == 0
+    client = MlflowClient(copy)
+    runs = trial_runs(copy, "smoke")
+    parent = runs[0].data.tags["mlflow.parentRunId"]
+    assert "nc_study.importing" not in client.get_run(parent).data.tags      # a finished import is unmarked
+
+    def cut_short():
+        client.set_tag(parent_of(), "nc_study.importing", str(out))
+        for run in trial_runs(copy, "smoke")[:2]:
+            client.delete_run(run.info.run_id)
+
+    def parent_of():
+        return trial_runs(copy, "smoke")[0].data.tags["mlflow.parentRunId"]
+
+    cut_short()
+    unfinished = f"study 'smoke' in {copy} is an import that did not finish (of {out})"
+    for args in (("analyze", "smoke", "--out", "r", "--no-log"), ("status", "smoke"),
+                 ("export", "smoke", "--out", str(tmp_path / "again.jsonl.gz")), ("run", str(SMOKE))):
+        refused = nc_study(*args, "--tracking-uri", copy, cwd=tmp_path)
+        assert refused.returncode == 2 and unfinished in refused.stderr, (args, refused.stdout, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert len(trial_runs(copy, "smoke")) == 4 and not (tmp_path / "again.jsonl.gz").exists()
+
+    for flags in ((), ("--if-absent",)):
+        redo = nc_study("import", str(out), "--tracking-uri", copy, *flags, cwd=tmp_path)
+        assert redo.returncode == 0, redo.stdout + redo.stderr
+        assert "that did not finish" in redo.stdout and "its 5 runs are deleted and the import starts over" in redo.stdout
+        again = trial_runs(copy, "smoke")
+        assert len(again) == 6 and {r.data.tags["trial_key"] for r in again} == {r.data.tags["trial_key"] for r in runs}
+        assert "nc_study.importing" not in client.get_run(parent_of()).data.tags
+        assert nc_study("status", "smoke", "--tracking-uri", copy, cwd=tmp_path).returncode == 0
+        if not flags:
+            cut_short()
+
+
+def test_an_export_whose_store_fails_mid_way_leaves_no_file(smoke_study, tmp_path):
+    """A copy of the smoke store that lists its runs but fails to give a metric history (its
+    table has lost its columns: the store failing after the listing, as a server that goes
+    down does) fails the export at its first run, in one line with exit status 75, with
+    neither the file nor a .part left."""
+    import shutil
+    import sqlite3
+    folder, _, _ = smoke_study
+    shutil.copy(folder / "mlflow.db", tmp_path / "copy.db")
+    with sqlite3.connect(tmp_path / "copy.db") as con:
+        con.execute("ALTER TABLE metrics RENAME TO metrics_gone")
+        con.execute("CREATE TABLE metrics (unreadable INTEGER)")
+    out = tmp_path / "smoke.jsonl.gz"
+    failed = nc_study("export", "smoke", "--tracking-uri", f"sqlite:///{tmp_path}/copy.db", "--out", str(out),
+                      cwd=tmp_path)
+    assert failed.returncode == 75, failed.stdout + failed.stderr
+    assert failed.stderr.startswith("nc-study export: error: tracking store ") and \
+        "failed during the export" in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_name(out.name + ".part").exists()
+
+
 def test_segment_total_adds_up_clocks_restarted_by_resumes():
     from study.timing import segment_total
     assert segment_total([1.0, 2.0, 3.0]) == 3.0
