@@ -181,12 +181,21 @@ class SqliteSource:
         self.con.close()
 
 
+# MLflow's HTTP client retries a request 7 times over about 4 minutes by default; analyze
+# would sit silent that long per request when its server goes away. Its own defaults
+# (the environment still wins): 2 retries 1 s and 2 s apart, 30 s per attempt.
+CLIENT_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 class ClientSource:
     """Any tracking URI, through the public MLflow client."""
     name = "client"
 
     def __init__(self, uri: str, full_layers: bool = False) -> None:
         check_reachable(uri)
+        for key, value in CLIENT_PATIENCE.items():     # a server that goes away: an error in seconds
+            os.environ.setdefault(key, value)
         from mlflow import MlflowClient
         self.uri, self.full_layers = uri, full_layers
         self.client = MlflowClient(tracking_uri=uri)
@@ -232,9 +241,12 @@ class ClientSource:
         latest = {k: v for k, v in run.latest.items() if wanted(k)}
         per_layer = {k for k in latest if parse_key(k)[0] > 0}
         keys = [k for k in latest if self.full_layers or k not in per_layer]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:    # one request per key: overlap them
+        pool = concurrent.futures.ThreadPoolExecutor(8)          # one request per key: overlap them
+        try:
             histories = self._call(f"read the metric history of run {run.run_id}", list,
                                    pool.map(lambda k: self.client.get_metric_history(run.run_id, k), keys))
+        finally:   # on a failure, the keys not yet asked for are not asked (each would retry on its own)
+            pool.shutdown(cancel_futures=True)
         rows = [(m.key, m.step, m.value, m.timestamp) for h in histories for m in h]
         if not self.full_layers:          # per-layer: the latest value only
             rows += [(k, step, value, 0) for k, (value, step) in latest.items() if k in per_layer]

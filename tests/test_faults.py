@@ -163,6 +163,29 @@ def mlflow_server(tmp_path):
     down()
 
 
+def test_analyze_reading_from_a_server_that_goes_away_fails_in_seconds(mlflow_server, monkeypatch):
+    """The analysis' client reader lists a study's runs, then its server is killed: reading a
+    run's histories fails in one UsageError within seconds, not after MLflow's default retries
+    (7, about 4 minutes) for each of the run's metric keys queued in its thread pool."""
+    from analysis.load import CLIENT_PATIENCE, ClientSource
+    from study.errors import UsageError
+    for key in CLIENT_PATIENCE:
+        monkeypatch.delenv(key, raising=False)
+    uri, _, down = mlflow_server
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("gone")
+    run = client.create_run(experiment, tags={"nc_study.kind": "trial", "status": "converged"})
+    for k in range(40):
+        client.log_metric(run.info.run_id, f"headline/m{k}", 1.0, step=1)
+    source = ClientSource(uri)
+    (record,) = source.runs(source.experiments(["gone"]))
+    down()
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="cannot read the metric history"):
+        source.history(record)
+    assert time.monotonic() - start < 60      # default retries: minutes per key, 40 keys
+
+
 @pytest.mark.slow  # 2–4 min each here; `make test-all` runs them
 def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_dies(tmp_path, mlflow_server):
     """The server is killed mid-study and stays down past the client's own retries; the
