@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
-from .errors import UsageError
+from .errors import EXIT_STORE_DOWN, UsageError
 from .progress import clock
 from .schema import DEFAULT_URI, ENDED, INTERRUPTED, RUNNING, TAG_FINGERPRINT, TAG_NOTE, TAG_STATUS, TRAINED, metric_key, run_name, runs_link
 from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, local_packs, packs, parallel_slots
 
 EXIT_FAILED_TRIALS = 1
-EXIT_TRACKING_DOWN = 75   # sysexits' EX_TEMPFAIL: the store was gone too long; re-run to resume
+EXIT_TRACKING_DOWN = EXIT_STORE_DOWN   # 75, EX_TEMPFAIL: the store was gone too long; re-run to resume
 EXIT_INTERRUPTED = 130
 STATE_PERIOD_S = 5.0  # how often Ray saves the experiment state, unless TUNE_GLOBAL_CHECKPOINT_S says
 OUTAGE_LIMIT_S = 3600.0
@@ -565,8 +565,6 @@ def remove_marker(exp_dir: str, name: str) -> None:
         fs.delete_file(f"{path}/{name}")
     except (FileNotFoundError, OSError):
         pass
-
-
 
 
 def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: float | None = None,

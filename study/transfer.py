@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from .errors import StoreDown, UsageError
-from .schema import DEFAULT_URI, KIND_STUDY, KIND_TRIAL, TAG_IMPORTING, TAG_KIND, TAG_PARENT, TAG_RUN_NAME, unfinished_import
+from .schema import (DEFAULT_URI, KIND_STUDY, KIND_TRIAL, TAG_IMPORTING, TAG_KIND, TAG_PARENT, TAG_RUN_NAME,
+                     unfinished_import)
 
 FORMAT = "nc-study-export"
 VERSION = 1
@@ -70,10 +71,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     runs = find_runs(client, experiment_id, KIND_STUDY) + find_runs(client, experiment_id, KIND_TRIAL)
     if not runs:
         raise UsageError(f"study {args.study!r} in {uri} has no runs to export")
-    unfinished = unfinished_import(runs[0].data.tags, args.study, uri) if runs[0].data.tags.get(TAG_KIND) == \
-        KIND_STUDY else None
-    if unfinished:
-        raise UsageError(unfinished)
+    parent_tags = runs[0].data.tags if runs[0].data.tags.get(TAG_KIND) == KIND_STUDY else {}
+    reason = unfinished_import(parent_tags, args.study, uri)
+    if reason:
+        raise UsageError(reason)
     tmp = args.out.with_name(args.out.name + ".part")
     quiet_store_errors()
     try:
