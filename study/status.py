@@ -21,6 +21,8 @@ from .schema import (CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_T
                      TAG_STATUS, DEFAULT_URI, planned_trials, unfinished_import)
 
 PACE_WINDOW_S = 3600.0
+# MLflow's client retries a request for about 4 minutes by default (the environment still wins)
+QUICK_LOOK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 ENDED_WORDS = ((CONVERGED, "converged"), (NOT_CONVERGED, "not converged"), (DIVERGED, "diverged"), (ERROR, "failed"))
 
 
@@ -36,6 +38,9 @@ def add_status_parser(sub) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import os
+    for key, value in QUICK_LOOK.items():      # a look, not a job: a server that is gone fails it in seconds
+        os.environ.setdefault(key, value)
     from .lease import TAG_DRIVER, parse
     from .runner import browse_lines
     from .tracking import TrackingError, check_uri, find_runs, open_client, resolve_uri
