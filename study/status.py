@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .errors import UsageError
+from .errors import StoreDown, UsageError
 from .progress import clock
 from .schema import (CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL, NOT_CONVERGED, RUNNING,
                      TAG_STATUS, DEFAULT_URI, planned_trials, unfinished_import)
@@ -43,21 +43,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         os.environ.setdefault(key, value)
     from .lease import TAG_DRIVER, parse
     from .runner import browse_lines
-    from .tracking import TrackingError, check_uri, find_runs, open_client, resolve_uri
+    from .tracking import TrackingError, check_uri, find_runs, first_line, open_client, resolve_uri
     uri = resolve_uri(args.tracking_uri)
     try:
         check_uri(uri, must_exist=True)
     except TrackingError as exc:
         raise UsageError(str(exc)) from None
     client = open_client(uri)
-    experiment = client.get_experiment_by_name(args.study)
-    if experiment is None or experiment.lifecycle_stage == "deleted":
-        raise UsageError(f"no study {args.study!r} in {uri}; `nc-study run` records one, or pass its --tracking-uri")
-    parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+    try:
+        experiment = client.get_experiment_by_name(args.study)
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            raise UsageError(f"no study {args.study!r} in {uri}; `nc-study run` records one, or pass its "
+                             "--tracking-uri")
+        parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+        trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time)
+                  for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]
+    except UsageError:
+        raise
+    except Exception as exc:   # noqa: BLE001 - a store that stopped answering after check_uri
+        raise StoreDown(f"tracking store {uri} failed while reading study {args.study!r} ({first_line(exc)}); "
+                        "try again once it answers") from None
     if not parents:
         raise UsageError(f"experiment {args.study!r} in {uri} holds no study of nc-study (no parent run)")
-    trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time)
-              for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]
     parent = parents[0]
     unfinished = unfinished_import(parent.data.tags, args.study, uri)
     if unfinished:
