@@ -53,8 +53,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         experiment = client.get_experiment_by_name(args.study)
         if experiment is None or experiment.lifecycle_stage == "deleted":
-            raise UsageError(f"no study {args.study!r} in {uri}; `nc-study run` records one, or pass its "
-                             "--tracking-uri")
+            names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+            raise UsageError(f"no study {args.study!r} in {uri} (it holds: {', '.join(names) or 'none'}); "
+                             "`nc-study run` records one, or pass its --tracking-uri")
         parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
         trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time)
                   for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]

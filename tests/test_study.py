@@ -539,6 +539,8 @@ def test_status_of_a_study_complete_running_and_stopped(smoke_study, tmp_path):
     assert done.stdout.splitlines()[:2] == [
         f"study smoke in {uri}: 6 of 6 trials ended (3 converged, 3 not converged, 0 diverged, 0 failed)",
         f"complete; next: nc-study analyze smoke --tracking-uri {uri}"]
+    unknown = nc_study("status", "smok", "--tracking-uri", uri, cwd=tmp_path)
+    assert unknown.returncode == 2 and f"no study 'smok' in {uri} (it holds: smoke)" in unknown.stderr
     # a reader that stops reading (`| head`, here `| true`) ends it quietly, as Unix tools end
     cut = subprocess.run(["bash", "-c", f"{sys.executable} -m study status smoke --tracking-uri {uri} | true; "
                           "echo ${PIPESTATUS[0]}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
