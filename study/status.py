@@ -17,10 +17,11 @@ import time
 
 from .errors import StoreDown, UsageError
 from .progress import clock
-from .schema import (CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL, NOT_CONVERGED, RUNNING,
+from .schema import (EPOCH, CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL, NOT_CONVERGED, RUNNING,
                      TAG_STATUS, DEFAULT_URI, planned_trials, unfinished_import)
 
 PACE_WINDOW_S = 3600.0
+MAX_SHOWN = 4           # open trials whose epochs are listed
 # MLflow's client retries a request for about 4 minutes by default (the environment still wins)
 QUICK_LOOK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 ENDED_WORDS = ((CONVERGED, "converged"), (NOT_CONVERGED, "not converged"), (DIVERGED, "diverged"), (ERROR, "failed"))
@@ -57,8 +58,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"no study {args.study!r} in {uri} (it holds: {', '.join(names) or 'none'}); "
                              "`nc-study run` records one, or pass its --tracking-uri")
         parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
-        trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time)
-                  for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]
+        runs = find_runs(client, experiment.experiment_id, KIND_TRIAL)
     except UsageError:
         raise
     except Exception as exc:   # noqa: BLE001 - a store that stopped answering after check_uri
@@ -70,9 +70,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     unfinished = unfinished_import(parent.data.tags, args.study, uri)
     if unfinished:
         raise UsageError(unfinished)
+    trials = [(run.data.tags.get(TAG_STATUS, RUNNING), run.info.end_time) for run in runs]
     for line in status_lines(args.study, uri, planned_trials(parent.data.params), trials,
                              parse(parent.data.tags.get(TAG_DRIVER))):
         print(line)
+    open_runs = sorted((run for run in runs if run.data.tags.get(TAG_STATUS, RUNNING) == RUNNING),
+                       key=lambda run: -run.data.metrics.get(EPOCH, 0))
+    progress = [f"{(run.info.run_name or run.info.run_id).split(' ')[0]} {int(run.data.metrics.get(EPOCH, 0))}/"
+                f"{run.data.params.get('epochs', '?')}" for run in open_runs]
+    if progress:
+        more = f", … ({len(progress)} in all)" if len(progress) > MAX_SHOWN else ""
+        print(f"epochs of the open trials (last report): {', '.join(progress[:MAX_SHOWN])}{more}")
     for line in browse_lines(uri, experiment.experiment_id):
         print(line)
     return 0

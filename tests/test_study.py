@@ -564,6 +564,10 @@ def test_status_of_a_study_complete_running_and_stopped(smoke_study, tmp_path):
                         "converged, 0 diverged, 0 failed), 2 running"), lines
     assert lines[1].startswith(f"run by {lease.me['user']}@") and f"pid {os.getpid()}" in lines[1]
     assert lines[2].startswith("last hour: 4 trials ended; about ") and lines[2].endswith(" left at that pace")
+    names = sorted(r.info.run_name.split(" ")[0] for r in runs[:2])
+    assert lines[3].startswith("epochs of the open trials (last report): ") and \
+        sorted(part.split(" ")[0] for part in lines[3].split(": ", 1)[1].split(", ")) == names
+    assert lines[3].count(" 60/60") == 2
     stopped = nc_study("status", "smoke", "--tracking-uri", copy, cwd=tmp_path).stdout.splitlines()
     assert ", 2 stopped part-way" in stopped[0]
     assert stopped[1].startswith("no driver is running it: run `nc-study run`")
