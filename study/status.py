@@ -1,10 +1,11 @@
 """`nc-study status STUDY`: where a recorded study stands, read from MLflow alone (no Ray, and
 nothing written), from any machine that reaches its tracking store:
 
-    study fig3_1 in sqlite:///…/mlflow.db: 64 of 240 trials ended (27 converged, 30 not converged,
-      7 diverged, 0 failed), 16 running, 160 not started
-    run by alice@node1 (pid 4242, since 2026-11-24 02:53 UTC, last heard 12 s ago)
-    last hour: 16 trials ended; about 10h00m left at that pace
+    study fig3_1 in sqlite:///…/mlflow.db: 96 of 240 trials ended (61 converged, 35 not converged,
+      0 diverged, 0 failed), 16 running, 128 not started
+    run by alice@node1 (pid 4242, since 2026-11-24 02:52 UTC, last heard 8 s ago)
+    last hour: 32 trials ended; about 4h30m00s left at that pace
+    epochs of the open trials (last report): fig3_1-119 200/300, fig3_1-120 200/300, …
     browse it: …
 
 The driver is the lease a running `nc-study run` keeps on the study's parent run
@@ -13,12 +14,13 @@ The driver is the lease a running `nc-study run` keeps on the study's parent run
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from .errors import StoreDown, UsageError
 from .progress import clock
-from .schema import (EPOCH, CONVERGED, DIVERGED, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL, NOT_CONVERGED, RUNNING,
-                     TAG_STATUS, DEFAULT_URI, planned_trials, unfinished_import)
+from .schema import (CONVERGED, DEFAULT_URI, DIVERGED, EPOCH, ERROR, INTERRUPTED, KIND_STUDY, KIND_TRIAL,
+                     NOT_CONVERGED, RUNNING, TAG_STATUS, planned_trials, unfinished_import)
 
 PACE_WINDOW_S = 3600.0
 MAX_SHOWN = 4           # open trials whose epochs are listed
@@ -39,7 +41,6 @@ def add_status_parser(sub) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import os
     for key, value in QUICK_LOOK.items():      # a look, not a job: a server that is gone fails it in seconds
         os.environ.setdefault(key, value)
     from .lease import TAG_DRIVER, parse
