@@ -180,13 +180,15 @@ def largest_sd(strata: list[np.ndarray]) -> tuple[float, int]:
 
 
 def pair_bound(strata: list[np.ndarray], weights: np.ndarray, tau: float, level: float = LEVEL,
-               seed: int = 0, sd_model: str = "auto") -> dict:
+               seed: int = 0, sd_model: str = "auto", ceiling: float = math.inf) -> dict:
     """ε = max(0, max_{i<j} w_ij (μ_i − μ_j)) from the values at K ordered settings.
     `weights` (K, K): w_ij for i < j (e.g. 1 / log(λ_j/λ_i) for 3.1.1, −1 for 3.2.2).
     Max-t simultaneous interval, p-values against τ, and the noise floor.
     `sd_model`: "pooled" scales every contrast by the pooled SD; "largest" by the largest
     per-setting SD (with the fewest df), which keeps the level when the settings' SDs differ;
-    "auto" takes "largest" when Hartley's check finds them unequal (`unequal_sds`), else "pooled"."""
+    "auto" takes "largest" when Hartley's check finds them unequal (`unequal_sds`), else "pooled".
+    `ceiling`: the largest value ε can take (e.g. `NC_SCORE_SPAN` over the closest pair's
+    log(λ2/λ1)); the interval's upper end is cut there, which keeps its level."""
     strata = [np.asarray(s, float) for s in strata]
     s, df = pooled_sd(strata)
     if df == 0:
@@ -212,20 +214,20 @@ def pair_bound(strata: list[np.ndarray], weights: np.ndarray, tau: float, level:
     floor = s * _unit_floor(ns, df, tuple(w.tolist()), level, seed)
     p_viol = _tail(null, float(((theta - tau) / se).max()))
     p_cons = _tail(null, float(((tau - theta) / se).min()))
-    return {"ci_low": low, "ci_high": high, "ci_level": level, "no_interval_reason": None,
+    return {"ci_low": low, "ci_high": min(high, ceiling), "ci_level": level, "no_interval_reason": None,
             "noise_floor": floor, "critical_value": c, "pooled_sd": s, "df": df, "sd_ratio": ratio,
             "sd_model": sd_model, **_verdict(low, high, tau, p_cons, p_viol)}
 
 
 def step_bound(drops: list[np.ndarray], tau: float, level: float = LEVEL, seed: int = 0,
-               sd_model: str = "auto") -> dict:
+               sd_model: str = "auto", ceiling: float = math.inf) -> dict:
     """ε = max(0, max_{k,l} E[drop_l] at setting k) from per-model drops S_l − S_{l+1}:
     `drops[k]` is (n_k, L−2) for the models at setting k (e.g. λ_k). Per-step pooled SD over
     the settings, or, where `unequal_settings` finds one setting noisier than another across
     the steps (a check like Hartley's, at its 90th percentile under equal SDs), each step's
     largest per-setting SD at its fewest df; Bonferroni over all K (L−2) contrasts, each at its
     own t quantile; noise floor simulated with independent steps at the per-step SDs used.
-    `sd_model` as in `pair_bound`."""
+    `sd_model` and `ceiling` as in `pair_bound`."""
     drops = [np.atleast_2d(np.asarray(d, float)) for d in drops]
     df = sum(len(d) - 1 for d in drops)
     if df <= 0:
@@ -254,7 +256,7 @@ def step_bound(drops: list[np.ndarray], tau: float, level: float = LEVEL, seed: 
     bonferroni = lambda t: np.minimum(1.0, 2 * P * special.stdtr(df_l[None, :], -t))    # noqa: E731
     p_viol = float(bonferroni((theta - tau) / se).min())     # some contrast's lower end above τ
     p_cons = float(bonferroni((tau - theta) / se).max())     # every contrast's upper end below τ
-    return {"ci_low": low, "ci_high": high, "ci_level": level, "no_interval_reason": None,
+    return {"ci_low": low, "ci_high": min(high, ceiling), "ci_level": level, "no_interval_reason": None,
             "noise_floor": floor, "critical_value": float(c.max()), "pooled_sd": float(s_l.max()),
             "df": int(df_l.min()),
             "sd_model": "largest" if unequal else "pooled",

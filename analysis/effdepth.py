@@ -113,9 +113,8 @@ def test_group(rows: pd.DataFrame, epsilon: float, tau: float = TAUS["conjecture
     eps_hat = max(rises, default=0.0)
     trend = stats.spearman_test(lam, d, n_perm, seed)
     earlier = lam[:, None] < lam[None, :]
-    out |= bounds.pair_bound(strata, np.full((len(levels), len(levels)), -1.0), tau, seed=seed)
-    if out["ci_high"] is not None:       # ε lies in [0, largest rise]: cutting there keeps coverage
-        out["ci_high"] = min(out["ci_high"], largest_rise(used))
+    out |= bounds.pair_bound(strata, np.full((len(levels), len(levels)), -1.0), tau, seed=seed,
+                             ceiling=largest_rise(used))
     out |= {"epsilon_hat": float(eps_hat), "statistic": trend.statistic, "p_value": trend.p_value,
             "violating_pairs": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]),
                                  "depth_1": float(means[i]), "depth_2": float(means[j])} for i, j in pairs],

@@ -181,21 +181,14 @@ class SqliteSource:
         self.con.close()
 
 
-# MLflow's HTTP client retries a request 7 times over about 4 minutes by default; analyze
-# would sit silent that long per request when its server goes away. Its own defaults
-# (the environment still wins): 2 retries 1 s and 2 s apart, 30 s per attempt.
-CLIENT_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
 class ClientSource:
     """Any tracking URI, through the public MLflow client."""
     name = "client"
 
     def __init__(self, uri: str, full_layers: bool = False) -> None:
         check_reachable(uri)
-        for key, value in CLIENT_PATIENCE.items():     # a server that goes away: an error in seconds
-            os.environ.setdefault(key, value)
+        from study.tracking import fail_fast
+        fail_fast(retries=2)                            # a server that goes away: an error in seconds
         from mlflow import MlflowClient
         self.uri, self.full_layers = uri, full_layers
         self.client = MlflowClient(tracking_uri=uri)

@@ -131,10 +131,9 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
     trend = stats.spearman_test(np.log(lam), S, n_perm, seed)
     jt, z = stats.jonckheere_test(S, lam, n_perm, seed)
     weights = bounds.log_lambda_weights(levels)
-    out |= bounds.pair_bound(strata, weights, tau, seed=seed)
-    if metric == "nc_score" and out["ci_high"] is not None:    # ε lies in [0, that]: cutting keeps coverage
-        closest = np.max(weights[np.triu_indices(len(levels), k=1)])
-        out["ci_high"] = min(out["ci_high"], bounds.NC_SCORE_SPAN * float(closest))
+    steepest = bounds.NC_SCORE_SPAN * float(np.max(weights[np.triu_indices(len(levels), k=1)]))
+    out |= bounds.pair_bound(strata, weights, tau, seed=seed,
+                             ceiling=steepest if metric == "nc_score" else math.inf)
     out |= {"epsilon_hat": eps, "statistic": trend.statistic,
             "p_value": trend.p_value, "jonckheere_J": jt.statistic, "jonckheere_z": z, "jonckheere_p": jt.p_value,
             "set_by": [{"lambda_1": float(levels[i]), "lambda_2": float(levels[j]), "S_1": float(means[i]),

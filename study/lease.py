@@ -98,7 +98,12 @@ def check_free(client, experiment_id: str | None, study_name: str) -> None:
     if experiment_id is None:
         return
     parents = find_runs(client, experiment_id, KIND_STUDY)
-    lease = parse(parents[0].data.tags.get(TAG_DRIVER)) if parents else None
+    refuse_if_held(parents[0].data.tags if parents else {}, study_name)
+
+
+def refuse_if_held(parent_tags: dict[str, str], study_name: str) -> None:
+    """Refuse (UsageError) when these parent-run tags carry a live lease."""
+    lease = parse(parent_tags.get(TAG_DRIVER))
     if is_live(lease):
         raise busy_error(study_name, lease)
 

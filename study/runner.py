@@ -256,8 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if address is not None:
         probe_cluster(address)     # before the store is touched: a wrong address is a usage error
     try:
-        check_no_unfinished_import(study, uri)
-        check_no_other_driver(study, uri)   # before anything, the journal included, is touched
+        check_study_open(study, uri)   # before anything, the journal included, is touched
         resend_journal(study, uri, journal_path(storage, study.name))
         experiment_id = completed_experiment(study, uri)
     except TrackingError as exc:
@@ -321,14 +320,24 @@ def open_study_record(study: Study, uri: str):
     return experiment_id, parent_id, lease
 
 
-def check_no_other_driver(study: Study, uri: str) -> None:
-    """Refuse before any work when another driver holds the study's lease (reads only; a SQLite
-    store that does not exist yet is not created here)."""
-    from .lease import check_free
+def check_study_open(study: Study, uri: str) -> None:
+    """Refuse before any work a study whose store holds an `nc-study import` of it that did not
+    finish (its runs may lack metrics, and a resume would take them as trained), or whose lease
+    another driver holds; one read of its parent run (a SQLite store that does not exist yet
+    is not created here)."""
+    from .lease import refuse_if_held
+    from .schema import unfinished_import
+    from .tracking import KIND_STUDY, find_runs
     found = existing_experiment(study, uri)
-    if found is not None:
-        client, experiment = found
-        check_free(client, experiment.experiment_id, study.name)
+    if found is None:
+        return
+    client, experiment = found
+    parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+    tags = parents[0].data.tags if parents else {}
+    reason = unfinished_import(tags, study.name, uri)
+    if reason:
+        raise UsageError(reason)
+    refuse_if_held(tags, study.name)
 
 
 def existing_experiment(study: Study, uri: str):
@@ -343,21 +352,6 @@ def existing_experiment(study: Study, uri: str):
     if experiment is None or experiment.lifecycle_stage == "deleted":
         return None
     return client, experiment
-
-
-def check_no_unfinished_import(study: Study, uri: str) -> None:
-    """Refuse a study whose store holds an `nc-study import` of it that did not finish: its
-    runs may lack metrics, and a resume would take them as trained."""
-    from .schema import unfinished_import
-    from .tracking import KIND_STUDY, find_runs
-    found = existing_experiment(study, uri)
-    if found is None:
-        return
-    client, experiment = found
-    parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
-    reason = parents and unfinished_import(parents[0].data.tags, study.name, uri)
-    if reason:
-        raise UsageError(reason)
 
 
 def resend_journal(study: Study, uri: str, journal: Path) -> None:

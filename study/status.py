@@ -14,7 +14,6 @@ The driver is the lease a running `nc-study run` keeps on the study's parent run
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from .errors import StoreDown, UsageError
@@ -24,8 +23,6 @@ from .schema import (CONVERGED, DEFAULT_URI, DIVERGED, EPOCH, ERROR, INTERRUPTED
 
 PACE_WINDOW_S = 3600.0
 MAX_SHOWN = 4           # open trials whose epochs are listed
-# MLflow's client retries a request for about 4 minutes by default (the environment still wins)
-QUICK_LOOK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 ENDED_WORDS = ((CONVERGED, "converged"), (NOT_CONVERGED, "not converged"), (DIVERGED, "diverged"), (ERROR, "failed"))
 
 
@@ -41,11 +38,10 @@ def add_status_parser(sub) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    for key, value in QUICK_LOOK.items():      # a look, not a job: a server that is gone fails it in seconds
-        os.environ.setdefault(key, value)
     from .lease import TAG_DRIVER, parse
     from .runner import browse_lines
-    from .tracking import TrackingError, check_uri, find_runs, first_line, open_client, resolve_uri
+    from .tracking import TrackingError, check_uri, fail_fast, find_runs, first_line, open_client, resolve_uri
+    fail_fast(retries=1)                        # a look, not a job
     uri = resolve_uri(args.tracking_uri)
     try:
         check_uri(uri, must_exist=True)

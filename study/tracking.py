@@ -48,6 +48,19 @@ class TrackingError(RuntimeError):
     """A tracking URI that cannot be reached or opened."""
 
 
+# MLflow's HTTP client retries a request 7 times over about 4 minutes by default: a command
+# that reads (analyze, status) would sit silent that long per request on a server that went away
+HTTP_PATIENCE_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def fail_fast(retries: int) -> None:
+    """`retries` retries 1 s and 2 s apart, 30 s per attempt, unless the environment says
+    otherwise: a server that is gone fails the command in seconds."""
+    for key, value in zip(HTTP_PATIENCE_KEYS, (str(retries), "1", "30")):
+        os.environ.setdefault(key, value)
+
+
 def resolve_uri(uri: str | None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder
     (a SQLite file made absolute, so trials and `mlflow ui` run from here agree)."""

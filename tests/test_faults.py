@@ -167,9 +167,10 @@ def test_analyze_reading_from_a_server_that_goes_away_fails_in_seconds(mlflow_se
     """The analysis' client reader lists a study's runs, then its server is killed: reading a
     run's histories fails in one UsageError within seconds, not after MLflow's default retries
     (7, about 4 minutes) for each of the run's metric keys queued in its thread pool."""
-    from analysis.load import CLIENT_PATIENCE, ClientSource
+    from analysis.load import ClientSource
     from study.errors import UsageError
-    for key in CLIENT_PATIENCE:
+    from study.tracking import HTTP_PATIENCE_KEYS
+    for key in HTTP_PATIENCE_KEYS:
         monkeypatch.delenv(key, raising=False)
     uri, _, down = mlflow_server
     client = MlflowClient(uri)
