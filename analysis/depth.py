@@ -6,8 +6,9 @@ S_{l+1} − S_l ≥ −ε for consecutive blocks. Per converged model (docs/scie
     ε̂ = max(0, max_l (S_l − S_{l+1}))          and the block pair l → l+1 that sets it
 
 Per architecture group the estimand is ε = max over λ and blocks l of the expected drop
-E[S_l − S_{l+1}] over seeds; ε̂ is its value on the seed means, with a simultaneous
-(Bonferroni t, per-step pooled within-λ SD) interval, a noise floor and a verdict against τ
+E[S_l − S_{l+1}] over seeds; ε̂ is its value on the seed means of the λ with >= 2 converged
+models (a λ with one is left out and named), with a simultaneous (Welch–Bonferroni: each
+(λ, step) scaled by its own models' SD) interval, a noise floor and a verdict against τ
 (`bounds.step_bound`). Beside it: the distribution of the per-model ε̂ (its maximum,
 `max_model_epsilon_hat`, is the smallest ε for which the conjecture holds in every model),
 the share of non-decreasing steps, the trend of S with the block index (mean per-model
@@ -24,6 +25,7 @@ import pandas as pd
 from . import bounds, stats
 from .bounds import NC_SCORE_SPAN
 from .frame import CONVERGED, by_group, exclusion_counts, final_layers, trials
+from .wd import lambda_range, range_text, seeded
 from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_1"
@@ -99,14 +101,14 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS
            "epsilon_hat": None, "max_model_epsilon_hat": None, "ci_low": None, "ci_high": None,
            "ci_level": bounds.LEVEL,
            "ci_of": ("epsilon = max over λ and block steps of the seed-mean drop S_l − S_{l+1}: Bonferroni "
-                     "t-intervals over every (λ, step), per-step pooled within-λ SD; [max of lower ends, "
-                     "max of upper ends], clipped at 0" + (
+                     "t-intervals over every (λ, step), each scaled by its own models' SD (n − 1 df), λ with "
+                     ">= 2 converged models; [max of lower ends, max of upper ends], clipped at 0" + (
                          f" and at {NC_SCORE_SPAN:g}, the largest drop nc_score allows (it lies in "
                          "[-1, 1 + 1/(C-1)], C >= 2; the interval keeps its level)" if metric == "nc_score" else "")),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"mean per-model Spearman rho of {metric} vs block index",
            "p_value": None, "lambda_rho": None, "lambda_p": None, "share_nondecreasing": None,
-           "distribution": None, "set_by": [], "per_lambda": []}
+           "distribution": None, "set_by": [], "per_lambda": [], "lambda_range": None}
     if len(used) < MIN_MODELS:
         out["state"] = INSUFFICIENT
         out["verdict"] = (f"too few converged trials with per-layer {metric}: {len(used)}"
@@ -129,7 +131,9 @@ def test_group(models: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS
     trend = layer_trend_test(curves, n_perm, seed)
     out["statistic"], out["p_value"] = trend.statistic, trend.p_value
     lam = used["weight_decay"].to_numpy(float)
-    drops = [curves[lam == level, :-1] - curves[lam == level, 1:] for level in np.unique(lam)]
+    levels, drops, one_model = seeded(np.unique(lam), [curves[lam == level, :-1] - curves[lam == level, 1:]
+                                                       for level in np.unique(lam)], min_levels=1)
+    out["lambda_range"] = lambda_range(models["weight_decay"].to_numpy(float), levels, one_model)
     out["epsilon_hat"] = max(0.0, float(max(d.mean(axis=0).max() for d in drops)))
     out |= bounds.step_bound(drops, tau, seed=seed, ceiling=NC_SCORE_SPAN if metric == "nc_score" else math.inf)
     if len(used) >= MIN_LAMBDA_MODELS and len(np.unique(lam)) >= 2:
@@ -149,11 +153,10 @@ def verdict(r: dict) -> str:
     eps = bound_text(r, " per block step")
     models = (f"per model: max ε̂ {num(r['max_model_epsilon_hat'])}, median {num(d['median'])} over "
               f"{r['n_converged']} models, {100 * r['share_nondecreasing']:.0f}% of steps non-decreasing")
-    lams = sorted(p["weight_decay"] for p in r["per_lambda"])
     trend = (f"trend across blocks {r['trend']}: mean layer ρ = {num(r['statistic'])}, "
              f"{p_is(r['p_value_adjusted'], 'p_adj')}")
     head = {"consistent": "consistent: ε < τ", "violated": "violated: ε > τ", "inconclusive": "inconclusive against τ"}
-    return f"{head[r['state']]}: {eps}; λ {lams[0]:g}–{lams[-1]:g}; {models}; {trend}"
+    return f"{head[r['state']]}: {eps}; {range_text(r)}; {models}; {trend}"
 
 
 def conjecture_3_2_1(frame: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["conjecture_3_2_1"],

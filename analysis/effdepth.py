@@ -12,8 +12,8 @@ per-layer `ncc_acc` for each ε asked for. The conjecture: λ1 < λ2 ⇒ d_ε(λ
 Per architecture group and ε, on converged trials (docs/science.md §6): Spearman ρ of d_ε
 against λ over trials with a permutation p-value (predicted ρ < 0); the violating pairs
 (λ1 < λ2 whose seed-mean depths rise, d̄(λ1) < d̄(λ2)); ε̂ = the largest such rise in
-blocks, max(0, max_{λ1<λ2} d̄(λ2) − d̄(λ1)), with a max-t simultaneous interval from the pooled
-within-λ SD, a noise floor and a verdict against τ (`bounds.pair_bound`); and how many trial
+blocks, max(0, max_{λ1<λ2} d̄(λ2) − d̄(λ1)), on the λ with >= 2 converged seeds (a λ with one
+is left out and named), with a Welch–Bonferroni simultaneous interval, a noise floor and a verdict against τ (`bounds.pair_bound`); and how many trial
 pairs violate it. The trend is a separate finding; p-values are Holm-adjusted over every
 group × ε test.
 """
@@ -26,6 +26,7 @@ import pandas as pd
 
 from . import bounds, stats
 from .frame import CONVERGED, by_group, exclusion_counts, final_layers, final_values, trials
+from .wd import lambda_range, range_text, seeded
 from .verdict import INSUFFICIENT, TAUS, bound_text, excluded_note, finalize, num, p_is
 
 TEST = "conjecture_3_2_2"
@@ -92,22 +93,25 @@ def test_group(rows: pd.DataFrame, epsilon: float, tau: float = TAUS["conjecture
            "n_excluded": int(sum(excluded.values())), "excluded": excluded,
            "epsilon_hat": None, "epsilon_hat_unit": "blocks (largest rise of the seed-mean depth as λ grows)",
            "ci_low": None, "ci_high": None, "ci_level": bounds.LEVEL,
-           "ci_of": ("epsilon (largest rise of the mean effective depth, blocks): max-t simultaneous "
-                     "t-intervals, pooled within-λ SD (the largest per-λ SD where Hartley's check finds "
-                     "them unequal: sd_model), for every λ pair's rise; [max of lower ends, max of "
-                     "upper ends], clipped at 0 and at L - 1 blocks, the largest rise possible "
+           "ci_of": ("epsilon (largest rise of the mean effective depth, blocks): simultaneous Welch "
+                     "t-intervals (each λ's own seed SD, the pooled one where its seeds agree exactly; "
+                     "Satterthwaite df, Bonferroni over the pairs) for every λ pair's rise, λ with >= 2 "
+                     "converged seeds; [max of lower ends, max of upper ends], clipped at 0 and at L - 1 blocks, the largest rise possible "
                      "(d lies in 1 .. L for L - 1 measured blocks; the interval keeps its level)"),
            "noise_floor": None, "tau": tau,
            "statistic": None, "statistic_name": f"Spearman rho of d_{epsilon:g} vs λ (trials)", "p_value": None,
            "set_by": [], "violating_pairs": [], "n_violating_trial_pairs": None, "n_trial_pairs": None,
            "per_lambda": [{"weight_decay": float(level), "n": int(len(s)), "mean_depth": float(s.mean()),
                            "min": float(s.min()), "max": float(s.max())} for level, s in zip(levels, strata)],
-           "logged_disagree": None}
+           "logged_disagree": None, "lambda_range": None}
     if len(used) < MIN_TRIALS or len(levels) < MIN_LAMBDAS:
         out["state"] = INSUFFICIENT
         out["verdict"] = (f"too few converged trials: {len(used)} across {len(levels)} λ value(s)"
                           f"{excluded_note(excluded)}; need >= {MIN_TRIALS} across >= {MIN_LAMBDAS}; no verdict")
         return out
+    levels, strata, one_seed = seeded(levels, strata)
+    means = np.array([s.mean() for s in strata])
+    out["lambda_range"] = lambda_range(rows["weight_decay"].to_numpy(float), levels, one_seed)
     pairs = violating_pairs(levels, means)
     rises = [means[j] - means[i] for i, j in pairs]
     eps_hat = max(rises, default=0.0)
@@ -136,9 +140,8 @@ def verdict(r: dict) -> str:
     pairs = "no violating λ pair" if k == 0 else (
         f"{k} violating λ pair{'s' if k > 1 else ''}, worst at λ {r['set_by'][0]['lambda_1']:g} → "
         f"{r['set_by'][0]['lambda_2']:g}")
-    lams = sorted(p["weight_decay"] for p in r["per_lambda"])
     head = {"consistent": "consistent: ε < τ", "violated": "violated: ε > τ", "inconclusive": "inconclusive against τ"}
-    return f"{head[r['state']]}: {bound_text(r, ' blocks')}; {pairs}; λ {lams[0]:g}–{lams[-1]:g}; {trend}"
+    return f"{head[r['state']]}: {bound_text(r, ' blocks')}; {pairs}; {range_text(r)}; {trend}"
 
 
 def conjecture_3_2_2(frame: pd.DataFrame, epsilons=EPSILONS, tau: float = TAUS["conjecture_3_2_2"],

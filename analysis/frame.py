@@ -69,23 +69,35 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c in set(known)]
 
 
+def _evaluated(rows: pd.DataFrame, frame: pd.DataFrame) -> pd.Series:
+    """Rows that hold an evaluation: some measure is finite in them (a metric logged as NaN at
+    the last evaluation is then read as NaN there, not from an earlier epoch)."""
+    cols = [c for c in metric_columns(frame) if c not in ("epoch", "lr", "diverged") and not c.startswith("time_")]
+    values = rows[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    return pd.Series(np.isfinite(values).any(axis=1), index=rows.index)
+
+
 def final_values(frame: pd.DataFrame, metric: str, layer: int = 0) -> pd.DataFrame:
-    """Per trial, the row of `layer` at the last epoch where `metric` is finite; trials
-    without any finite value are absent. Columns: the trial columns, epoch, metric."""
+    """Per trial, the row of `layer` at its last evaluation (the last epoch where any measure
+    of that layer is finite), and `metric` there; trials whose `metric` is not finite there
+    are absent. Columns: the trial columns, epoch, metric."""
     if metric not in frame.columns:
         return pd.DataFrame(columns=list(TRIAL_COLUMNS) + ["epoch", metric])
-    rows = frame[(frame["layer"] == layer) & np.isfinite(frame[metric].to_numpy(float))]
+    rows = frame[frame["layer"] == layer]
+    rows = rows[_evaluated(rows, frame)]
     last = rows.sort_values(["run_id", "epoch"]).drop_duplicates("run_id", keep="last")
+    last = last[np.isfinite(last[metric].to_numpy(float))]
     return last[list(TRIAL_COLUMNS) + ["epoch", metric]].reset_index(drop=True)
 
 
 def final_layers(frame: pd.DataFrame, metric: str) -> dict[str, np.ndarray]:
     """Per trial, `metric` at every hidden block it measures (`measured_layers`; at least
-    depth − 1) at the last epoch that has per-layer rows with a finite `metric`; run_id ->
-    (blocks,) array (NaN where a block is missing at that epoch)."""
+    depth − 1) at its last per-layer evaluation (the last epoch where any per-layer measure is
+    finite); run_id -> (blocks,) array (NaN where a block is missing or not finite there)."""
     if metric not in frame.columns:
         return {}
-    rows = frame[(frame["layer"] >= 1) & np.isfinite(frame[metric].to_numpy(float))]
+    rows = frame[frame["layer"] >= 1]
+    rows = rows[_evaluated(rows, frame)]
     if rows.empty:
         return {}
     last_epoch = rows.groupby("run_id", sort=False)["epoch"].transform("max")

@@ -87,16 +87,18 @@ def bound_state(r: dict) -> str:
     """The verdict against τ from the Holm-adjusted p-values (see module docstring)."""
     if r.get("role") == CONTROL:
         return CONTROL
-    if (r.get("p_consistent_adjusted") or 1.0) < ALPHA:
-        return CONSISTENT
-    if (r.get("p_violated_adjusted") or 1.0) < ALPHA:
-        return VIOLATED
+    for key, state in (("p_consistent_adjusted", CONSISTENT), ("p_violated_adjusted", VIOLATED)):
+        if r.get(key) is not None and r[key] < ALPHA:
+            return state
     return INCONCLUSIVE
 
 
 def finalize(results: list[dict], predicted_sign: int, describe) -> list[dict]:
     """Adjust the family's p-values, then set each group's `trend` (from the adjusted trend
     p-value), `state` (the verdict against τ) and `verdict` text (`describe(r)`)."""
+    for r in results:
+        if r.get("role") == CONTROL:           # numbers only: no test of the conjecture to report
+            r.update(bound_state=None, p_consistent=None, p_violated=None)
     adjust(results)
     for r in results:
         if r["state"] == INSUFFICIENT:
@@ -120,15 +122,9 @@ def bound_text(r: dict, unit: str = "") -> str:
         side, key = ("below", "p_consistent") if r["bound_state"] == CONSISTENT else ("above", "p_violated")
         p = (f"; the interval alone lies {side} τ ({p_is(r.get(key), 'p')}), but not after Holm's "
              f"adjustment over the conjecture's groups ({p_is(r.get(key + '_adjusted'), 'p_adj')})")
-    ratio = r.get("sd_ratio")
-    caveat = ""
-    if r.get("sd_model") == "largest" and ratio is not None:
-        spread = (f"seed SDs differ {num(ratio)}-fold across λ" if math.isfinite(ratio) else
-                  "the seeds agree exactly at some λ and not at others")
-        caveat = f" ({spread}, more than equal SDs give: the interval is scaled by the largest)"
-    elif r.get("sd_model") == "largest":
-        caveat = (" (the models at one λ are noisier than at another across the block steps, more than "
-                  "equal SDs give: each step is scaled by its largest per-λ SD)")
+    zero = r.get("zero_sd_settings")
+    caveat = (f" ({zero} {'setting' if zero == 1 else 'settings'} whose seeds agree exactly: scaled by the "
+              "pooled SD)") if zero else ""
     return f"ε̂ = {num(r['epsilon_hat'])}{unit} {ci}{caveat}{floor}; τ = {r['tau']:g}{p}"
 
 

@@ -5,8 +5,9 @@ Per architecture group, on converged trials with λ > 0 (docs/science.md §6):
 
     ε̂ = max(0, max_{λ1<λ2} (S̄(λ1) − S̄(λ2)) / log(λ2/λ1))      S̄: mean over seeds
 
-with a simultaneous max-t interval for ε from the pooled within-λ seed variance, its noise
-floor, and a verdict against τ (`bounds.pair_bound`); the λ pair(s) attaining ε̂; the trend
+over the λ with >= 2 converged seeds (a λ with one has no seed variance of its own: it is left
+out of ε̂ and its interval, and named), with a simultaneous Welch–Bonferroni interval for ε,
+its noise floor, and a verdict against τ (`bounds.pair_bound`); the λ pair(s) attaining ε̂; the trend
 of S against log λ (Spearman's ρ with a permutation p-value, over trials; predicted ρ > 0)
 and the Jonckheere–Terpstra test across the λ groups, as a separate finding.
 
@@ -57,9 +58,26 @@ def epsilon_hat(lambdas, means) -> tuple[float, list[tuple[int, int]]]:
 
 
 def role(rows: pd.DataFrame) -> str:
-    """'test' when the group's networks have a BN before the classifier, else 'control'."""
-    bn = set(rows["bn"].astype(str)) if "bn" in rows.columns else {"affine"}
-    return CONTROL if bn == {"none"} else "test"
+    """'test' when the group's networks feed the classifier straight from a BN, else 'control'.
+    An MLP block ends in its BN (with either placement); a conv model has one there only with
+    `bn_placement: last` (its head BN): with `every`, each block's BN comes before its ReLU and
+    pooling, and the global average pool comes between the last one and the classifier."""
+    def first(column: str, default: str) -> str:
+        return str(rows[column].iloc[0]) if column in rows.columns and len(rows) else default
+    if set(rows["bn"].astype(str) if "bn" in rows.columns else ["affine"]) == {"none"}:
+        return CONTROL
+    if first("model", "mlp") not in ("mlp", "nan", "None") and first("bn_placement", "every") != "last":
+        return CONTROL
+    return "test"
+
+
+def control_reason(rows: pd.DataFrame) -> str | None:
+    """Why a control group is one (None for a test group)."""
+    if role(rows) != CONTROL:
+        return None
+    if "bn" not in rows.columns or set(rows["bn"].astype(str)) == {"none"}:
+        return "no BN before the classifier"
+    return "its BN is inside the conv blocks, not directly before the classifier (bn_placement: every)"
 
 
 def data_scope(rows: pd.DataFrame) -> str:
@@ -70,21 +88,38 @@ def data_scope(rows: pd.DataFrame) -> str:
     return f"{dataset or 'unknown'} data: outside the stated scope (conic-hull data), an extension"
 
 
-def lambda_range(all_lambdas: np.ndarray, used_lambdas: np.ndarray) -> dict:
-    """The λ values the verdict covers, and those of the group with no converged trial."""
+def lambda_range(all_lambdas: np.ndarray, used_lambdas: np.ndarray, one_seed=()) -> dict:
+    """The λ values the verdict covers, those of the group with no converged trial, and those
+    left out with a single converged seed (`one_seed`)."""
     every, used = sorted(set(map(float, all_lambdas))), sorted(set(map(float, used_lambdas)))
+    one = sorted(set(map(float, one_seed)))
     return {"low": used[0] if used else None, "high": used[-1] if used else None, "n_values": len(used),
-            "values": used, "no_converged": [lam for lam in every if lam not in used]}
+            "values": used, "no_converged": [lam for lam in every if lam not in used and lam not in one],
+            "one_seed": one}
 
 
 def range_text(r: dict) -> str:
     lr = r["lambda_range"]
     if not lr["values"]:
         return "no λ with a converged trial"
-    text = f"λ {lr['low']:g}–{lr['high']:g} ({lr['n_values']} values)"
+    text = f"λ {lr['low']:g}–{lr['high']:g} ({lr['n_values']} value{'s' if lr['n_values'] > 1 else ''})"
+    if lr.get("one_seed"):
+        text += (f", left out with 1 converged seed (no seed variance of its own): λ "
+                 f"{', '.join(f'{v:g}' for v in lr['one_seed'])}")
     if lr["no_converged"]:
         text += f", no converged trial at λ {', '.join(f'{v:g}' for v in lr['no_converged'])}"
     return text
+
+
+def seeded(levels: np.ndarray, strata: list[np.ndarray], min_levels: int = 2
+           ) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """The λ levels and strata an interval can use (>= 2 values each) and the λ left out with
+    one; all of them, none left out, when fewer than `min_levels` levels have 2 values (the
+    interval then says why there is none)."""
+    keep = np.array([len(x) > 1 for x in strata])
+    if keep.sum() < min_levels:
+        return levels, strata, []
+    return levels[keep], [x for x, k in zip(strata, keep) if k], [float(v) for v in levels[~keep]]
 
 
 def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["conjecture_3_1_1"],
@@ -103,13 +138,13 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
     lam = used["weight_decay"].to_numpy(float)
     S = used[metric].to_numpy(float)
     levels = np.unique(lam)
-    out = {"test": TEST, "metric": metric, "role": role(rows), "data_scope": data_scope(rows),
-           "lambda_range": lambda_range(rows.loc[rows["weight_decay"] > 0, "weight_decay"].to_numpy(float), levels),
+    out = {"test": TEST, "metric": metric, "role": role(rows), "control_reason": control_reason(rows),
+           "data_scope": data_scope(rows),
            "n_converged": int(len(used)), "n_excluded": int(sum(excluded.values())), "excluded": excluded,
            "epsilon_hat": None, "ci_low": None, "ci_high": None, "ci_level": bounds.LEVEL,
-           "ci_of": ("epsilon (the conjecture's ε): max-t simultaneous t-intervals, pooled within-λ seed SD "
-                     "(the largest per-λ SD where Hartley's check finds them unequal: sd_model), for every λ "
-                     "pair's drop of the seed mean / log(λ2/λ1); [max of lower ends, max of upper ends], "
+           "ci_of": ("epsilon (the conjecture's ε): simultaneous Welch t-intervals (each λ's own seed SD, "
+                     "Satterthwaite df, Bonferroni over the pairs) for every λ pair's drop of the seed "
+                     "mean / log(λ2/λ1), λ with >= 2 converged seeds; [max of lower ends, max of upper ends], "
                      "clipped at 0" + (f" and at {bounds.NC_SCORE_SPAN:g} / log(λ2/λ1) of the closest λ pair, the "
                                        "largest drop nc_score's range allows (the interval keeps its level)"
                                        if metric == "nc_score" else "")),
@@ -118,6 +153,8 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
            "p_value": None, "jonckheere_J": None, "jonckheere_z": None, "jonckheere_p": None,
            "set_by": [], "per_lambda": []}
     strata = [S[lam == level] for level in levels]
+    all_lambdas = rows.loc[rows["weight_decay"] > 0, "weight_decay"].to_numpy(float)
+    out["lambda_range"] = lambda_range(all_lambdas, levels)
     out["per_lambda"] = [{"weight_decay": float(level), "n": int(len(s)), "mean": float(s.mean()),
                           "std": float(s.std(ddof=1)) if len(s) > 1 else None,
                           "min": float(s.min()), "max": float(s.max())} for level, s in zip(levels, strata)]
@@ -126,6 +163,8 @@ def test_group(rows: pd.DataFrame, metric: str = "nc_score", tau: float = TAUS["
         out["verdict"] = (f"too few converged trials: {len(used)} across {len(levels)} λ value(s)"
                           f"{excluded_note(excluded)}; need >= {MIN_TRIALS} across >= {MIN_LAMBDAS}; no verdict")
         return out
+    levels, strata, one_seed = seeded(levels, strata)
+    out["lambda_range"] = lambda_range(all_lambdas, levels, one_seed)
     means = np.array([s.mean() for s in strata])
     eps, pairs = epsilon_hat(levels, means)
     trend = stats.spearman_test(np.log(lam), S, n_perm, seed)
@@ -152,7 +191,7 @@ def verdict(r: dict) -> str:
         p = r["set_by"][0]
         where = f", ε̂ set by λ {p['lambda_1']:g} → {p['lambda_2']:g}"
     head = {"consistent": "consistent: ε < τ", "violated": "violated: ε > τ",
-            "inconclusive": "inconclusive against τ", CONTROL: "control (no BN before the classifier; no verdict)"}
+            "inconclusive": "inconclusive against τ", CONTROL: f"control ({r.get('control_reason') or 'no BN before the classifier'}; no verdict)"}
     return f"{head[r['state']]}: {eps}{where}; {range_text(r)}; {trend}"
 
 

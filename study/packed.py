@@ -152,7 +152,8 @@ class PackedTrainer:
 
     def train_epoch(self, lrs: Sequence[float]) -> list[float]:
         """One pass over a fresh permutation per member; returns each stacked member's mean
-        batch loss (NaN for a member that diverged)."""
+        batch loss (NaN for a member that diverged: a loss or, after the last step, one of its
+        weights not finite)."""
         N, B = len(self.y), self.cfgs[0].batch_size
         perms = torch.stack([torch.randperm(N, generator=self.shuffles[i]) for i in self.members]).to(self.device)
         hyper = self._hyper(lrs)
@@ -173,7 +174,8 @@ class PackedTrainer:
             steps += 1
         for p in params:
             p.requires_grad_(False)
-        return (total / steps).tolist()
+        finite = torch.stack([p.isfinite().reshape(len(p), -1).all(dim=1) for p in params]).all(dim=0)   # (K,)
+        return torch.where(finite, total / steps, math.nan).tolist()
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each member's mean cross-entropy on its batch: x (K, B, d), y (K, B) -> (K,)."""

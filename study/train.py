@@ -155,7 +155,9 @@ class Trainer:
                 yield {"epoch": float(self.epoch), "lr": lr, **metrics}
 
     def train_epoch(self, lr: float) -> float:
-        """One pass over a fresh permutation; returns the mean batch loss (NaN if diverged)."""
+        """One pass over a fresh permutation; returns the mean batch loss, NaN if diverged: a
+        loss or, after the epoch's last step, a weight that is not finite (the losses before
+        that step were, and measuring non-finite features would fail, not say diverged)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -173,7 +175,8 @@ class Trainer:
             self.optimizer.step()
             total += loss.detach()
             steps += 1
-        return (total / steps).item()
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        return (total / steps).item() if finite else math.nan
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """The ε intervals hold their level: simulated studies of the designs the studies use, under
-no change and under a planted ε (pure numpy, seconds), plus Holm's adjustment by hand."""
+no change and under a planted ε, with equal seed SDs and with the few-seed λ the noisy ones
+(pure numpy, seconds), plus Holm's adjustment by hand."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis import bounds, stats
+from analysis import bounds, stats, wd
 
 LAMBDAS = {8: np.array([1e-4, 3e-4, 5e-4, 1e-3, 3e-3, 5e-3, 7e-3, 1e-2]),
            4: np.array([1e-4, 1e-3, 5e-3, 1e-2])}
@@ -26,12 +27,13 @@ def _true_epsilon(lambdas, means) -> float:
     return max(0.0, float((w[i, j] * (means[i] - means[j])).max()))
 
 
-@pytest.mark.parametrize("n_lambda, n_seeds", [(8, 3), (4, 2), (8, 5), (8, [3, 3, 3, 3, 3, 3, 3, 1])])
+@pytest.mark.parametrize("n_lambda, n_seeds", [(8, 3), (4, 2), (8, 5), (8, 10), (8, [3, 3, 3, 3, 3, 3, 3, 1])])
 @pytest.mark.parametrize("planted", [0.0, 0.03, "step"])
 def test_epsilon_interval_coverage(n_lambda, n_seeds, planted):
     """Coverage of the true ε >= 0.93 over 500 studies; under no change, 0 is excluded
     (lower end > 0) in <= 7 % of them. Planted: S falls linearly in log λ at rate ε, or one
-    step of 0.05 between the 4th and 5th λ on an otherwise rising curve."""
+    step of 0.05 between the 4th and 5th λ on an otherwise rising curve. A λ with one seed is
+    left out as the analysis leaves it out (`wd.seeded`), and ε is the true one on the rest."""
     lambdas = LAMBDAS[n_lambda]
     log_l = np.log(lambdas)
     if planted == "step":
@@ -39,17 +41,53 @@ def test_epsilon_interval_coverage(n_lambda, n_seeds, planted):
         means[n_lambda // 2:] -= 0.05
     else:
         means = 0.5 - planted * (log_l - log_l[0])
-    eps = _true_epsilon(lambdas, means)
-    w = bounds.log_lambda_weights(lambdas)
     rng = np.random.default_rng(1)
     covered = excluded_zero = 0
     for _ in range(N_STUDIES):
-        r = bounds.pair_bound(_simulate(n_lambda, n_seeds, means, rng), w, tau=0.1)
+        levels, strata, _ = wd.seeded(lambdas, _simulate(n_lambda, n_seeds, means, rng))
+        kept = np.isin(lambdas, levels)
+        eps = _true_epsilon(levels, means[kept])
+        r = bounds.pair_bound(strata, bounds.log_lambda_weights(levels), tau=0.1)
         covered += r["ci_low"] - 1e-12 <= eps <= r["ci_high"] + 1e-12
         excluded_zero += r["ci_low"] > 0
     assert covered / N_STUDIES >= 0.93
     if planted == 0.0:
         assert excluded_zero / N_STUDIES <= 0.07
+
+
+# few seeds converge at the edge of training, and those that do are the noisy ones: (seeds, SD) per λ
+EDGE = {"10 seeds, 2 at the last two λ, 5x noisier": ([10] * 6 + [2] * 2, [0.02] * 6 + [0.1] * 2),
+        "10 seeds, 2 at the last λ, 5x noisier": ([10] * 7 + [2], [0.02] * 7 + [0.1]),
+        "3 seeds, 2 at the last two λ, 5x noisier": ([3] * 6 + [2] * 2, [0.02] * 6 + [0.1] * 2),
+        "5 seeds, one λ 12x noisier": ([5] * 8, [0.005] * 7 + [0.06]),
+        "3 seeds, SDs falling 12-fold": ([3] * 8, list(0.06 * np.geomspace(1, 1 / 12, 8)))}
+
+
+@pytest.mark.parametrize("design", list(EDGE), ids=list(EDGE))
+@pytest.mark.parametrize("planted", [0.0, 0.03])
+def test_epsilon_interval_holds_its_level_when_the_few_seed_lambdas_are_noisier(design, planted):
+    """Coverage >= 0.93 over 500 studies, and under no change 0 excluded in <= 7 % and a false
+    `violated` (τ = 0.1) in <= 5 %; where a 2-seed λ is the noisy one, Satterthwaite's df,
+    estimated from a 1-df variance, runs a little liberal: coverage >= 0.91 and 0 excluded in
+    <= 9 % (0.92 and 8 % in the first design). One pooled SD (the method replaced) gave
+    coverage 0.54, 0 excluded in 46 % and a false `violated` in 19 % there (analysis/bounds.py)."""
+    seeds, sds = EDGE[design]
+    lambdas = LAMBDAS[8]
+    means = 0.5 - planted * np.log(lambdas / lambdas[0])
+    eps = _true_epsilon(lambdas, means)
+    w = bounds.log_lambda_weights(lambdas)
+    rng = np.random.default_rng(6)
+    covered = excluded_zero = violated = 0
+    for _ in range(N_STUDIES):
+        r = bounds.pair_bound([m + sd * rng.standard_normal(k) for m, sd, k in zip(means, sds, seeds)], w, tau=0.1)
+        covered += r["ci_low"] - 1e-12 <= eps <= r["ci_high"] + 1e-12
+        excluded_zero += r["ci_low"] > 0
+        violated += r["bound_state"] == bounds.VIOLATED
+    two_seed_noisy = min(seeds) == 2
+    assert covered / N_STUDIES >= (0.91 if two_seed_noisy else 0.93)
+    if planted == 0.0:
+        assert excluded_zero / N_STUDIES <= (0.09 if two_seed_noisy else 0.07)
+        assert violated / N_STUDIES <= 0.05
 
 
 def test_verdict_p_values_agree_with_the_interval():
@@ -87,7 +125,7 @@ def test_noise_floor_matches_simulation_under_no_change():
 def test_no_interval_without_variance():
     w = bounds.log_lambda_weights(LAMBDAS[4])
     r = bounds.pair_bound([np.array([0.1]), np.array([0.2]), np.array([0.3]), np.array([0.2])], w, tau=0.1)
-    assert r["ci_low"] is None and "one seed per λ" in r["no_interval_reason"]
+    assert r["ci_low"] is None and "a λ with one seed" in r["no_interval_reason"]
     assert r["bound_state"] == bounds.INCONCLUSIVE
     flat = bounds.pair_bound([np.array([0.2, 0.2])] * 4, w, tau=0.1)
     assert flat["ci_low"] is None and "agree exactly" in flat["no_interval_reason"]
@@ -111,33 +149,32 @@ def test_step_interval_coverage(n_seeds):
     assert excluded_zero_flat / N_STUDIES <= 0.07
 
 
-@pytest.mark.parametrize("noisy, seeds", [("one noisy λ", 3), ("one noisy λ", 5), ("one noisy step", 5)])
-def test_step_interval_holds_its_level_when_one_lambda_is_noisier(noisy, seeds):
-    """3.2.1 with 4 λ, one λ's models 12 times noisier (at every step, or at one step): the dip
-    is still covered in >= 93 % of 500 studies and a flat curve excludes 0 in <= 7 %; the
-    pooled band alone excludes 0 far more often when a whole λ is noisier. (Noisier at one
-    step only with 3 seeds is the case the check misses: about 10 %, docs/science.md §6.)"""
+@pytest.mark.parametrize("design", ["one noisy λ, 3 models", "one noisy λ, 5 models", "one noisy step",
+                                    "a 2-model λ 5x noisier"])
+def test_step_interval_holds_its_level_when_one_lambda_is_noisier(design):
+    """3.2.1 with 4 λ: one λ's models 12 times noisier (at every step, or at one step), or
+    models 10, 10, 10, 2 with the 2-model λ 5 times noisier: the dip is covered in >= 93 % of
+    500 studies and a flat curve excludes 0 in <= 7 % (the per-step pooled SD excluded it in
+    43 % of studies of the last design)."""
     rng = np.random.default_rng(8)
     true_curve = np.array([0.1, 0.3, 0.45, 0.42, 0.6, 0.7])
     eps = max(0.0, float((true_curve[:-1] - true_curve[1:]).max()))
-    scale = np.ones((4, 5))
-    if noisy == "one noisy λ":
-        scale[3] = 12
-    else:
+    seeds, scale = [5] * 4, np.ones((4, 5))
+    if design.startswith("one noisy λ"):
+        seeds, scale[3] = [int(design[-8])] * 4, 12
+    elif design == "one noisy step":
         scale[3, 4] = 12
-    covered = excluded = excluded_pooled = 0
+    else:
+        seeds, scale[3] = [10, 10, 10, 2], 5
+    covered = excluded = 0
     for _ in range(N_STUDIES):
-        noise = lambda: [0.005 * scale[k] * rng.standard_normal((seeds, 5)) for k in range(4)]   # noqa: E731
+        noise = lambda: [0.005 * scale[k] * rng.standard_normal((n, 5)) for k, n in enumerate(seeds)]   # noqa: E731
         dips = [true_curve[:-1] - true_curve[1:] + e for e in noise()]
         r = bounds.step_bound(dips, tau=0.05)
         covered += r["ci_low"] - 1e-12 <= eps <= r["ci_high"] + 1e-12
-        flat = noise()
-        excluded += bounds.step_bound(flat, tau=0.05)["ci_low"] > 0
-        excluded_pooled += bounds.step_bound(flat, tau=0.05, sd_model="pooled")["ci_low"] > 0
+        excluded += bounds.step_bound(noise(), tau=0.05)["ci_low"] > 0
     assert covered / N_STUDIES >= 0.93
     assert excluded / N_STUDIES <= 0.07
-    if noisy == "one noisy λ":
-        assert excluded_pooled / N_STUDIES > 0.15
 
 
 def test_holm_by_hand():
@@ -153,71 +190,60 @@ def test_power_rates_move_with_the_truth():
     violated, and a noisy flat curve mostly inconclusive with few seeds."""
     from analysis import power
     flat = np.full(8, 0.5)
-    assert power.verdict_rates(flat, 0.002, 3, 0.1, n_studies=40)[bounds.CONSISTENT] == 1.0
+    assert power.verdict_rates(flat, 0.002, 5, 0.1, n_studies=40)[bounds.CONSISTENT] == 1.0
     falling = 0.5 - 0.3 * np.log(LAMBDAS[8] / 1e-4)
     assert power.verdict_rates(falling, 0.002, 3, 0.1, n_studies=40)[bounds.VIOLATED] == 1.0
     assert power.verdict_rates(flat, 0.05, 2, 0.1, n_studies=40)[bounds.INCONCLUSIVE] > 0.8
     assert power.pilot_means({1e-4: 0.0, 1e-2: 1.0}, np.array([1e-4, 1e-3, 1e-2])) == pytest.approx([0, 0.5, 1])
 
 
-def test_unequal_seed_sds_switch_to_the_largest_sd_and_say_so():
-    """Hartley's check: seeds that agree exactly at some λ and not at others, or SDs far apart,
-    scale the band by the largest SD (wider, said in the verdict); equal SDs keep the pooled one."""
+def test_seeds_that_agree_exactly_at_one_lambda_borrow_the_pooled_sd_and_say_so():
+    """A sample SD of exactly 0 (integer effective depths, say) says nothing of the spread: that
+    λ is scaled by the pooled SD instead, and the verdict says so; with no spread anywhere there
+    is no interval."""
     from analysis.verdict import bound_text
     w = bounds.log_lambda_weights(LAMBDAS[4])
     strata = [np.array([0.5, 0.6, 0.4]), np.array([0.5, 0.51, 0.49]), np.array([0.5, 0.5, 0.5]), np.array([0.6, 0.4])]
     r = bounds.pair_bound(strata, w, tau=0.1)
-    assert r["sd_ratio"] == math.inf and r["sd_model"] == "largest"
-    assert r["pooled_sd"] == pytest.approx(np.std([0.6, 0.4], ddof=1)) and r["df"] == 1
-    pooled = bounds.pair_bound(strata, w, tau=0.1, sd_model="pooled")
-    assert pooled["ci_high"] < r["ci_high"] and pooled["sd_model"] == "pooled"
+    assert r["zero_sd_settings"] == 1 and r["sd_model"] == "welch"
+    v, replaced = bounds.setting_variances(strata)
+    assert replaced == 1 and v[2] == pytest.approx(bounds.pooled_sd(strata)[0] ** 2)
+    assert v[0] == pytest.approx(0.01) and v[1] == pytest.approx(1e-4)
     r["epsilon_hat"], r["state"] = 0.0, "inconclusive"
-    assert "the seeds agree exactly at some λ and not at others, more than equal SDs give" in bound_text(r)
-    r["sd_ratio"] = 12.0
-    assert "seed SDs differ 12-fold across λ" in bound_text(r)
+    assert "1 setting whose seeds agree exactly: scaled by the pooled SD" in bound_text(r)
     even = bounds.pair_bound([np.array([0.5, 0.6, 0.4])] * 4, w, tau=0.1)
-    assert even["sd_ratio"] == pytest.approx(1.0) and even["sd_model"] == "pooled"
-    assert "more than equal SDs" not in bound_text(even | {"epsilon_hat": 0.0, "state": "inconclusive"})
+    assert even["zero_sd_settings"] == 0
+    assert "agree exactly" not in bound_text(even | {"epsilon_hat": 0.0, "state": "inconclusive"})
 
 
-def test_hartley_threshold_is_the_equal_sd_quantile():
-    """The switch fires in about 10 % of studies whose SDs are equal, for each design."""
-    rng = np.random.default_rng(5)
-    for seeds in (3, 5, 10):
-        fired = np.mean([bounds.unequal_sds([rng.standard_normal(seeds) for _ in range(8)]) for _ in range(1000)])
-        assert 0.07 <= fired <= 0.13, (seeds, fired)
-    assert bounds.ratio_threshold((3,) * 8) > bounds.ratio_threshold((5,) * 8) > bounds.ratio_threshold((10,) * 8) > 2
+def test_welch_interval_by_hand_for_two_lambdas():
+    """Two λ: one contrast, so the band is Welch's own t-interval (Satterthwaite df, no
+    multiplicity), cut at 0; its p-values are the one-sided Welch tails doubled."""
+    from scipy import stats as sps
+    a, b = np.array([0.50, 0.58, 0.47, 0.55]), np.array([0.40, 0.49, 0.30])
+    lams = np.array([1e-3, 1e-2])
+    r = bounds.pair_bound([a, b], bounds.log_lambda_weights(lams), tau=0.01)
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    se = math.sqrt(va + vb) / math.log(10)
+    theta = (a.mean() - b.mean()) / math.log(10)
+    c = sps.t.ppf(0.975, df)
+    assert r["df"] == pytest.approx(df) and r["critical_value"] == pytest.approx(c)
+    assert r["ci_low"] == pytest.approx(max(0.0, theta - c * se)) and r["ci_high"] == pytest.approx(theta + c * se)
+    assert r["p_violated"] == pytest.approx(2 * sps.t.sf((theta - 0.01) / se, df)) and r["p_violated"] < 1
 
 
-HETERO = {"12-fold falling": 0.06 * np.geomspace(1, 1 / 12, 8), "4-fold falling": 0.04 * np.geomspace(1, 1 / 4, 8),
-          "one noisy λ": np.r_[np.full(7, 0.005), 0.06]}
-
-
-@pytest.mark.parametrize("sds", list(HETERO), ids=list(HETERO))
-@pytest.mark.parametrize("n_seeds", [3, 5])
-@pytest.mark.parametrize("planted", [0.0, 0.03])
-def test_epsilon_interval_coverage_with_unequal_sds(sds, n_seeds, planted):
-    """Seed SDs that differ across λ: coverage >= 0.93 over 500 studies and, under no change, a
-    false exclusion of 0 <= 0.07; the pooled band alone falls short with one noisy λ."""
-    lambdas = LAMBDAS[8]
-    log_l = np.log(lambdas)
-    means = 0.5 - planted * (log_l - log_l[0])
-    eps = _true_epsilon(lambdas, means)
-    w = bounds.log_lambda_weights(lambdas)
-    rng = np.random.default_rng(6)
-    covered = covered_pooled = excluded_zero = 0
-    for _ in range(N_STUDIES):
-        strata = [m + sd * rng.standard_normal(n_seeds) for m, sd in zip(means, HETERO[sds])]
-        r = bounds.pair_bound(strata, w, tau=0.1)
-        p = bounds.pair_bound(strata, w, tau=0.1, sd_model="pooled")
-        covered += r["ci_low"] - 1e-12 <= eps <= r["ci_high"] + 1e-12
-        covered_pooled += p["ci_low"] - 1e-12 <= eps <= p["ci_high"] + 1e-12
-        excluded_zero += r["ci_low"] > 0
-    assert covered / N_STUDIES >= 0.93
-    if planted == 0.0:
-        assert excluded_zero / N_STUDIES <= 0.07
-    if sds == "one noisy λ" and n_seeds == 3:
-        assert covered_pooled / N_STUDIES < 0.9
+def test_a_far_tail_p_value_is_not_zero_and_still_decides():
+    """A contrast measured almost without noise gives a t statistic in the millions: its p-value
+    stays above 0 (an exact 0 once read as 'no p-value', turning `consistent` into `inconclusive`)."""
+    from analysis import verdict
+    rng = np.random.default_rng(0)
+    drops = [np.full((10, 4), -0.1) + 1e-11 * rng.standard_normal((10, 4)) for _ in range(4)]
+    r = bounds.step_bound(drops, tau=0.05)
+    assert r["bound_state"] == bounds.CONSISTENT and 0 < r["p_consistent"] < 1e-50
+    r |= {"role": "test"}
+    verdict.adjust([r])
+    assert verdict.bound_state(r) == bounds.CONSISTENT
 
 
 def test_an_interval_beyond_tau_that_holm_does_not_confirm_says_so():

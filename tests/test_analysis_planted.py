@@ -61,7 +61,8 @@ def test_311_holds_exactly():
     assert r["ci_high"] == 0.0 and r["state"] == "consistent" and r["trend"] == "supported"
     assert r["verdict"].startswith("consistent: ε < τ: ε̂ = 0 [0, 0]")
     assert r["role"] == "test" and r["lambda_range"] == {"low": 1e-4, "high": 1e-2, "n_values": 8,
-                                                         "values": list(GRID), "no_converged": []}
+                                                         "values": list(GRID), "no_converged": [],
+                                                         "one_seed": []}
 
 
 def dip_trials(eps: float, noise: float = 0.0, seeds: int = 3, rng=None) -> list[dict]:
@@ -77,7 +78,9 @@ def dip_trials(eps: float, noise: float = 0.0, seeds: int = 3, rng=None) -> list
 
 
 def test_311_violated_by_known_epsilon():
-    [r] = wd.conjecture_3_1_1(planted_frame(dip_trials(0.08) + others()), n_perm=999, tau=0.02)
+    """10 seeds per λ (SD 0.006): each λ's own SD at 9 df tells a fall at rate 0.08 from
+    τ = 0.02; with 3 seeds (2 df each) the same dip gives [0, 0.2], inconclusive."""
+    [r] = wd.conjecture_3_1_1(planted_frame(dip_trials(0.08, seeds=10) + others()), n_perm=999, tau=0.02)
     assert r["epsilon_hat"] == pytest.approx(0.08, abs=1e-9)
     assert r["ci_low"] > 0.02 and r["state"] == "violated" and r["p_violated_adjusted"] < 0.05
     assert r["verdict"].startswith("violated: ε > τ: ε̂ = 0.08 [")
@@ -202,10 +205,10 @@ def test_321_group_on_curves_with_a_known_dip():
     assert r["excluded"] == {"not_converged": 1, "no complete per-layer nc_score": 1}
     assert r["share_nondecreasing"] == pytest.approx(39 / 40)
     # every seed-mean step rises, the dip included ((3 · -0.1 + 0.07) / 4 < 0): ε̂ = 0, and the
-    # interval's width comes from the dipped model's spread at λ = 1e-2, whose models are so much
-    # noisier than the others' that each step is scaled by its largest per-λ SD (3 df)
-    assert r["epsilon_hat"] == 0.0 and r["ci_low"] == 0.0 and r["sd_model"] == "largest"
-    assert 0.2 < r["ci_high"] < 1.0                                      # 0 < 0.2 on the pooled SD
+    # interval's width comes from the dipped model's spread at λ = 1e-2, whose steps are scaled
+    # by their own models' SD (3 df), not by one pooled over the quiet λ (which gave < 0.2)
+    assert r["epsilon_hat"] == 0.0 and r["ci_low"] == 0.0 and r["sd_model"] == "welch"
+    assert 0.2 < r["ci_high"] < 1.0
     assert r["distribution"]["median"] == 0.0
     assert r["statistic"] > 0.9 and r["p_value"] < 0.01 and r["trend"] == "supported"
     assert r["state"] in ("consistent", "inconclusive") and r["tau"] == 0.05
@@ -306,14 +309,15 @@ def test_322_strictly_falling_depth_is_supported():
 
 def test_322_interval_stops_at_the_largest_rise_the_depth_allows():
     """d_0.01 lies in 1 .. 6 for 5 blocks, so the mean depth can rise by 5 blocks at most.
-    Two seeds that disagree by 4 blocks at one λ (the largest-SD interval, 1 df) give an upper
-    end far above that; it is cut at 5, and the verdict (against τ = 0.5) stays inconclusive."""
+    Two seeds that disagree by 4 blocks at one λ (its own SD, 1 df; the λ whose seeds agree
+    take the pooled SD) give an upper end far above that; it is cut at 5, and the verdict
+    (against τ = 0.5) stays inconclusive."""
     plan = {1e-4: [(1, 1), (1, 1)], 1e-3: [(1, 1), (5, 5)], 1e-2: [(2, 2), (2, 2)]}
     trials = [{"weight_decay": lam, "seed": s, "S": 0.5, "layers": {"ncc_acc": ncc_curve(*d)}}
               for lam, ds in plan.items() for s, d in enumerate(ds)]
     frame = planted_frame(trials)
     [r], table = effdepth.conjecture_3_2_2(frame, (0.01,), n_perm=99)
-    assert r["sd_model"] == "largest"
+    assert r["zero_sd_settings"] == 2 and "2 settings whose seeds agree exactly" in r["verdict"]
     strata = [table.loc[table["weight_decay"] == lam, "d_0.01"].to_numpy(float) for lam in sorted(plan)]
     unclipped = bounds.pair_bound(strata, np.full((3, 3), -1.0), r["tau"])["ci_high"]
     assert unclipped > 5 and r["ci_high"] == 5.0 and r["ci_low"] == 0.0
@@ -365,3 +369,62 @@ def test_run_tests_on_planted_study_has_every_test_per_group():
     alpha = claims.alpha_vs_lambda(tidy_frame(records, histories), n_perm=199)
     assert [a["group"] for a in alpha] == ["bn=affine", "bn=nonaffine"]
     assert all(a["statistic"] < 0 for a in alpha)
+
+
+# ------------------------------------------------------------------ scope and λ coverage (audit)
+
+def test_a_final_score_logged_as_nan_is_not_replaced_by_an_earlier_one():
+    """A converged trial whose last evaluation has nc_score NaN is left out (no final
+    nc_score), not read at an earlier epoch where its score was half the final one."""
+    trials = [{"weight_decay": lam, "seed": s, "S": 0.5 + 0.01 * s} for lam in GRID[:4] for s in range(3)]
+    frame = planted_frame(trials)
+    victim = frame["trial"].iloc[0]
+    last = frame["epoch"].max()
+    at_last = (frame["trial"] == victim) & (frame["epoch"] == last) & (frame["layer"] == 0)
+    assert at_last.sum() == 1 and (frame["trial"] == victim).sum() > 1     # earlier epochs exist
+    frame.loc[at_last, "nc_score"] = math.nan
+    [r] = wd.conjecture_3_1_1(frame, n_perm=99)
+    assert r["n_converged"] == 11 and r["excluded"].get("no final nc_score") == 1
+
+
+def test_the_depth_verdicts_name_the_lambdas_they_leave_out():
+    """3.2.1 and 3.2.2 say, as 3.1.1 does, which λ have no converged trial and which are left
+    out with a single converged seed."""
+    rising = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    trials = [{"weight_decay": lam, "seed": s, "S": 0.5, "layers": {"nc_score": rising + 0.01 * s,
+                                                                    "ncc_acc": ncc_curve(2 + s % 2, 4)}}
+              for lam in (1e-4, 1e-3) for s in range(3)]
+    trials.append({"weight_decay": 3e-3, "seed": 0, "S": 0.5,
+                   "layers": {"nc_score": rising, "ncc_acc": ncc_curve(2, 4)}})
+    trials += [{"weight_decay": 1e-2, "seed": s, "S": 0.5, "status": "not_converged",
+                "layers": {"nc_score": rising, "ncc_acc": ncc_curve(2, 4)}} for s in range(3)]
+    frame = planted_frame(trials)
+    [r321], _ = depth.conjecture_3_2_1(frame, n_perm=99)
+    [r322], _ = effdepth.conjecture_3_2_2(frame, (0.01,), n_perm=99)
+    for r in (r321, r322):
+        assert r["lambda_range"]["values"] == [1e-4, 1e-3]
+        assert r["lambda_range"]["one_seed"] == [3e-3] and r["lambda_range"]["no_converged"] == [1e-2]
+        assert "left out with 1 converged seed (no seed variance of its own): λ 0.003" in r["verdict"]
+        assert "no converged trial at λ 0.01" in r["verdict"]
+
+
+def test_conv_nets_with_bn_inside_their_blocks_are_controls_for_311():
+    """Conjecture 3.1.1 presumes a BN right before the classifier: an MLP block ends in its BN,
+    a conv net has one there only with bn_placement: last (its head BN). A control's dict has
+    no verdict fields (bound_state, p_consistent, p_violated all None)."""
+    import pandas as pd
+    def rows(**kw):
+        return pd.DataFrame([{"bn": "affine", **kw}] * 2)
+    assert wd.role(rows(model="mlp", bn_placement="last")) == "test"
+    assert wd.role(rows(model="mlp", bn_placement="every")) == "test"
+    assert wd.role(rows(model="cnn", bn_placement="last")) == "test"
+    assert wd.role(rows(model="cnn", bn_placement="every")) == "control"
+    assert wd.role(rows(model="resnet", bn_placement="every")) == "control"
+    assert wd.role(pd.DataFrame([{"bn": "none", "model": "mlp"}])) == "control"
+    assert "not directly before the classifier" in wd.control_reason(rows(model="cnn", bn_placement="every"))
+    trials = [{"weight_decay": lam, "seed": s, "S": 0.5 - 0.3 * math.log(lam / 1e-4) + 0.001 * s,
+               "bn": "none"} for lam in GRID[:4] for s in range(3)]
+    [r] = wd.conjecture_3_1_1(planted_frame(trials), n_perm=99)
+    assert r["state"] == "control" and r["ci_low"] > 0.1                 # its numbers are kept
+    assert r["bound_state"] is None and r["p_violated"] is None and r["p_consistent"] is None
+    assert r["verdict"].startswith("control (no BN before the classifier; no verdict)")

@@ -284,3 +284,42 @@ def test_bench_pack_parts_run_small(monkeypatch):
     assert set(times) == {"plain", "trainer", "K=1", "K=2"} and min(times.values()) > 0
     v = bench_pack.bench_variants(2, repeats=1, compile_=False)
     assert v["vmap_loss_diff"] < 1e-4 and v["bmm"] > 0
+
+
+def test_weights_that_turn_non_finite_on_an_epochs_last_step_end_the_member_as_diverged():
+    """An overflow in the last SGD step of an epoch leaves every batch loss of that epoch
+    finite; measuring the non-finite features then failed in an SVD, which ended the trial as
+    an error and, packed, every member with it. Now the member is `diverged` (the weights are
+    checked after each epoch) and the others go on, bit for bit as without it."""
+    steps_per_epoch = SMALL["n_samples"] // SMALL["batch_size"]
+
+    # plain Trainer: a hook after the optimizer's step puts an inf in a weight at the epoch's last step
+    cfg = small(bn="affine", epochs=3)
+    trainer = Trainer(cfg)
+    count = {"n": 0}
+
+    def hook(optimizer, args, kwargs):
+        count["n"] += 1
+        if count["n"] == steps_per_epoch:                      # the last step of epoch 1
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = math.inf
+    trainer.optimizer.register_step_post_hook(hook)
+    out = list(trainer.run())
+    assert trainer.status == "diverged" and out == [{"epoch": 1.0, "lr": cfg.lr_at(0), "diverged": 1.0}]
+
+    # packed: member 1's slice only, after the epoch's last update
+    cfgs = members(bn="affine", epochs=3)
+    pack = PackedTrainer(cfgs)
+    update = pack._update
+
+    def poisoned(params, grads, hyper):
+        update(params, grads, hyper)
+        if pack.steps == steps_per_epoch:
+            params[0][1].view(-1)[0] = math.inf
+    pack._update = poisoned
+    out = list(pack.run())
+    assert pack.status[1] == "diverged" and pack.members == [0, 2]
+    assert [r[1] for r in out if r[1] is not None] == [{"epoch": 1.0, "lr": cfgs[1].lr_at(0), "diverged": 1.0}]
+    alone = list(PackedTrainer([cfgs[0], cfgs[2]]).run())
+    for k, j in ((0, 0), (2, 1)):
+        assert [r[k] for r in out] == [r[j] for r in alone]
