@@ -149,8 +149,9 @@ def relax_convergence(frame: pd.DataFrame, min_train_acc: float) -> pd.DataFrame
 # The data params of study.config.TrialConfig, and those each data set reads (study/data.py,
 # docs/datasets.md); `data_seed` is read by every set when `subset` > 0 (the subset's draw).
 DATA_PARAMS = ("data_path", "data_root", "n_samples", "input_dim", "data_seed",
-               "teacher_depth", "teacher_width", "conic_kind")
-DATA_PARAMS_READ = {"teacher": {"n_samples", "input_dim", "data_seed", "teacher_depth", "teacher_width"},
+               "teacher_depth", "teacher_width", "teacher_center", "teacher_bias", "conic_kind")
+DATA_PARAMS_READ = {"teacher": {"n_samples", "input_dim", "data_seed", "teacher_depth", "teacher_width",
+                                "teacher_center", "teacher_bias"},
                     "conic": {"n_samples", "input_dim", "data_seed", "conic_kind"},
                     "npz": {"data_path"}, "digits": set(), "mnist1d": {"n_samples", "data_seed"}}
 DATA_PARAMS_READ |= {name: {"data_root"} for name in FOLDER_DATASETS}

@@ -67,6 +67,8 @@ class TrialConfig:
     data_seed: int = 0
     teacher_depth: int = 3
     teacher_width: int = 300
+    teacher_center: bool = True    # centre the teacher's logits over the sample before the argmax
+    teacher_bias: bool = True      # the teacher's linear layers have (random) biases
     conic_kind: str = "auto"
     # model (§1)
     model: str = "mlp"

@@ -52,7 +52,7 @@ def load_dataset(cfg: TrialConfig) -> Dataset:
     """The training set a trial config names (the full sets cached per process)."""
     if cfg.dataset == "teacher":
         full = _teacher(cfg.n_samples, cfg.input_dim, cfg.num_classes, cfg.data_seed,
-                        cfg.teacher_depth, cfg.teacher_width)
+                        cfg.teacher_depth, cfg.teacher_width, cfg.teacher_center, cfg.teacher_bias)
     elif cfg.dataset == "conic":
         full = _conic(cfg.n_samples, cfg.input_dim, cfg.num_classes, cfg.data_seed, cfg.conic_kind)
     else:
@@ -85,6 +85,8 @@ def dataset_input(cfg: TrialConfig, data: Dataset) -> dict[str, str]:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     if cfg.dataset == "teacher":
         name = f"teacher depth={cfg.teacher_depth} width={cfg.teacher_width}"
+        if not (cfg.teacher_center and cfg.teacher_bias):
+            name += f" center={cfg.teacher_center} bias={cfg.teacher_bias}".lower()
     elif cfg.dataset == "conic":
         name = f"conic {cfg.conic_kind}"
     elif cfg.dataset == "npz":
@@ -131,12 +133,15 @@ def _where(dataset: str, source: str) -> str:
 # ------------------------------------------------------------------ synthetic sets
 
 @lru_cache(maxsize=8)
-def _teacher(N: int, d: int, C: int, data_seed: int, depth: int, width: int) -> Dataset:
-    """x ~ N(0, I_d); y = argmax of a random ReLU MLP of `depth` layers (no BN).
+def _teacher(N: int, d: int, C: int, data_seed: int, depth: int, width: int,
+             center: bool = True, bias: bool = True) -> Dataset:
+    """x ~ N(0, I_d); y = argmax of a random ReLU MLP of `depth` layers (no BN), its linear
+    layers with random biases unless `bias` is False (the same weights either way).
 
-    The teacher's logits are centred over the sample before the argmax (a fixed per-class
-    offset, so y stays a function of x): a raw random teacher gives classes as uneven as
-    213 vs 5527, while the authors' own set (datasets/mlp_3.npz) has 2147-2757.
+    With `center` (the default) the teacher's logits are centred over the sample before the
+    argmax (a fixed per-class offset, so y stays a function of x): a raw random teacher gives
+    classes as uneven as 213 vs 5527, while the authors' own set (datasets/mlp_3.npz) has
+    2147-2757. `center: false` is the plain argmax of SCIENCE.md §2.
     """
     g = torch.Generator().manual_seed(data_seed)
     X = torch.randn(N, d, generator=g)
@@ -146,10 +151,10 @@ def _teacher(N: int, d: int, C: int, data_seed: int, depth: int, width: int) -> 
         bound = 1 / math.sqrt(fan_in)  # PyTorch's default nn.Linear init range
         W = (torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound
         b = (torch.rand(fan_out, generator=g) * 2 - 1) * bound
-        h = h @ W.T + b
+        h = h @ W.T + b if bias else h @ W.T
         if layer < len(dims) - 2:
             h = torch.relu(h)
-    return Dataset(X, (h - h.mean(dim=0)).argmax(dim=1), C)
+    return Dataset(X, (h - h.mean(dim=0) if center else h).argmax(dim=1), C)
 
 
 @lru_cache(maxsize=8)

@@ -238,3 +238,33 @@ def test_npz_float_labels_and_missing_file(tmp_path):
     with pytest.raises(DataError, match="not a readable"):
         read_npz(tmp_path / "junk.npz", 4)
     assert not math.isnan(float(X.sum()))
+
+
+def test_the_teachers_centring_and_biases_are_params_and_can_be_switched_off():
+    """SCIENCE.md §2: every choice is a param a study can override. The defaults keep the data
+    every published teacher study trained on; `teacher_center: false` is the plain argmax of
+    the teacher's logits (much less balanced), `teacher_bias: false` drops its biases only."""
+    base = TrialConfig.from_dict({"dataset": "teacher", "n_samples": 2000})
+    params = base.to_params()
+    assert params["teacher_center"] == "True" and params["teacher_bias"] == "True"
+    default = load_dataset(base)
+    plain = load_dataset(base.replace(teacher_center=False))
+    no_bias = load_dataset(base.replace(teacher_bias=False))
+    assert torch.equal(default.X, plain.X) and torch.equal(default.X, no_bias.X)
+    # brute force: the teacher redrawn here from the generator, in float64
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 16, generator=g)
+    h = X.double()
+    dims = [16, 300, 300, 4]
+    for layer, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        bound = 1 / math.sqrt(fan_in)
+        W = ((torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound).double()
+        b = ((torch.rand(fan_out, generator=g) * 2 - 1) * bound).double()
+        h = h @ W.T + b
+        if layer < 2:
+            h = torch.relu(h)
+    assert (plain.y == h.argmax(dim=1)).float().mean() > 0.999       # float32 ties aside
+    assert (default.y == (h - h.mean(dim=0)).argmax(dim=1)).float().mean() > 0.999
+    counts = lambda d: torch.bincount(d.y, minlength=4)                   # noqa: E731
+    assert counts(default).min() > 300 and counts(plain).max() > 1500   # 373–578 against up to 1940 of 2000
+    assert not torch.equal(no_bias.y, default.y)
