@@ -32,6 +32,18 @@ def trial_key(config: dict) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def give_retry_budget(trials, max_failures: int, budgeted: set[str]) -> None:
+    """Give each trial this session's retry budget the first time the session sees it. Tune
+    restores a trial's own max_failures and failure count from its saved state and uses the
+    FailureConfig only for new trials, so a trial that used up its retries before would fail
+    at its first worker loss in a resumed session, whatever --max-failures says."""
+    for trial in trials:
+        if trial.trial_id not in budgeted:
+            budgeted.add(trial.trial_id)
+            trial.max_failures = max_failures
+            trial.run_metadata.num_failures = 0
+
+
 def interrupt_driver() -> None:
     """Stop the study the way Ctrl-C does: Tune saves its state and returns from fit()."""
     os.kill(os.getpid(), signal.SIGINT)
@@ -67,10 +79,12 @@ class MlflowTracker(Callback):
         self.names: dict[str, str] = {}
         self.trials: list = []
         self.pace = Pace()                                  # epochs per second, for the time left
+        self.retry_budget = study.max_failures
+        self.budgeted: set[str] = set()                     # trials given this session's retry budget
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_runs=None, _writer=None, _progress=None, trials=[], last={}, node={})
+        state.update(_runs=None, _writer=None, _progress=None, trials=[], last={}, node={}, budgeted=set())
         return state
 
     @property
@@ -212,6 +226,9 @@ class MlflowTracker(Callback):
     def _finish(self, key: str, status: str, last: dict, error: str = "") -> None:
         self.writer.submit({"op": "finish", "key": key, "status": status, "layers_csv": layer_table(last),
                             "error": error, "end_ms": now_ms(), "description": describe_outcome(status, last)})
+
+    def on_step_begin(self, iteration, trials, **info):
+        give_retry_budget(trials, self.retry_budget, self.budgeted)
 
     def on_step_end(self, iteration, trials, **info):
         self.trials = trials

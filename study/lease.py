@@ -6,13 +6,20 @@ driver that runs a study holds a lease, the parent run's tag `nc_study.driver`: 
 of who holds it (user, host, pid, a random token), since when, and when it last renewed it.
 The holder renews it every RENEW_S seconds from a daemon thread and removes it when it stops.
 
-A lease is live while it was renewed within TIMEOUT_S, unless its holder ran on this very
-host and that pid is gone (a driver killed here frees its study at once). A second driver
-finds a live lease and is refused before any work starts, with one line that names the
-holder; a driver that died on another machine frees its study TIMEOUT_S after its last
-renewal. Taking a lease is a check-and-set: atomic under the store lock for a SQLite store,
-and for a tracking server a write, a pause, and a read-back that only one of two racing
-drivers can win.
+A lease is live while it was renewed within TIMEOUT_S, or while its holder's pid is alive on
+this very host (a driver killed here frees its study at once; one alive here holds it however
+long the store was out of reach). A second driver finds a live lease and is refused before
+any work starts, with one line that names the holder; a driver that died on another machine
+frees its study TIMEOUT_S after its last renewal. Taking a lease is a check-and-set: atomic
+under the store lock for a SQLite store, and for a tracking server a write, a pause, and a
+read-back that only one of two racing drivers can win.
+
+A holder on another machine may only be cut off: a tracking-server outage longer than
+TIMEOUT_S stops its renewals while it trains on (outages up to an hour are ridden out). So a
+driver that finds another host's lease gone silent knocks first (waits KNOCK_S and reads it
+again: a holder whose renewal failed retries every RETRY_S, and renews within seconds once the
+store is back), and a renewal is itself a check-and-set: a holder that finds another driver's
+token on its study stops at once (`on_lost`), so two drivers never go on training one study.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from .schema import KIND_STUDY
 TAG_DRIVER = "nc_study.driver"
 RENEW_S = 60.0
 TIMEOUT_S = 300.0
+RETRY_S = 5.0            # after a renewal failed (a store outage), try again this often
+KNOCK_S = 2 * RETRY_S + 2.0   # how long a driver watches another host's silent lease before taking it
 SETTLE_S = 1.0           # a tracking server: how long to wait before reading a written lease back
 
 
@@ -61,13 +70,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_live(lease: dict | None, now: float | None = None) -> bool:
-    """Renewed within TIMEOUT_S, and not held by a dead pid of this host."""
+    """Held by a live pid of this host, or (another host's) renewed within TIMEOUT_S."""
     if lease is None:
         return False
+    if lease["host"] == socket.gethostname():
+        return pid_alive(int(lease["pid"]))
     now = time.time() if now is None else now
-    if now - float(lease["beat"]) > TIMEOUT_S:
-        return False
-    return not (lease["host"] == socket.gethostname() and not pid_alive(int(lease["pid"])))
+    return now - float(lease["beat"]) <= TIMEOUT_S
 
 
 def describe(lease: dict, now: float | None = None) -> str:
@@ -112,9 +121,13 @@ class Lease:
     """The lease this driver holds on a study's parent run: `acquire()` (under the store lock
     for SQLite), then `start()` the renewals, `release()` when the driver stops."""
 
-    def __init__(self, client, parent_id: str, study_name: str, serialised: bool) -> None:
+    def __init__(self, client, parent_id: str, study_name: str, serialised: bool,
+                 on_lost=None, knock_s: float = KNOCK_S) -> None:
         self.client, self.parent_id, self.study_name = client, parent_id, study_name
         self.serialised = serialised          # True: the caller holds a lock that makes check-and-set atomic
+        self.on_lost = on_lost                # called once with the other driver's lease if it took this one
+        self.lost: dict | None = None         # that lease, once seen
+        self.knock_s = knock_s
         self.me = holder() | {"started": time.time()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -140,6 +153,11 @@ class Lease:
         lease = self.current()
         if is_live(lease) and lease["token"] != self.me["token"]:
             raise busy_error(self.study_name, lease)
+        if lease is not None and lease["token"] != self.me["token"] and lease["host"] != socket.gethostname():
+            time.sleep(self.knock_s)          # silent, or cut off by an outage and about to renew?
+            again = self.current()
+            if again is not None and again["token"] == lease["token"] and again["beat"] != lease["beat"]:
+                raise busy_error(self.study_name, again)
         wrote = self._claim()
         if not self.serialised:               # a racing driver may have written after us: last write wins
             time.sleep(SETTLE_S)
@@ -147,13 +165,29 @@ class Lease:
             if not wrote or lease is None or lease["token"] != self.me["token"]:
                 raise busy_error(self.study_name, lease or self.me)
 
-    def start(self, renew_s: float = RENEW_S) -> None:
+    def renew(self) -> bool:
+        """One renewal, as a check-and-set: False (and `on_lost` called) when another driver's
+        lease is on the study now; an error propagates (the store is out of reach)."""
+        lease = self.current()
+        if lease is not None and lease["token"] != self.me["token"]:
+            self._stop.set()
+            self.lost = lease
+            if self.on_lost is not None:
+                self.on_lost(lease)
+            return False
+        self._write()
+        return True
+
+    def start(self, renew_s: float = RENEW_S, retry_s: float = RETRY_S) -> None:
         def renew():
-            while not self._stop.wait(renew_s):
+            wait = renew_s
+            while not self._stop.wait(wait):
                 try:
-                    self._write()
-                except Exception:   # noqa: BLE001 - a store outage: the writer reports it; renew next time
-                    pass
+                    if not self.renew():
+                        return
+                    wait = renew_s
+                except Exception:   # noqa: BLE001 - a store outage: the writer reports it; retry soon
+                    wait = retry_s
         self._thread = threading.Thread(target=renew, name="nc-study-lease", daemon=True)
         self._thread.start()
 

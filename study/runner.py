@@ -227,6 +227,24 @@ def storage_location(value: str | None) -> str:
     return str(Path(value).expanduser().resolve())
 
 
+def check_storage(storage: str, name: str) -> None:
+    """Refuse (UsageError, one line) a --storage-path this driver cannot write (read-only, an
+    unmounted share, a bucket without credentials, a full disk), before the tracking store or
+    Ray is touched: write and remove a probe file where the study's Ray state goes."""
+    import pyarrow.fs as pafs
+    from .tracking import first_line
+    probe = f"{storage}/{name}/.nc-study-probe-{os.getpid()}"
+    try:
+        fs, path = pafs.FileSystem.from_uri(probe) if is_uri(storage) else (pafs.LocalFileSystem(), probe)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(b"ok")
+        fs.delete_file(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow's and the OS's errors alike
+        raise UsageError(f"--storage-path {storage}: cannot write the study's Ray state there ({first_line(exc)}); "
+                         "give a folder (or s3://, gs:// URI) this driver can write") from None
+
+
 def is_uri(storage: str) -> bool:
     return "://" in storage
 
@@ -251,6 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     storage = storage_location(args.storage_path)
     if args.dry_run:
         return dry_run(study, uri, storage)
+    check_storage(storage, study.name)
     address = ray_address(args)
     prepare_ray_env(address)   # before anything imports ray: it reads RAY_AUTH_MODE on import
     if address is not None:
@@ -263,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if experiment_id is not None:  # before Ray: a complete study needs no cluster
         print(f"study {study.name} is complete: all {study.n_trials} trials ended; nothing to run", flush=True)
-        return summarize(study, uri, experiment_id)
+        return summarize(study, uri, experiment_id, parent_id=study_parent_id(uri, experiment_id))
     check_earlier_run(study, storage)   # before Ray: a changed definition needs no cluster to refuse
     if address is not None and not is_uri(storage):
         print(f"note: checkpoints go to {storage} on each node's own disk; a cluster of several machines "
@@ -288,11 +307,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         lease.start()
         return execute(study, uri, experiment_id, parent_id, storage, args.max_concurrent_trials, state_period,
-                       args.tracking_outage_limit)
+                       args.tracking_outage_limit, lease)
     finally:
         if lease is not None:
             lease.release()
         ray.shutdown()
+
+
+def lease_lost(study_name: str, other: dict) -> None:
+    """Another driver took this study's lease while this one could not renew it (a tracking
+    store out of reach for longer than the lease's timeout): stop this driver, as Ctrl-C does,
+    and leave the study to the other."""
+    from .callback import interrupt_driver
+    from .lease import describe
+    print(f"study {study_name}: another driver, {describe(other)}, took this study over while this "
+          f"driver could not reach the tracking store; this driver stops and leaves it the study",
+          file=sys.stderr, flush=True)
+    interrupt_driver()
 
 
 def open_study_record(study: Study, uri: str):
@@ -308,7 +339,8 @@ def open_study_record(study: Study, uri: str):
         with store_lock(uri):
             experiment_id = ensure_experiment(client, study.name, uri)
             parent_id = ensure_parent_run(client, experiment_id, study)
-            lease = Lease(client, parent_id, study.name, serialised=sqlite_path(uri) is not None)
+            lease = Lease(client, parent_id, study.name, serialised=sqlite_path(uri) is not None,
+                          on_lost=lambda other: lease_lost(study.name, other))
             lease.acquire()
         if study.description:
             client.set_experiment_tag(experiment_id, TAG_NOTE, study.description)
@@ -423,7 +455,8 @@ def dry_run_packed(study: Study, uri: str, storage: str) -> int:
 
 
 def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage: str,
-            max_concurrent: int, state_period: float = STATE_PERIOD_S, outage_limit: float = OUTAGE_LIMIT_S) -> int:
+            max_concurrent: int, state_period: float = STATE_PERIOD_S, outage_limit: float = OUTAGE_LIMIT_S,
+            lease=None) -> int:
     from ray import tune
     from .callback import MlflowTracker
     from .trainable import run_pack, run_trial
@@ -448,7 +481,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
                                    resume_errored=True, restart_errored=False)
         run_config = tuner._local_tuner.get_run_config()
         run_config.callbacks = [tracker]       # a fresh tracker, not the pickled one
-        run_config.failure_config = failure    # this session's retry budget
+        run_config.failure_config = failure    # new trials; restored ones get it from the tracker (give_retry_budget)
     else:
         search_alg = None
         tune_kwargs = {}
@@ -492,15 +525,30 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             write_marker(exp_dir, str(study.pack_size), PACK_MARKER)
         else:   # a marker left by an earlier start that saved no Ray state would make a resume pack
             remove_marker(exp_dir, PACK_MARKER)
-    tuner.fit()
+    grid = tuner.fit()
     tracker.progress.close()
-    if tracker.gave_up or not tracker.flush():
+    ray_done = len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
+    sent = not tracker.gave_up and tracker.flush()
+    if lease is not None and lease.lost is not None:   # the other driver owns the record now: no summary writes
+        print(f"study {study.name}: stopped, run by {lease.lost.get('user', '?')}@{lease.lost['host']} now",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not sent:
         journal = journal_path(storage, study.name)
         print(f"study {study.name} stopped: the tracking store {uri} was unreachable for over "
               f"{clock(outage_limit)}; unsent writes are kept in {journal}; when the store is back, run the "
               f"same command again to send them and resume", file=sys.stderr, flush=True)
         return EXIT_TRACKING_DOWN
-    return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id)
+    return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id, ray_done)
+
+
+def study_parent_id(uri: str, experiment_id: str) -> str | None:
+    """The study's parent run (None if it has none): closed FINISHED by a session that finds the
+    study complete (its last trials ended in a session that could not close it: an outage at
+    the end, a driver killed after the last trial)."""
+    from .tracking import KIND_STUDY, find_runs, open_client
+    parents = find_runs(open_client(uri), experiment_id, KIND_STUDY)
+    return parents[0].info.run_id if parents else None
 
 
 def trained_cells(study: Study, runs) -> frozenset[int]:
@@ -562,7 +610,7 @@ def remove_marker(exp_dir: str, name: str) -> None:
 
 
 def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: float | None = None,
-              parent_id: str | None = None) -> int:
+              parent_id: str | None = None, ray_done: bool = False) -> int:
     """Print the outcome per status from MLflow (with this session's wall time, if it ran any),
     close the parent run (FINISHED when every trial ended, KILLED when stopped short) and
     return the exit status; trials left running are tagged interrupted."""
@@ -588,6 +636,11 @@ def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: fl
     print(f"MLflow experiment {study.name!r} (id {experiment_id}) in {uri}")
     for line in browse_lines(uri, experiment_id):
         print(line)
+    if not complete and ray_done and not unfinished:   # every trial of this Tuner ended, yet the store lacks some
+        print(f"study {study.name}: Ray's saved state says every trial ended, but {uri} holds {finished} of "
+              f"{study.n_trials} as ended (runs deleted, or not the store the study ran with: --tracking-uri?); "
+              "to train the missing ones, run it again with a new --storage-path", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not complete:
         print(f"study {study.name} is not finished ({finished}/{study.n_trials} trials done); "
               f"run the same command again to resume it", file=sys.stderr)

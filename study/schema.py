@@ -98,10 +98,15 @@ def cell_id(cell: dict[str, Any], keys: Iterable[str]) -> str:
     return "|".join(repr(cell.get(k)) for k in keys)
 
 
+PARAM_N_TRIALS = "study.n_trials"       # parent param: how many trials the study defines
+
+
 def planned_trials(params: dict[str, str]) -> int | None:
-    """The number of trials a study defines, from its parent run's params (search.num_samples,
-    else the product of the grid.* list lengths, 1 without a grid); None for a parent that
-    nc-study did not write (no trial.*, grid.* or search.* params)."""
+    """The number of trials a study defines, from its parent run's params: study.n_trials,
+    or, on a parent written before it, search.num_samples, else the product of the grid.*
+    list lengths (1 without a grid); None for a parent that nc-study did not write."""
+    if PARAM_N_TRIALS in params:
+        return int(params[PARAM_N_TRIALS])
     if not any(k.startswith(("trial.", "grid.", "search.")) for k in params):
         return None
     if "search.num_samples" in params:

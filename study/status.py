@@ -88,6 +88,7 @@ def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[st
     """The report: `trials` as (status tag, end time in ms or None) per trial run, `lease` the
     parent run's driver lease (parsed) or None."""
     from .lease import describe, is_live
+    from .runner import OUTAGE_LIMIT_S as OUTAGE_NOTE_S
     now = time.time() if now is None else now
     counts: dict[str, int] = {}
     for status, _ in trials:
@@ -119,6 +120,9 @@ def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[st
             lines.append("last hour: no trial ended yet (a trial or pack may take longer; see its runs' epochs)")
     else:
         gone = f"its last driver, {describe(lease, now)}, is gone; " if lease else ""
+        if lease and now - float(lease["beat"]) < OUTAGE_NOTE_S:
+            gone = (f"its last driver, {describe(lease, now)}, fell silent: gone, or cut off from this store "
+                    f"(a driver rides out outages and stops if another takes its study over); ")
         lines.append(f"no driver is running it: {gone}run `nc-study run` on its search-space file again "
                      f"(the same --tracking-uri) to go on where it stopped")
     return lines

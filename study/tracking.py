@@ -32,8 +32,8 @@ from mlflow.tracking import MlflowClient
 
 # the record's names live in schema; KIND_STUDY, KIND_TRIAL and sqlite_path are imported
 # from here too (runner.py)
-from .schema import (DEFAULT_URI, EPOCH, ERROR, KIND_STUDY, KIND_TRIAL, RUNNING, SQLITE_PREFIX, TAG_DATA_CONTEXT,
-                     TAG_ERROR, TAG_FINGERPRINT, TAG_KIND, TAG_NOTE, TAG_PARENT, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID,
+from .schema import (DEFAULT_URI, EPOCH, ERROR, KIND_STUDY, KIND_TRIAL, PARAM_N_TRIALS, RUNNING, SQLITE_PREFIX,
+                     TAG_DATA_CONTEXT, TAG_ERROR, TAG_FINGERPRINT, TAG_KIND, TAG_NOTE, TAG_PARENT, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID,
                      TAG_TRIAL_KEY, parse_layer_key, server_problem, sqlite_path)
 
 MAX_TAG = 5000
@@ -230,6 +230,8 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
                 f"experiment {study.name!r} already holds a study with a different definition "
                 f"(fingerprint {recorded}, now {study.fingerprint()}); give the changed study a new "
                 f"name: in {study.path} (recorded runs are left as they are)")
+        if PARAM_N_TRIALS not in run.data.params:           # a parent written before this param existed
+            client.log_batch(run.info.run_id, params=[Param(PARAM_N_TRIALS, str(study.n_trials))])
         return run.info.run_id
     run = client.create_run(experiment_id, run_name=study.name, tags={
         TAG_STUDY: study.name, TAG_KIND: KIND_STUDY, TAG_FINGERPRINT: study.fingerprint(),
@@ -240,7 +242,7 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
         params |= {f"search.{k}": f"{d}{a}" for k, (d, a) in study.search.space.items()}
         params |= {"search.metric": study.search.metric, "search.mode": study.search.mode,
                    "search.num_samples": str(study.search.num_samples)}
-    params |= {"resources.cpu": str(study.cpu), "resources.gpu": str(study.gpu)}
+    params |= {"resources.cpu": str(study.cpu), "resources.gpu": str(study.gpu), PARAM_N_TRIALS: str(study.n_trials)}
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(study.path))
     return run.info.run_id
@@ -263,6 +265,7 @@ class TrialRuns:
         self.last_step: dict[str, int] = {}    # run id -> last epoch logged
         self.inputs: dict[str, set] = {}       # run id -> (name, digest) of its dataset inputs
         self.statuses: dict[str, str] = {}     # trial key -> its status tag when read
+        self.params_unsent: set[str] = set()   # trial keys whose new run has no params yet
         for run in find_runs(client, experiment_id, KIND_TRIAL):
             key = run.data.tags.get(TAG_TRIAL_KEY)
             if key:
@@ -297,11 +300,16 @@ class TrialRuns:
                 TAG_PARENT: self.parent_id, TAG_STUDY: self.study_name, TAG_KIND: KIND_TRIAL,
                 TAG_TRIAL_KEY: key, TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **(tags or {})})
             run_id = run.info.run_id
-            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            # known before anything else can fail: a retried `start` (the params' write cut off by
+            # an outage) goes on in this run instead of creating a second one for the trial
             self.run_ids[key], self.last_step[run_id] = run_id, 0
+            self.params_unsent.add(key)
         else:
             self.client.log_batch(run_id, tags=[RunTag(TAG_TRIAL_ID, trial_id), RunTag(TAG_STATUS, RUNNING)])
             self.client.update_run(run_id, status="RUNNING")
+        if key in self.params_unsent:
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            self.params_unsent.discard(key)
         return run_id
 
     def log_input(self, key: str, dataset: dict[str, str]) -> bool:

@@ -296,3 +296,30 @@ def test_a_long_outage_stops_the_study_cleanly_and_it_resumes(tmp_path, mlflow_s
     runs = assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
     parent = MlflowClient(uri).get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
+
+
+def test_a_resumed_trial_gets_this_sessions_retry_budget():
+    """Tune restores a trial's max_failures and failure count from its saved state (its own
+    Trial JSON, as Tuner.restore reads it): a trial that used up 2 retries in the last session
+    would fail at its first worker loss now. The tracker gives every trial the session's
+    budget once (--max-failures), and failures in this session count against it."""
+    from ray.tune import PlacementGroupFactory
+    from ray.tune.experiment.trial import Trial
+    from study.callback import give_retry_budget
+    used = Trial("run_trial", stub=True, max_failures=2, config={"seed": 0})
+    used.placement_group_factory = PlacementGroupFactory([{"CPU": 1}])
+    used.run_metadata.num_failures = 3                        # its 2 retries used up: ERROR last session
+    state, metadata = used.get_json_state()
+    restored = Trial.from_json_state(state, stub=True)
+    restored.restore_run_metadata(metadata)
+    restored.run_metadata.num_failures += 1
+    assert not restored.should_recover()                     # what Tune alone would do
+    restored.run_metadata.num_failures -= 1
+    budgeted: set[str] = set()
+    give_retry_budget([restored], 5, budgeted)
+    for _ in range(5):                                        # 5 worker losses in this session: each retried
+        restored.run_metadata.num_failures += 1
+        assert restored.should_recover()
+        give_retry_budget([restored], 5, budgeted)            # every step: the budget is given once only
+    restored.run_metadata.num_failures += 1
+    assert not restored.should_recover() and restored.max_failures == 5

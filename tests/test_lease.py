@@ -65,7 +65,7 @@ def test_another_hosts_lease_holds_until_it_falls_silent(record):
     with pytest.raises(UsageError, match=r"ada@node-7 \(pid 4242, .*last heard 2[67]\d s ago\)"):
         check_free(client, experiment_id, "smoke")
     plant(client, parent_id, beat=time.time() - leases.TIMEOUT_S - 1)
-    mine = Lease(client, parent_id, "smoke", serialised=True)
+    mine = Lease(client, parent_id, "smoke", serialised=True, knock_s=0.2)
     mine.acquire()
     assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == mine.me["token"]
 
@@ -148,3 +148,74 @@ def test_drivers_racing_for_a_study_on_a_tracking_server_leave_one_winner(tmp_pa
     outcomes = [r.communicate(timeout=120)[0].strip() for r in racers]
     assert sorted(o.split(":")[0] for o in outcomes) == ["refused"] * 3 + ["won"], outcomes
     assert all("being run by another driver" in o for o in outcomes if o != "won")
+
+
+def test_a_driver_alive_on_this_host_holds_its_study_however_long_it_was_silent(record):
+    """A store out of reach for longer than the timeout stops the renewals, not the driver:
+    a live pid of this host holds its lease however old its last renewal."""
+    client, experiment_id, parent_id = record
+    plant(client, parent_id, host=socket.gethostname(), pid=os.getppid(), beat=time.time() - 10 * leases.TIMEOUT_S)
+    with pytest.raises(UsageError):
+        check_free(client, experiment_id, "smoke")
+
+
+def test_a_silent_lease_of_another_host_is_knocked_on_before_it_is_taken(record):
+    """Another host's driver cut off by an outage renews within seconds once the store is back:
+    a driver that finds its lease silent watches it for knock_s and is refused if it moves."""
+    import threading
+    client, _, parent_id = record
+    plant(client, parent_id, beat=time.time() - leases.TIMEOUT_S - 60)
+    revived = threading.Timer(0.3, lambda: plant(client, parent_id, beat=time.time()))
+    revived.start()
+    with pytest.raises(UsageError, match="ada@node-7"):
+        Lease(client, parent_id, "smoke", serialised=True, knock_s=1.5).acquire()
+    revived.join()
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == "feedface"
+
+
+def test_a_holder_that_finds_another_drivers_lease_stops_and_writes_nothing(record):
+    """A renewal is a check-and-set: the holder whose study another driver took over (after a
+    long outage) calls on_lost with that lease once, stops renewing and never overwrites it."""
+    client, _, parent_id = record
+    seen = []
+    mine = Lease(client, parent_id, "smoke", serialised=True, on_lost=seen.append)
+    mine.acquire()
+    assert mine.renew() and mine.lost is None
+    plant(client, parent_id)                              # ada@node-7 took it over
+    mine.start(renew_s=0.1)
+    time.sleep(0.8)
+    assert [lease["token"] for lease in seen] == ["feedface"] and mine.lost["host"] == "node-7"
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == "feedface"
+    mine.release()
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == "feedface"
+
+
+def test_a_failed_renewal_is_retried_within_seconds(record):
+    """After a renewal failed (the store out of reach), the next try comes retry_s later, not a
+    whole renew_s: the holder is heard again soon after the store is back. The real store, its
+    tag writes failing for a while."""
+    client, _, parent_id = record
+
+    class Down:
+        def __init__(self, real):
+            self.real, self.down = real, True
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def set_tag(self, *args, **kwargs):
+            if self.down:
+                raise ConnectionRefusedError("connection refused")
+            return self.real.set_tag(*args, **kwargs)
+
+    mine = Lease(Down(client), parent_id, "smoke", serialised=True)
+    mine.client.down = False
+    mine.acquire()
+    first = json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"]
+    mine.client.down = True
+    mine.start(renew_s=1.0, retry_s=0.05)
+    time.sleep(1.2)                                       # the first renewal (at 1 s) has failed by now
+    mine.client.down = False
+    time.sleep(0.2)                                       # well under renew_s: the retry is what renews
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"] > first
+    mine.release()

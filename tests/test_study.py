@@ -85,8 +85,15 @@ def test_smoke_study_records_every_trial(smoke_study):
 
 
 def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
+    """... and closes a parent run that the last session could not close (an outage at the
+    end, a driver killed after the last trial): FINISHED, as the study is."""
+    from study.tracking import KIND_STUDY, find_runs, open_client
     folder, uri, _ = smoke_study
+    client = open_client(uri)
+    [parent] = find_runs(client, client.get_experiment_by_name("smoke").experiment_id, KIND_STUDY)
+    client.update_run(parent.info.run_id, status="RUNNING")
     again = nc_study("run", str(SMOKE), cwd=folder)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert again.returncode == 0, again.stderr
     lines = again.stdout.splitlines()
     assert lines[0] == "study smoke: 6 trials; checking the data and the tracking store ..."
@@ -581,6 +588,8 @@ def test_status_names_a_driver_that_is_gone():
                        "0 failed), 1 stopped part-way, 8 not started"
     assert lines[1].startswith("no driver is running it: its last driver, bob@elsewhere (pid 7, since "
                                "1970-01-01 00:00 UTC, last heard 4000 s ago), is gone; ")
+    silent = status_lines("s", "u", 10, [("converged", 900_000)], lease | {"beat": 4_400.0}, now=5_000.0)
+    assert "last heard 600 s ago), fell silent: gone, or cut off from this store" in silent[1]   # within the outage limit
     live = status_lines("s", "u", 10, [("converged", 4_000_000), ("running", None)], lease | {"beat": 4_990.0},
                         now=5_000.0)
     assert live[2] == "last hour: 1 trial ended; about 9h00m00s left at that pace"   # 9 to go, 1 running
@@ -612,3 +621,36 @@ def test_progress_pace_follows_the_last_quarter_hour():
         pace.add(float(second), done)
     assert PACE_WINDOW_S <= 1200
     assert pace.left(done, done + 6000) == pytest.approx(6000 / 3, rel=0.01)
+
+
+def test_a_storage_path_the_driver_cannot_write_is_refused_before_anything_is_recorded(tmp_path):
+    """A read-only folder as --storage-path (an unmounted share, a full disk alike) gave a
+    pyarrow traceback after the experiment and its parent run had been created: now one line
+    naming --storage-path, exit 2, and the tracking store untouched."""
+    if os.geteuid() == 0:
+        blocked = tmp_path / "a-file"          # root writes anywhere: a path under a file cannot be made
+        blocked.write_text("not a folder")
+        storage = blocked / "ray_results"
+    else:
+        storage = tmp_path / "read-only"
+        storage.mkdir(mode=0o500)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = nc_study("run", str(SMOKE), "--tracking-uri", uri, "--storage-path", str(storage), cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"nc-study run: error: --storage-path {storage}: cannot write"), errors
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_ray_state_of_a_finished_study_against_another_store_says_so(smoke_study):
+    """The study ran to the end against one store; run again with its Ray state but another
+    --tracking-uri (or after its runs were deleted), Tune has nothing left to run and the store
+    holds nothing: the driver says which of the two disagree and how to train the missing
+    trials, instead of "run the same command again" (which would say the same forever)."""
+    folder, _, _ = smoke_study
+    other = f"sqlite:///{folder}/other.db"
+    done = nc_study("run", str(SMOKE), "--tracking-uri", other, cwd=folder)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert (f"study smoke: Ray's saved state says every trial ended, but {other} holds 0 of 6 as ended"
+            in done.stderr), done.stderr
+    assert "run the same command again" not in done.stderr

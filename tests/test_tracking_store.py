@@ -92,3 +92,57 @@ def test_a_replayed_step_keeps_its_metrics_once_and_still_sets_tags(tmp_path, ca
     assert runs.log("cell-1", 20, {"headline/nc_score": 0.9}, 3_000)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "headline/nc_score")] == [(10, 0.5), (20, 0.9)]
     assert client.get_run(run_id).data.tags[TAG_NODE_ID] == "node-b"
+
+
+def test_a_start_retried_after_its_params_write_failed_keeps_one_run(tmp_path):
+    """An outage that cuts the params' write off after the run was created: the writer retries
+    the whole `start`, which goes on in the run it created (params logged once it succeeds)
+    instead of creating a second run for the trial. The real store, its one write failing."""
+    client = open_client(f"sqlite:///{tmp_path / 'store.db'}")
+    experiment_id = client.create_experiment("retry")
+    parent = client.create_run(experiment_id).info.run_id
+
+    class CutOnce:
+        """The real client, whose first log_batch fails as a dropped connection would."""
+        def __init__(self, real):
+            self.real, self.cut = real, True
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def log_batch(self, *args, **kwargs):
+            if self.cut:
+                self.cut = False
+                raise ConnectionResetError("connection reset by peer")
+            return self.real.log_batch(*args, **kwargs)
+
+    runs = TrialRuns(CutOnce(client), experiment_id, parent, "retry")
+    with pytest.raises(ConnectionResetError):
+        runs.start("cell-1", "trial_0", {"seed": "0", "bn": "affine"}, "retry-001")
+    run_id = runs.start("cell-1", "trial_0", {"seed": "0", "bn": "affine"}, "retry-001")   # the writer's retry
+    trials = [r for r in client.search_runs([experiment_id]) if r.info.run_id != parent]
+    assert [r.info.run_id for r in trials] == [run_id]
+    assert client.get_run(run_id).data.params == {"seed": "0", "bn": "affine"}
+
+
+def test_the_parent_records_how_many_trials_the_study_defines(tmp_path):
+    """`nc-study status` counts the planned trials from the parent run: a grid axis whose values
+    are lists (lr_milestones: [[0.3, 0.6], [0.5, 0.75]]) or an axis longer than a param holds
+    was miscounted from the grid.* params; the parent now carries study.n_trials (added to a
+    parent written before it when the study is opened again)."""
+    from study.schema import PARAM_N_TRIALS, planned_trials
+    from study.spaces import load_study
+    from study.tracking import ensure_experiment, ensure_parent_run
+    space = tmp_path / "lists.yaml"
+    space.write_text("name: lists\ntrial: {n_samples: 256, width: 16, depth: 3, epochs: 2}\n"
+                     "grid:\n  lr_milestones: [[0.3, 0.6], [0.5, 0.75]]\n  seed: [0, 1, 2]\n")
+    study = load_study(space)
+    assert study.n_trials == 6
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = open_client(uri)
+    experiment_id = ensure_experiment(client, study.name, uri)
+    parent = ensure_parent_run(client, experiment_id, study)
+    params = client.get_run(parent).data.params
+    assert params[PARAM_N_TRIALS] == "6" and planned_trials(params) == 6
+    legacy = {k: v for k, v in params.items() if k != PARAM_N_TRIALS}
+    assert planned_trials(legacy) != 6                    # what the grid.* params alone gave
