@@ -233,13 +233,21 @@ def check_storage(storage: str, name: str) -> None:
     Ray is touched: write and remove a probe file where the study's Ray state goes."""
     import pyarrow.fs as pafs
     from .tracking import first_line
-    probe = f"{storage}/{name}/.nc-study-probe-{os.getpid()}"
+    folder = f"{storage}/{name}"
     try:
-        fs, path = pafs.FileSystem.from_uri(probe) if is_uri(storage) else (pafs.LocalFileSystem(), probe)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as out:
+        fs, path = pafs.FileSystem.from_uri(folder) if is_uri(storage) else (pafs.LocalFileSystem(), folder)
+        made = []                              # the folders the probe creates, removed after it
+        parent = path
+        while parent and fs.get_file_info(parent).type == pafs.FileType.NotFound:
+            made.append(parent)
+            parent = parent.rsplit("/", 1)[0]
+        fs.create_dir(path, recursive=True)
+        probe = f"{path}/.nc-study-probe-{os.getpid()}"
+        with fs.open_output_stream(probe) as out:
             out.write(b"ok")
-        fs.delete_file(path)
+        fs.delete_file(probe)
+        for folder_made in made:
+            fs.delete_dir(folder_made)
     except Exception as exc:  # noqa: BLE001 - pyarrow's and the OS's errors alike
         raise UsageError(f"--storage-path {storage}: cannot write the study's Ray state there ({first_line(exc)}); "
                          "give a folder (or s3://, gs:// URI) this driver can write") from None
@@ -527,7 +535,8 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             remove_marker(exp_dir, PACK_MARKER)
     grid = tuner.fit()
     tracker.progress.close()
-    ray_done = len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
+    # Tune found nothing left to run (no step at all) in a restored state whose trials all ended
+    ray_done = not tracker.trials and len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
     sent = not tracker.gave_up and tracker.flush()
     if lease is not None and lease.lost is not None:   # the other driver owns the record now: no summary writes
         print(f"study {study.name}: stopped, run by {lease.lost.get('user', '?')}@{lease.lost['host']} now",
