@@ -2,7 +2,7 @@
 thread avoids OpenMP spin-waiting against other processes (and makes timings steadier).
 
 Also plain helpers the tests import (`from conftest import …`): waiting for a study's
-checkpoints while its driver runs."""
+checkpoints while its driver runs, and a real MLflow client with a write that fails on cue."""
 from __future__ import annotations
 
 import subprocess
@@ -31,3 +31,24 @@ def wait_for_checkpoints(listing: Callable[[], Collection], driver: subprocess.P
             f"the driver exited ({driver.returncode}) before {at_least} checkpoint(s):\n{log.read_text()}"
         assert time.time() < deadline, f"fewer than {at_least} checkpoint(s) after {timeout:.0f} s:\n{log.read_text()}"
         time.sleep(poll)
+
+
+class Flaky:
+    """A real MLflow client whose `method` fails, as a dropped connection would, on its next
+    `failures` calls (set `failures` to cut the store off or bring it back); every other call,
+    and every call once the failures are spent, goes to the real client."""
+
+    def __init__(self, real, method: str, failures: int = 1) -> None:
+        self.real, self.method, self.failures = real, method, failures
+
+    def __getattr__(self, name):
+        attr = getattr(self.real, name)
+        if name != self.method:
+            return attr
+
+        def call(*args, **kwargs):
+            if self.failures > 0:
+                self.failures -= 1
+                raise ConnectionResetError("connection reset by peer")
+            return attr(*args, **kwargs)
+        return call

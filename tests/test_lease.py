@@ -196,26 +196,14 @@ def test_a_failed_renewal_is_retried_within_seconds(record):
     tag writes failing for a while."""
     client, _, parent_id = record
 
-    class Down:
-        def __init__(self, real):
-            self.real, self.down = real, True
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def set_tag(self, *args, **kwargs):
-            if self.down:
-                raise ConnectionRefusedError("connection refused")
-            return self.real.set_tag(*args, **kwargs)
-
-    mine = Lease(Down(client), parent_id, "smoke", serialised=True)
-    mine.client.down = False
+    from conftest import Flaky
+    mine = Lease(Flaky(client, "set_tag", failures=0), parent_id, "smoke", serialised=True)
     mine.acquire()
     first = json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"]
-    mine.client.down = True
+    mine.client.failures = 10 ** 9                        # the store out of reach
     mine.start(renew_s=1.0, retry_s=0.05)
     time.sleep(1.2)                                       # the first renewal (at 1 s) has failed by now
-    mine.client.down = False
+    mine.client.failures = 0
     time.sleep(0.2)                                       # well under renew_s: the retry is what renews
     assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"] > first
     mine.release()

@@ -102,21 +102,8 @@ def test_a_start_retried_after_its_params_write_failed_keeps_one_run(tmp_path):
     experiment_id = client.create_experiment("retry")
     parent = client.create_run(experiment_id).info.run_id
 
-    class CutOnce:
-        """The real client, whose first log_batch fails as a dropped connection would."""
-        def __init__(self, real):
-            self.real, self.cut = real, True
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def log_batch(self, *args, **kwargs):
-            if self.cut:
-                self.cut = False
-                raise ConnectionResetError("connection reset by peer")
-            return self.real.log_batch(*args, **kwargs)
-
-    runs = TrialRuns(CutOnce(client), experiment_id, parent, "retry")
+    from conftest import Flaky
+    runs = TrialRuns(Flaky(client, "log_batch"), experiment_id, parent, "retry")
     with pytest.raises(ConnectionResetError):
         runs.start("cell-1", "trial_0", {"seed": "0", "bn": "affine"}, "retry-001")
     run_id = runs.start("cell-1", "trial_0", {"seed": "0", "bn": "affine"}, "retry-001")   # the writer's retry
