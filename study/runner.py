@@ -233,9 +233,8 @@ def check_storage(storage: str, name: str) -> None:
     Ray is touched: write and remove a probe file where the study's Ray state goes."""
     import pyarrow.fs as pafs
     from .tracking import first_line
-    folder = f"{storage}/{name}"
     try:
-        fs, path = pafs.FileSystem.from_uri(folder) if is_uri(storage) else (pafs.LocalFileSystem(), folder)
+        fs, path = marker_fs(f"{storage}/{name}")
         made = []                              # the folders the probe creates, removed after it
         parent = path
         while parent and fs.get_file_info(parent).type == pafs.FileType.NotFound:
@@ -538,9 +537,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     # Tune found nothing left to run (no step at all) in a restored state whose trials all ended
     ray_done = not tracker.trials and len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
     sent = not tracker.gave_up and tracker.flush()
-    if lease is not None and lease.lost is not None:   # the other driver owns the record now: no summary writes
-        print(f"study {study.name}: stopped, run by {lease.lost.get('user', '?')}@{lease.lost['host']} now",
-              file=sys.stderr)
+    if lease is not None and lease.lost is not None:   # said by lease_lost; the other driver owns the record now
         return EXIT_INTERRUPTED
     if not sent:
         journal = journal_path(storage, study.name)
@@ -645,7 +642,7 @@ def summarize(study: Study, uri: str, experiment_id: str, tracker=None, wall: fl
     print(f"MLflow experiment {study.name!r} (id {experiment_id}) in {uri}")
     for line in browse_lines(uri, experiment_id):
         print(line)
-    if not complete and ray_done and not unfinished:   # every trial of this Tuner ended, yet the store lacks some
+    if not complete and ray_done:   # every trial of this Tuner ended, yet the store lacks some
         print(f"study {study.name}: Ray's saved state says every trial ended, but {uri} holds {finished} of "
               f"{study.n_trials} as ended (runs deleted, or not the store the study ran with: --tracking-uri?); "
               "to train the missing ones, run it again with a new --storage-path", file=sys.stderr)
