@@ -81,10 +81,13 @@ class MlflowTracker(Callback):
         self.pace = Pace()                                  # epochs per second, for the time left
         self.retry_budget = study.max_failures
         self.budgeted: set[str] = set()                     # trials given this session's retry budget
+        self.started_keys: set[str] = set()                 # trial keys started in this session ...
+        self.ended_keys: set[str] = set()                   # ... and those of them that ended
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_runs=None, _writer=None, _progress=None, trials=[], last={}, node={}, budgeted=set())
+        state.update(_runs=None, _writer=None, _progress=None, trials=[], last={}, node={}, budgeted=set(),
+                     started_keys=set(), ended_keys=set())
         return state
 
     @property
@@ -96,13 +99,14 @@ class MlflowTracker(Callback):
     @property
     def runs(self) -> TrialRuns:
         if self._runs is None:
-            self._runs = TrialRuns(open_client(self.uri), self.experiment_id, self.parent_id, self.study_name)
+            self._runs = TrialRuns(open_client(self.uri), self.experiment_id, self.parent_id, self.study_name,
+                                   say=self.progress.line)
         return self._runs
 
     @property
     def writer(self) -> Writer:
         if self._writer is None:
-            journal = Journal(self.journal_path) if self.journal_path else None
+            journal = Journal(self.journal_path, self.uri) if self.journal_path else None
             self._writer = Writer(self.apply, journal, self.max_outage_s, on_give_up=interrupt_driver,
                                   say=self.progress.line)
         return self._writer
@@ -113,6 +117,11 @@ class MlflowTracker(Callback):
     @property
     def gave_up(self) -> bool:
         return self._writer is not None and self._writer.gave_up
+
+    @property
+    def store_down(self) -> bool:
+        """Whether the writer is riding out an outage right now."""
+        return self._writer is not None and self._writer.down
 
     def replay_journal(self) -> int:
         """Send what an earlier driver of this study journaled but could not deliver."""
@@ -125,7 +134,8 @@ class MlflowTracker(Callback):
         return self._writer is None or self._writer.wait(timeout)
 
     def on_experiment_end(self, trials, **info):
-        self.flush(timeout=0 if self.gave_up else None)
+        # an outage is waited out (or not, after Ctrl-C) by the runner, after fit() returns
+        self.flush(timeout=0 if self.gave_up or self.store_down else None)
         self.progress.close()
 
     def _describe(self, trial) -> str:
@@ -162,8 +172,15 @@ class MlflowTracker(Callback):
             out.append((trial_key(config), config, part if isinstance(part, dict) else None))
         return out
 
+    @property
+    def stopped_short(self) -> bool:
+        """Whether a trial started in this session has not ended: the study was stopped (Ctrl-C,
+        a lost lease), whatever status Tune gives its trials after the stop."""
+        return bool(self.started_keys - self.ended_keys)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         for key, config, _ in self.members(trial):
+            self.started_keys.add(key)
             cfg = TrialConfig.from_dict(config)
             params = cfg.replace(num_classes=resolve_num_classes(cfg)).to_params()  # C read from the labels
             self.writer.submit({"op": "start", "key": key, "trial_id": trial.trial_id,
@@ -224,6 +241,7 @@ class MlflowTracker(Callback):
                 self._done_line(trial, n, config, ERROR, {})
 
     def _finish(self, key: str, status: str, last: dict, error: str = "") -> None:
+        self.ended_keys.add(key)
         self.writer.submit({"op": "finish", "key": key, "status": status, "layers_csv": layer_table(last),
                             "error": error, "end_ms": now_ms(), "description": describe_outcome(status, last)})
 

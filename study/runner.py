@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .config import TrialConfig, parse_overrides
-from .errors import EXIT_STORE_DOWN, UsageError
+from .errors import EXIT_STORE_DOWN, StoreDown, UsageError
 from .progress import clock
 from .schema import DEFAULT_URI, ENDED, INTERRUPTED, RUNNING, TAG_FINGERPRINT, TAG_NOTE, TAG_STATUS, TRAINED, metric_key, run_name, runs_link
 from .spaces import MEMBERS, SpaceError, Study, distinct_configs, load_study, local_packs, packs, parallel_slots
@@ -267,7 +267,8 @@ def journal_path(storage: str, name: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     study = prepare(args)
-    from .tracking import TrackingError, check_uri, resolve_uri   # MLflow takes seconds to import
+    from mlflow.exceptions import MlflowException   # MLflow takes seconds to import
+    from .tracking import TrackingError, check_uri, first_line, resolve_uri
     uri = resolve_uri(args.tracking_uri)
     try:
         check_uri(uri)
@@ -287,6 +288,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         experiment_id = completed_experiment(study, uri)
     except TrackingError as exc:
         raise UsageError(str(exc)) from None
+    except (MlflowException, OSError) as exc:   # the store answered the probe, then failed
+        raise StoreDown(f"tracking store {uri} failed while reading study {study.name} ({first_line(exc)}); "
+                        "nothing was changed; run the same command again once it answers") from None
     if experiment_id is not None:  # before Ray: a complete study needs no cluster
         print(f"study {study.name} is complete: all {study.n_trials} trials ended; nothing to run", flush=True)
         return summarize(study, uri, experiment_id, parent_id=study_parent_id(uri, experiment_id))
@@ -341,12 +345,15 @@ def open_study_record(study: Study, uri: str):
     from .lease import Lease
     from .tracking import TrackingError, ensure_experiment, ensure_parent_run, first_line, open_client, \
         set_parent_status, sqlite_path, store_lock
+    from .writer import refused
     client = open_client(uri)
+    lease = None
     try:
         with store_lock(uri):
             experiment_id = ensure_experiment(client, study.name, uri)
-            parent_id = ensure_parent_run(client, experiment_id, study)
-            lease = Lease(client, parent_id, study.name, serialised=sqlite_path(uri) is not None,
+            serialised = sqlite_path(uri) is not None   # under the store lock; a server's drivers claim
+            parent_id = ensure_parent_run(client, experiment_id, study, serialised)
+            lease = Lease(client, parent_id, study.name, serialised=serialised,
                           on_lost=lambda other: lease_lost(study.name, other))
             lease.acquire()
         if study.description:
@@ -355,7 +362,12 @@ def open_study_record(study: Study, uri: str):
     except (TrackingError, UsageError):
         raise
     except Exception as exc:  # noqa: BLE001 - a store error is one line, not a traceback
-        raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
+        if lease is not None:   # perhaps taken before the store failed: a rerun must find it free
+            lease.release()     # (removes the tag only if it is this driver's)
+        if refused(exc) or getattr(exc, "error_code", None) in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            raise TrackingError(f"tracking store {uri}: {first_line(exc)}") from None
+        raise StoreDown(f"tracking store {uri} failed while opening study {study.name} ({first_line(exc)}); "
+                        "nothing was trained; run the same command again once it answers") from None
     return experiment_id, parent_id, lease
 
 
@@ -394,11 +406,20 @@ def existing_experiment(study: Study, uri: str):
 
 
 def resend_journal(study: Study, uri: str, journal: Path) -> None:
-    """Writes an earlier driver kept during a tracking outage go to the store first."""
+    """Writes an earlier driver kept during a tracking outage go to the store first: the store
+    they were written for only; one that still fails them stops the command (StoreDown) with
+    the journal left whole."""
     from .tracking import KIND_STUDY, find_runs, open_client
-    from .writer import Journal
-    if not Journal(journal).read():
+    from .writer import Journal, ReplayFailed
+    kept = Journal(journal)
+    ops = kept.read()
+    if not ops:
         return
+    meant = kept.written_for()
+    if meant is not None and meant != uri:
+        raise UsageError(f"{journal} holds {len(ops)} MLflow writes of study {study.name} for the tracking store "
+                         f"{meant}, not {uri}; run with --tracking-uri {meant} to send them first, or move the "
+                         "file aside to drop them")
     from .callback import MlflowTracker
     client = open_client(uri)
     experiment = client.get_experiment_by_name(study.name)
@@ -406,7 +427,12 @@ def resend_journal(study: Study, uri: str, journal: Path) -> None:
     if not parents:
         return
     tracker = MlflowTracker(uri, experiment.experiment_id, parents[0].info.run_id, study, journal)
-    sent = tracker.replay_journal()
+    try:
+        sent = tracker.replay_journal()
+    except ReplayFailed as exc:
+        raise StoreDown(f"tracking store {uri} fails a write kept in {journal} from an earlier outage "
+                        f"({exc}; {exc.sent} of {len(ops)} sent); once the store takes writes again, run the "
+                        "same command to send the rest and resume") from None
     print(f"sent {sent} MLflow writes kept from an earlier tracking outage ({journal})", flush=True)
 
 
@@ -536,16 +562,33 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     tracker.progress.close()
     # Tune found nothing left to run (no step at all) in a restored state whose trials all ended
     ray_done = not tracker.trials and len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
-    sent = not tracker.gave_up and tracker.flush()
+    sent = not tracker.gave_up and flush_unless_stopped(tracker, tracker.stopped_short)
     if lease is not None and lease.lost is not None:   # said by lease_lost; the other driver owns the record now
         return EXIT_INTERRUPTED
     if not sent:
         journal = journal_path(storage, study.name)
-        print(f"study {study.name} stopped: the tracking store {uri} was unreachable for over "
-              f"{clock(outage_limit)}; unsent writes are kept in {journal}; when the store is back, run the "
-              f"same command again to send them and resume", file=sys.stderr, flush=True)
-        return EXIT_TRACKING_DOWN
+        if tracker.gave_up:
+            print(f"study {study.name} stopped: the tracking store {uri} was unreachable for over "
+                  f"{clock(outage_limit)}; unsent writes are kept in {journal}; when the store is back, run the "
+                  f"same command again to send them and resume", file=sys.stderr, flush=True)
+            return EXIT_TRACKING_DOWN
+        print(f"study {study.name} stopped while the tracking store {uri} was unreachable; its unsent writes "
+              f"are kept in {journal}; when the store is back, run the same command again to send them and "
+              "resume", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id, ray_done)
+
+
+def flush_unless_stopped(tracker, stopped: bool) -> bool:
+    """Wait for the store to take every write (True). A study stopped short (Ctrl-C) while the
+    store is out of reach does not wait out the outage, and a second Ctrl-C ends the wait: the
+    writes stay in the journal for the next run (False)."""
+    if stopped and tracker.store_down:
+        return False
+    try:
+        return tracker.flush()
+    except KeyboardInterrupt:
+        return False
 
 
 def study_parent_id(uri: str, experiment_id: str) -> str | None:

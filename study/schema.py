@@ -28,6 +28,7 @@ TAG_TRIAL_KEY = "trial_key"                # child: hash of the trial's whole co
 TAG_TRIAL_ID = "trial_id"                  # child: Ray's id of the trial in its latest session
 TAG_STATUS = "status"
 TAG_ERROR = "error"
+TAG_ARTIFACT_ERROR = "nc_study.artifact_error"   # child: why its layers.csv could not be stored
 TAG_NODE_ID, TAG_NODE_IP = "ray.node_id", "ray.node_ip"   # child: the Ray node that last ran the trial
 TAG_EVAL_PATH = "nc_study.eval_path"       # child: how evaluations measure the set: memory, cached, streamed
 TAG_NOTE = "mlflow.note.content"           # MLflow's description field

@@ -13,9 +13,11 @@ import csv
 import fcntl
 import io
 import os
+import secrets
 import shutil
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,7 +35,7 @@ from mlflow.tracking import MlflowClient
 # the record's names live in schema; KIND_STUDY, KIND_TRIAL and sqlite_path are imported
 # from here too (runner.py)
 from .schema import (DEFAULT_URI, EPOCH, ERROR, KIND_STUDY, KIND_TRIAL, PARAM_N_TRIALS, RUNNING, SQLITE_PREFIX,
-                     TAG_DATA_CONTEXT, TAG_ERROR, TAG_FINGERPRINT, TAG_KIND, TAG_NOTE, TAG_PARENT, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID,
+                     TAG_ARTIFACT_ERROR, TAG_DATA_CONTEXT, TAG_ERROR, TAG_FINGERPRINT, TAG_KIND, TAG_NOTE, TAG_PARENT, TAG_STATUS, TAG_STUDY, TAG_TRIAL_ID,
                      TAG_TRIAL_KEY, parse_layer_key, server_problem, sqlite_path)
 
 MAX_TAG = 5000
@@ -205,7 +207,12 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
         return experiment.experiment_id
     db = sqlite_path(uri)
     location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception as exc:  # noqa: BLE001
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id   # another driver made it just now
 
 
 def find_runs(client: MlflowClient, experiment_id: str, kind: str, extra: str = "") -> list:
@@ -219,20 +226,26 @@ def find_runs(client: MlflowClient, experiment_id: str, kind: str, extra: str = 
             return runs
 
 
-def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
-    """The study's parent run (one per study, reused when the study resumes)."""
-    existing = find_runs(client, experiment_id, KIND_STUDY)
-    if existing:
-        run = existing[0]
-        recorded = run.data.tags.get(TAG_FINGERPRINT)
-        if recorded and recorded != study.fingerprint():
-            raise TrackingError(
-                f"experiment {study.name!r} already holds a study with a different definition "
-                f"(fingerprint {recorded}, now {study.fingerprint()}); give the changed study a new "
-                f"name: in {study.path} (recorded runs are left as they are)")
-        if PARAM_N_TRIALS not in run.data.params:           # a parent written before this param existed
-            client.log_batch(run.info.run_id, params=[Param(PARAM_N_TRIALS, str(study.n_trials))])
-        return run.info.run_id
+TAG_PARENT_CLAIM = "nc_study.parent_claim"   # experiment: the driver that creates the parent run (servers)
+CLAIM_SETTLE_S = 1.0     # how long a claim waits for a racing one to land before reading it back
+PARENT_WAIT_S = 15.0     # how long a driver that lost the claim waits for the winner's parent run
+
+
+def ensure_parent_run(client: MlflowClient, experiment_id: str, study, serialised: bool = True) -> str:
+    """The study's parent run (one per study, reused when the study resumes). On a tracking
+    server (`serialised` False: no store lock) two drivers starting a new study at once would
+    each create one; the one whose claim (an experiment tag, written, then read back after
+    CLAIM_SETTLE_S) stands creates it, the others wait for it, and claim again after
+    PARENT_WAIT_S if it never comes (the winner died)."""
+    while True:
+        existing = find_runs(client, experiment_id, KIND_STUDY)
+        if existing:
+            return checked_parent(client, existing[0], study)
+        if serialised or claim_parent(client, experiment_id):
+            break
+        deadline = time.monotonic() + PARENT_WAIT_S
+        while time.monotonic() < deadline and not find_runs(client, experiment_id, KIND_STUDY):
+            time.sleep(0.5)
     run = client.create_run(experiment_id, run_name=study.name, tags={
         TAG_STUDY: study.name, TAG_KIND: KIND_STUDY, TAG_FINGERPRINT: study.fingerprint(),
         TAG_NOTE: study.description})
@@ -248,6 +261,37 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study) -> str:
     return run.info.run_id
 
 
+def claim_parent(client: MlflowClient, experiment_id: str) -> bool:
+    """Whether this driver may create the study's parent run: its claim is the one that stands
+    after a racing driver's had time to land, and no parent appeared meanwhile."""
+    from .lease import collided
+    token = secrets.token_hex(8)
+    try:
+        client.set_experiment_tag(experiment_id, TAG_PARENT_CLAIM, token)
+    except Exception as exc:  # noqa: BLE001
+        if collided(exc):     # another driver's claim went in at the same instant
+            return False
+        raise
+    time.sleep(CLAIM_SETTLE_S)
+    if client.get_experiment(experiment_id).tags.get(TAG_PARENT_CLAIM) != token:
+        return False
+    return not find_runs(client, experiment_id, KIND_STUDY)
+
+
+def checked_parent(client: MlflowClient, run, study) -> str:
+    """The id of the study's existing parent run, refused if another definition made it."""
+    recorded = run.data.tags.get(TAG_FINGERPRINT)
+    if recorded and recorded != study.fingerprint():
+        raise TrackingError(
+            f"experiment {study.name!r} already holds a study with a different definition "
+            f"(fingerprint {recorded}, now {study.fingerprint()}); give the changed study a new "
+            f"name: in {study.path} (recorded runs are left as they are)")
+    # a parent written before this param existed (not one whose params are still being written)
+    if PARAM_N_TRIALS not in run.data.params and "resources.cpu" in run.data.params:
+        client.log_batch(run.info.run_id, params=[Param(PARAM_N_TRIALS, str(study.n_trials))])
+    return run.info.run_id
+
+
 class TrialRuns:
     """Child runs of one study: create or find, log reports, close with a status.
 
@@ -256,8 +300,10 @@ class TrialRuns:
     `log` skips a step at or below the last one logged and gives metrics the timestamp of
     the report, `finish` only sets tags, an artifact and the end."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study_name: str) -> None:
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study_name: str,
+                 say=print) -> None:
         self.client = client
+        self.say = say
         self.experiment_id = experiment_id
         self.parent_id = parent_id
         self.study_name = study_name
@@ -349,12 +395,26 @@ class TrialRuns:
             tags.append(RunTag(TAG_NOTE, description))
         self.client.log_batch(run_id, tags=tags)
         if layers_csv:
+            self.store_layers(run_id, layers_csv)
+        state = RunStatus.to_string(RunStatus.FAILED if status == ERROR else RunStatus.FINISHED)
+        self.client.set_terminated(run_id, status=state, end_time=end_ms)
+
+
+    def store_layers(self, run_id: str, layers_csv: str) -> None:
+        """The run's layers.csv artifact. An artifact store that fails while the tracking store
+        answers (its credentials, its disk) is not an outage to wait out: the run is tagged with
+        why, one line says so, and the run is closed without the file (its per-layer metrics
+        hold the same numbers). A tracking store that does not answer either is an outage."""
+        try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "layers.csv"
                 path.write_text(layers_csv)
                 self.client.log_artifact(run_id, str(path))
-        state = RunStatus.to_string(RunStatus.FAILED if status == ERROR else RunStatus.FINISHED)
-        self.client.set_terminated(run_id, status=state, end_time=end_ms)
+        except Exception as exc:  # noqa: BLE001 - any artifact store's error
+            self.client.get_run(run_id)   # raises while the tracking store itself is out of reach
+            self.client.set_tag(run_id, TAG_ARTIFACT_ERROR, first_line(exc))
+            self.say(f"  ! the artifact store refused run {run_id}'s layers.csv ({first_line(exc)}); the run is "
+                     f"closed without it and tagged {TAG_ARTIFACT_ERROR}")
 
 
 def set_parent_status(client: MlflowClient, parent_id: str, status: str) -> None:

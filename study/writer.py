@@ -14,7 +14,11 @@ store can go away for minutes (a restarted server, a full disk, a network cut), 
   write that reached the store but whose answer was lost adds no second row; a step at or
   below the run's last logged step is skipped), so re-sending is always safe;
 - after `max_outage_s` without the store, `on_give_up` is called once (the runner stops
-  the study cleanly); the writes stay in the journal for the resume.
+  the study cleanly); the writes stay in the journal for the resume;
+- the journal's first line names the store its writes are for: a rerun against another
+  `--tracking-uri` is refused instead of sending them to the wrong store, and a journal
+  that cannot be written (a full disk) costs only the kill-safety: one line, and the writes
+  wait in memory.
 """
 from __future__ import annotations
 
@@ -41,17 +45,33 @@ def first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-class Journal:
-    """An append-only file of JSON operations, one per line (missing file = empty journal)."""
+class ReplayFailed(Exception):
+    """A journaled write the store still fails: `sent` went through before it, `exc` says why."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, op: dict, exc: BaseException, sent: int) -> None:
+        super().__init__(first_line(exc))
+        self.op, self.exc, self.sent = op, exc, sent
+
+
+STORE_OP = "store"   # the journal's header: {"op": "store", "uri": ...}
+
+
+class Journal:
+    """An append-only file of JSON operations, one per line (missing file = empty journal),
+    headed by the tracking URI they are for when `store` is given."""
+
+    def __init__(self, path: Path, store: str | None = None) -> None:
         self.path = path
+        self.store = store
         self._file = None
 
     def append(self, op: dict) -> None:
         if self._file is None:   # the folder is made on the first write, not before any work starts
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.is_file() or self.path.stat().st_size == 0
             self._file = self.path.open("a")
+            if fresh and self.store is not None:
+                self._file.write(json.dumps({"op": STORE_OP, "uri": self.store}) + "\n")
         self._file.write(json.dumps(op) + "\n")
         self._file.flush()   # in the kernel's hands: survives the driver being killed
 
@@ -59,10 +79,22 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:   # its folder could not be made: there is nothing to remove
+            pass
 
     def read(self) -> list[dict]:
         """The journaled operations; a line cut short by a kill mid-write is left out."""
+        return [op for op in self._lines() if op.get("op") != STORE_OP]
+
+    def written_for(self) -> str | None:
+        """The tracking URI named in the journal's header (None: no header, or no journal)."""
+        for op in self._lines():
+            return op.get("uri") if op.get("op") == STORE_OP else None
+        return None
+
+    def _lines(self) -> list[dict]:
         if not self.path.is_file():
             return []
         ops = []
@@ -93,14 +125,28 @@ class Writer:
         self.gave_up = False
         self.skipped = 0                  # operations the store refused
         self.outages = 0
+        self.journal_broken = False       # the journal could not be written: writes wait in memory
+        self.journal_warned = False       # ... said once per driver
         threading.Thread(target=self._loop, name="mlflow-writer", daemon=True).start()
 
     def submit(self, op: dict) -> None:
         with self.lock:
-            if self.journal is not None:
-                self.journal.append(op)
+            if self.journal is not None and not self.journal_broken:
+                try:
+                    self.journal.append(op)
+                except OSError as exc:
+                    self.journal_broken = True
+                    if not self.journal_warned:
+                        self.journal_warned = True
+                        self.say(f"  ! cannot write the journal {self.journal.path} ({first_line(exc)}); writes "
+                                 "wait in memory until the store takes them, and a driver killed meanwhile loses them")
             self.pending += 1
         self.queue.put(op)
+
+    @property
+    def down(self) -> bool:
+        """Whether the last write failed and is being retried."""
+        return self.down_since is not None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until everything submitted is applied (True), the writer has given up, or
@@ -122,6 +168,7 @@ class Writer:
                 self.pending -= 1
                 if self.pending == 0 and self.journal is not None:
                     self.journal.clear()
+                    self.journal_broken = False   # try a fresh file next time
             self.queue.task_done()
 
     def _apply_until_done(self, op: dict) -> None:
@@ -150,7 +197,7 @@ class Writer:
             self.down_since = now
             self.outages += 1
             where = f" in {self.journal.path}" if self.journal is not None else ""
-            self.say(f"  ! {self.label} unreachable ({first_line(exc)}); training goes on, "
+            self.say(f"  ! {self.label} unreachable or failing writes ({first_line(exc)}); training goes on, "
                      f"writes are kept{where} and retried")
         elif not self.gave_up and now - self.down_since > self.max_outage_s:
             self.gave_up = True
@@ -160,13 +207,14 @@ class Writer:
 
 def replay(journal: Journal, apply: Callable[[dict], None]) -> int:
     """Send the operations an earlier driver journaled but could not deliver; empty the
-    journal once all went through. Returns how many were sent."""
+    journal once all went through. Returns how many were sent; a write the store still fails
+    raises ReplayFailed and leaves the journal whole (re-sending is idempotent)."""
     ops = journal.read()
-    for op in ops:
+    for sent, op in enumerate(ops):
         try:
             apply(op)
         except Exception as exc:  # noqa: BLE001
             if not refused(exc):
-                raise
+                raise ReplayFailed(op, exc, sent) from exc
     journal.clear()
     return len(ops)

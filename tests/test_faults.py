@@ -323,3 +323,31 @@ def test_a_resumed_trial_gets_this_sessions_retry_budget():
         give_retry_budget([restored], 5, budgeted)            # every step: the budget is given once only
     restored.run_metadata.num_failures += 1
     assert not restored.should_recover() and restored.max_failures == 5
+
+
+@pytest.mark.slow  # ~2 min here; `make test-all` runs it
+def test_ctrl_c_during_an_outage_stops_at_once_and_keeps_the_writes(tmp_path, mlflow_server):
+    """Ctrl-C while the server is down: the driver does not wait out the outage (an hour by
+    default) but stops within seconds, exit 130, saying where the unsent writes are; with the
+    server back the same command sends them and finishes: every step once."""
+    uri, up, down = mlflow_server
+    space = tiny_study(tmp_path, trials=2, epochs=600)
+    args = ["run", str(space), "--tracking-uri", uri]
+    log = tmp_path / "run.log"
+    driver = start(args, tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    try:
+        wait_for_checkpoints(lambda: checkpoints(tmp_path, "faults"), driver, log)
+        down()
+        wait_in_log(log, "unreachable", driver, timeout=120)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=90) == 130, log.read_text()
+    finally:
+        kill_session(driver.pid)
+    text = log.read_text()
+    assert "stopped while the tracking store" in text and "mlflow_journal.jsonl" in text, text
+    assert "Traceback" not in text
+    up()
+    again = nc_study(*args, cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept from an earlier tracking outage" in again.stdout
+    assert_every_step_once(uri, "faults", 2, list(range(20, 601, 20)))
