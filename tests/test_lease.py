@@ -207,3 +207,26 @@ def test_a_failed_renewal_is_retried_within_seconds(record):
     time.sleep(0.2)                                       # well under renew_s: the retry is what renews
     assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["beat"] > first
     mine.release()
+
+
+def test_a_store_that_fails_right_after_the_lease_is_taken_leaves_the_study_free(tmp_path, monkeypatch):
+    """Opening a study takes the lease, then marks the parent RUNNING; when that write fails
+    (the store went away between the two), the command stops with one line and exit 75
+    (StoreDown: try again) and the lease it took is removed, so the rerun is not refused."""
+    from study import tracking
+    from study.errors import StoreDown
+    from study.runner import open_study_record
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study = load_study("search_spaces/smoke.yaml")
+
+    def gone(client, parent_id, status):
+        raise ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(tracking, "set_parent_status", gone)
+    with pytest.raises(StoreDown, match="failed while opening study smoke .connection reset by peer.; nothing"):
+        open_study_record(study, uri)
+    client = open_client(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert TAG_DRIVER not in parent.data.tags
+    monkeypatch.undo()
+    _, _, lease = open_study_record(study, uri)           # the rerun takes the study
+    lease.release()
