@@ -399,7 +399,6 @@ class TrialRuns:
         state = RunStatus.to_string(RunStatus.FAILED if status == ERROR else RunStatus.FINISHED)
         self.client.set_terminated(run_id, status=state, end_time=end_ms)
 
-
     def store_layers(self, run_id: str, layers_csv: str) -> None:
         """The run's layers.csv artifact. An artifact store that fails while the tracking store
         answers (its credentials, its disk) is not an outage to wait out: the run is tagged with
