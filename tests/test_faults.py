@@ -23,14 +23,16 @@ from test_study import histories, nc_study, trial_runs
 EVALS = list(range(20, 401, 20))
 
 
-def tiny_study(folder: Path, name: str = "faults", trials: int = 2, epochs: int = 400) -> Path:
-    """`trials` trials of a few seconds each that checkpoint every other evaluation."""
+def tiny_study(folder: Path, name: str = "faults", trials: int = 2, epochs: int = 400, pack: int = 1) -> Path:
+    """`trials` trials of a few seconds each that checkpoint every other evaluation, `pack`
+    of them to a Ray trial."""
     space = folder / f"{name}.yaml"
     space.write_text(textwrap.dedent(f"""
         name: {name}
         trial: {{n_samples: 2000, depth: 3, width: 32, epochs: {epochs}, eval_every: 20}}
         grid: {{seed: {list(range(trials))}}}
         checkpoint_every: 2
+        pack: {pack}
     """))
     return space
 
@@ -82,10 +84,14 @@ def assert_every_step_once(uri: str, name: str, n: int, steps: list[int] = EVALS
     return runs
 
 
-def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("pack", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, pack):
     """SIGKILL of a trial's worker mid-training: Ray retries the trial from its last
-    checkpoint (max_failures, default 2), the study ends complete with exit 0."""
-    space = tiny_study(tmp_path)
+    checkpoint (max_failures, default 2), the study ends complete with exit 0. Packed (2
+    trials to a Ray trial, 4 trials), the killed pack's members all go on from the pack's
+    checkpoint, each in its own run, every step once."""
+    trials = 2 * pack
+    space = tiny_study(tmp_path, trials=trials, pack=pack)
     log = tmp_path / "run.log"
     driver = start(["run", str(space)], tmp_path, log, {"TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
@@ -98,7 +104,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path):
         kill_session(driver.pid)
     text = log.read_text()
     assert "retrying" in text and "from its last checkpoint" in text, text
-    runs = assert_every_step_once(f"sqlite:///{tmp_path}/mlflow.db", "faults", 2)
+    runs = assert_every_step_once(f"sqlite:///{tmp_path}/mlflow.db", "faults", trials)
     parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     for run in runs:
