@@ -15,6 +15,9 @@ store can go away for minutes (a restarted server, a full disk, a network cut), 
   below the run's last logged step is skipped), so re-sending is always safe;
 - after `max_outage_s` without the store, `on_give_up` is called once (the runner stops
   the study cleanly); the writes stay in the journal for the resume;
+- a journal whose writes are mostly delivered (a queue that never empties: a slow store, or
+  a long outage's backlog being sent) is rewritten with just the undelivered ones once it
+  reaches `compact_lines` lines, so it stays about as long as the backlog;
 - the journal's first line names the store its writes are for: a rerun against another
   `--tracking-uri` is refused instead of sending them to the wrong store, and a journal
   that cannot be written (a full disk) costs only the kill-safety: one line, and the writes
@@ -23,15 +26,18 @@ store can go away for minutes (a restarted server, a full disk, a network cut), 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
 # MLflow error codes that no retry can fix: the operation is reported and skipped
 REFUSED = frozenset(("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"))
 BACKOFF_S = (1.0, 30.0)   # first wait, longest wait
+COMPACT_LINES = 5_000     # a journal this long is rewritten with only its undelivered writes
 
 
 def refused(exc: BaseException) -> bool:
@@ -64,21 +70,38 @@ class Journal:
         self.path = path
         self.store = store
         self._file = None
+        self.lines = 0       # operations written since the file was last started
+
+    def _header(self) -> str:
+        return json.dumps({"op": STORE_OP, "uri": self.store}) + "\n" if self.store is not None else ""
 
     def append(self, op: dict) -> None:
         if self._file is None:   # the folder is made on the first write, not before any work starts
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.is_file() or self.path.stat().st_size == 0
             self._file = self.path.open("a")
-            if fresh and self.store is not None:
-                self._file.write(json.dumps({"op": STORE_OP, "uri": self.store}) + "\n")
+            if fresh:
+                self._file.write(self._header())
         self._file.write(json.dumps(op) + "\n")
         self._file.flush()   # in the kernel's hands: survives the driver being killed
+        self.lines += 1
+
+    def rewrite(self, ops) -> None:
+        """Replace the journal by `ops` (the undelivered ones), atomically: a driver killed
+        meanwhile leaves the old journal or the new one, each a superset of what is unsent."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        fresh.write_text(self._header() + "".join(json.dumps(op) + "\n" for op in ops))
+        if self._file is not None:
+            self._file.close()
+        os.replace(fresh, self.path)
+        self._file = self.path.open("a")
+        self.lines = len(ops)
 
     def clear(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self.lines = 0
         try:
             self.path.unlink(missing_ok=True)
         except OSError:   # its folder could not be made: there is nothing to remove
@@ -111,7 +134,8 @@ class Writer:
 
     def __init__(self, apply: Callable[[dict], None], journal: Journal | None = None,
                  max_outage_s: float = 3600.0, on_give_up: Callable[[], None] | None = None,
-                 say: Callable[[str], None] = print, label: str = "MLflow tracking store") -> None:
+                 say: Callable[[str], None] = print, label: str = "MLflow tracking store",
+                 compact_lines: int = COMPACT_LINES) -> None:
         self.apply = apply
         self.journal = journal
         self.max_outage_s = max_outage_s
@@ -127,6 +151,8 @@ class Writer:
         self.outages = 0
         self.journal_broken = False       # the journal could not be written: writes wait in memory
         self.journal_warned = False       # ... said once per driver
+        self.unsent: deque = deque()      # journaled ops not yet applied, in order
+        self.compact_lines = compact_lines
         threading.Thread(target=self._loop, name="mlflow-writer", daemon=True).start()
 
     def submit(self, op: dict) -> None:
@@ -134,6 +160,7 @@ class Writer:
             if self.journal is not None and not self.journal_broken:
                 try:
                     self.journal.append(op)
+                    self.unsent.append(op)
                 except OSError as exc:
                     self.journal_broken = True
                     if not self.journal_warned:
@@ -166,9 +193,18 @@ class Writer:
             self._apply_until_done(op)
             with self.lock:
                 self.pending -= 1
+                if self.unsent and self.unsent[0] is op:
+                    self.unsent.popleft()
                 if self.pending == 0 and self.journal is not None:
                     self.journal.clear()
+                    self.unsent.clear()
                     self.journal_broken = False   # try a fresh file next time
+                elif self.journal is not None and not self.journal_broken and \
+                        self.journal.lines >= max(self.compact_lines, 2 * len(self.unsent)):
+                    try:
+                        self.journal.rewrite(self.unsent)
+                    except OSError:   # a full disk: the old journal stays, a superset of the unsent
+                        pass
             self.queue.task_done()
 
     def _apply_until_done(self, op: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,3 +169,34 @@ study = load_study("search_spaces/smoke.yaml")
 time.sleep(max(0.0, start - time.time()))
 print(ensure_parent_run(client, ensure_experiment(client, study.name, uri), study, serialised=False))
 """
+
+
+def test_a_journal_that_never_empties_is_cut_to_its_undelivered_writes(tmp_path):
+    """A queue that never empties (a slow store, or an outage's backlog being sent) used to
+    grow the journal without end, and a rerun after a kill re-sent all of it: past
+    `compact_lines` it is rewritten with the writes not yet delivered, in order, so it holds
+    exactly what a rerun must send."""
+    go, hold = threading.Event(), threading.Event()
+    applied: list[int] = []
+
+    def apply(op: dict) -> None:
+        go.wait(10)                       # until every op is submitted
+        if op["step"] == 150:
+            hold.wait(10)                 # the store stalls on op 150
+        applied.append(op["step"])
+
+    path = tmp_path / "journal.jsonl"
+    writer = Writer(apply, Journal(path, "sqlite:///x.db"), compact_lines=50, say=lambda line: None)
+    for step in range(300):
+        writer.submit({"op": "log", "key": "k", "step": step})
+    go.set()
+    deadline = time.monotonic() + 10
+    while len(applied) < 150:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)                       # op 150 is being applied (and stalls)
+    kept = Journal(path)
+    assert kept.written_for() == "sqlite:///x.db"
+    assert [op["step"] for op in kept.read()] == list(range(150, 300))
+    hold.set()
+    assert writer.wait(timeout=10) and applied == list(range(300)) and not path.exists()
