@@ -19,6 +19,7 @@ import sqlite3
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 # the client prints two links per run on a server store; the summary gives the one link
@@ -301,7 +302,7 @@ class TrialRuns:
     the report, `finish` only sets tags, an artifact and the end."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_id: str, study_name: str,
-                 say=print) -> None:
+                 say: Callable[[str], None] = print) -> None:
         self.client = client
         self.say = say
         self.experiment_id = experiment_id
