@@ -261,7 +261,7 @@ class MlflowTracker(Callback):
                            for t in running[:4])
         done, total = epochs_done(trials, self.n_trials - self.already)
         left = self.pace.add(time.time(), done).left(done, total)
-        backlog = self._writer.pending if self._writer is not None and self._writer.down_since else 0
+        backlog = self._writer.pending if self.store_down else 0
         unit = "packs" if self.packed else "trials"
         self.progress.status(
             f"  … {clock(time.time() - self.started)}: " + ("packs: " if self.packed else "")
