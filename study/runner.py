@@ -174,6 +174,33 @@ def start_ray(address: str | None) -> None:
                          "check --address / RAY_ADDRESS and the token") from None
 
 
+def tolerate_deleted_checkpoints() -> None:
+    """Let Ray's checkpoint bookkeeping pass over a checkpoint that is already gone.
+
+    The experiment state Ray saves every few seconds names each trial's last two checkpoints.
+    A driver killed after a trial's older checkpoint was deleted but before the next save
+    resumes from a state naming it; at the trial's next checkpoint Ray deletes it again, gets
+    FileNotFoundError and logs the whole result (kilobytes of metrics) as an ERROR, and, having
+    stopped half-way, leaves the trial out of the next saved state. Deleting what is already
+    gone is done: this makes it a no-op, in the driver, where Tune keeps that bookkeeping. A
+    Ray without these internals is left alone."""
+    try:
+        import pyarrow.fs
+        from ray.train._internal import checkpoint_manager
+    except ImportError:
+        return
+    delete = getattr(checkpoint_manager, "_delete_fs_path", None)
+    if delete is None or getattr(delete, "tolerates_missing", False):
+        return
+
+    def delete_if_present(fs, fs_path: str) -> None:
+        if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound:
+            delete(fs, fs_path)
+
+    delete_if_present.tolerates_missing = True
+    checkpoint_manager._delete_fs_path = delete_if_present
+
+
 def check_resources(study: Study) -> None:
     """Refuse a per-trial request that no node of the cluster can hold (it would pend forever)."""
     import ray
@@ -558,6 +585,7 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
             write_marker(exp_dir, str(study.pack_size), PACK_MARKER)
         else:   # a marker left by an earlier start that saved no Ray state would make a resume pack
             remove_marker(exp_dir, PACK_MARKER)
+    tolerate_deleted_checkpoints()
     grid = tuner.fit()
     tracker.progress.close()
     # Tune found nothing left to run (no step at all) in a restored state whose trials all ended

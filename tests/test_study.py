@@ -654,3 +654,40 @@ def test_ray_state_of_a_finished_study_against_another_store_says_so(smoke_study
     assert (f"study smoke: Ray's saved state says every trial ended, but {other} holds 0 of 6 as ended"
             in done.stderr), done.stderr
     assert "run the same command again" not in done.stderr
+
+
+def test_a_resume_passes_over_a_checkpoint_deleted_after_the_last_saved_state(tmp_path, monkeypatch):
+    """Ray's own checkpoint bookkeeping (num_to_keep=2, as the runner sets it), restored from a
+    state that still names a checkpoint the killed driver had deleted: without the runner's
+    patch the next checkpoint raises FileNotFoundError half-way through its bookkeeping; with it,
+    the missing one is passed over and the next deletion still happens on disk."""
+    import ray.train._internal.storage as storage
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal import checkpoint_manager
+    from ray.train._internal.session import _TrainingResult
+    from study.runner import tolerate_deleted_checkpoints
+
+    def result(i: int) -> _TrainingResult:
+        folder = tmp_path / f"checkpoint_{i:06d}"
+        folder.mkdir()
+        return _TrainingResult(Checkpoint.from_directory(str(folder)), {"epoch": i})
+
+    def restored_manager() -> checkpoint_manager._CheckpointManager:
+        for folder in tmp_path.glob("checkpoint_*"):
+            folder.rmdir()
+        manager = checkpoint_manager._CheckpointManager(CheckpointConfig(num_to_keep=2))
+        manager.register_checkpoint(result(0))
+        manager.register_checkpoint(result(1))
+        (tmp_path / "checkpoint_000000").rmdir()   # deleted after the state was saved, then the kill
+        return manager
+
+    monkeypatch.setattr(checkpoint_manager, "_delete_fs_path", storage._delete_fs_path)   # Ray as shipped
+    with pytest.raises(FileNotFoundError):
+        restored_manager().register_checkpoint(result(2))
+
+    tolerate_deleted_checkpoints()
+    manager = restored_manager()
+    manager.register_checkpoint(result(2))
+    manager.register_checkpoint(result(3))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000003"]
+    assert [r.metrics["epoch"] for r in manager._checkpoint_results] == [2, 3]
