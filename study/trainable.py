@@ -36,8 +36,9 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
 
     Ray saves the experiment state (which names each trial's latest checkpoint) every
     TUNE_GLOBAL_CHECKPOINT_S seconds and keeps 2 checkpoints per trial; with checkpoints
-    more than two state periods apart, the saved state never names a checkpoint already
-    deleted, so a driver killed at any moment resumes (runner.py sets both)."""
+    more than two state periods apart, the saved state never names as latest a checkpoint
+    already deleted, so a driver killed at any moment resumes (runner.py sets both; the older
+    of the two it names may be gone, which runner.tolerate_deleted_checkpoints passes over)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint otherwise
     torch.set_num_threads(max(1, threads))
     cfg = TrialConfig.from_dict(config)
