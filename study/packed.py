@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .alloc import keep_freed_blocks
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .models import MLP, build_model
@@ -70,6 +71,7 @@ class PackedTrainer:
     yields at that epoch, or None (nothing to report: not an eval epoch, or ended before)."""
 
     def __init__(self, cfgs: Sequence[TrialConfig], data: Dataset | None = None) -> None:
+        keep_freed_blocks()           # as Trainer: evaluations reuse their blocks (alloc.py)
         check_pack(cfgs)
         self.cfgs = list(cfgs)
         cfg = self.cfgs[0]

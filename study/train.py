@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .alloc import keep_freed_blocks
 from .config import ConfigError, TrialConfig
 from .data import Dataset, load_dataset
 from .metrics import measure, measure_stream
@@ -100,6 +101,7 @@ class Trainer:
     """One trial: data, model and optimizer built from a config."""
 
     def __init__(self, cfg: TrialConfig, data: Dataset | None = None) -> None:
+        keep_freed_blocks()           # evaluations reuse their feature-sized blocks (alloc.py)
         self.cfg = cfg
         self.device = pick_device(cfg)
         data = data or load_dataset(cfg)
