@@ -11,7 +11,6 @@ results, training untouched (its blocks are small). BENCHMARKS.md, "Memory alloc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc's mallopt parameters (malloc.h)
@@ -24,12 +23,9 @@ def keep_freed_blocks() -> bool:
     """Set glibc's thresholds so blocks up to 32 MiB are reused from the heap, for the rest of
     this process (once; Trainer and PackedTrainer call it). True if set; False where the C
     library is not glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt      # the symbols already loaded: libc's, without a lookup
+    except (OSError, AttributeError):            # no mallopt (macOS); musl has one that refuses: False below
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
