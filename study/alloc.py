@@ -25,7 +25,7 @@ def keep_freed_blocks() -> bool:
     library is not glibc (nothing changes)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt      # the symbols already loaded: libc's, without a lookup
-    except (OSError, AttributeError):            # no mallopt (macOS); musl has one that refuses: False below
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS; Windows has no CDLL(None)); musl has one that refuses: False below
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
