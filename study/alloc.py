@@ -5,9 +5,9 @@ float32 = 12 MB at the thesis' size). glibc serves blocks that large with a fres
 its adaptive threshold happens to have risen past them, so in some processes every such
 array is faulted in page by page (about 3 000 page faults, 5–7 ms an array) and in others not: a
 train-mode BN on it took 8.6 ms or 1.9 ms, ReLU 6.7 ms or 0.6 ms, depending on the process.
-Fixing the thresholds makes the fast case the only one: evaluate() at the thesis' size took
-163–175 ms against 204–212 ms of CPU (a bare forward 109–113 against 144–155 ms), the same
-results, training untouched (its blocks are small). BENCHMARKS.md, "Memory allocator"."""
+Fixing the thresholds makes the fast case the only one: at the thesis' size evaluate() gets
+7–20 % faster and a bare forward 15–25 %, with the same results; training is untouched (its
+blocks are small). BENCHMARKS.md, "Memory allocator"."""
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +25,7 @@ def keep_freed_blocks() -> bool:
     library is not glibc (nothing changes)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt      # the symbols already loaded: libc's, without a lookup
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS; Windows has no CDLL(None)); musl has one that refuses: False below
-        return False
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows)
+        return False                             # (musl's mallopt refuses: False below)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

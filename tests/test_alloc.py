@@ -24,8 +24,8 @@ print(keep_freed_blocks(), *faults)
 def test_evaluations_reuse_their_blocks_instead_of_faulting_in_new_pages():
     """A fresh process, as a Ray worker is: Trainer sets the allocator up, and after the first
     few evaluations (the heap settling) an evaluation of 10 000 x 300 features faults in
-    almost no new pages. Without it, glibc here gave each one about 17 000 (70 MB of pages
-    zeroed and mapped, a fifth of its time), evaluation after evaluation."""
+    almost no new pages. Without it, glibc here gave each one 14 600–17 500 (60–70 MB of pages
+    zeroed and mapped), evaluation after evaluation."""
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
     applied, *faults = out.stdout.split()
     assert applied == "True"
