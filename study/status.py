@@ -1,5 +1,5 @@
-"""`nc-study status STUDY`: where a recorded study stands, read from MLflow alone (no Ray, and
-nothing written), from any machine that reaches its tracking store:
+"""`nc-study status [STUDY]`: where a recorded study stands, read from MLflow alone (no Ray,
+and nothing written), from any machine that reaches its tracking store:
 
     study fig3_1 in sqlite:///…/mlflow.db: 96 of 240 trials ended (61 converged, 35 not converged,
       0 diverged, 0 failed), 16 running, 128 not started
@@ -9,7 +9,12 @@ nothing written), from any machine that reaches its tracking store:
     browse it: …
 
 The driver is the lease a running `nc-study run` keeps on the study's parent run
-(study/lease.py); a study that no live driver holds says how to go on with it.
+(study/lease.py); a study that no live driver holds says how to go on with it. Without a
+STUDY, one line for each study the store holds:
+
+    studies in sqlite:///…/mlflow.db:
+      depth_sweep: 40 of 40 trials ended (19 converged, 21 not converged, 0 diverged, 0 failed); complete
+      conic_wd: 16 of 240 trials ended (…), 16 running, 208 not started; run by alice@node1 (pid 4242, …)
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ def add_status_parser(sub) -> None:
                        description="Where a recorded study stands, read from MLflow alone (nothing is written): "
                                    "its trials by status out of those it defines, the driver running it or that "
                                    "none does, the pace of the last hour and the time left at it.")
-    p.add_argument("study", help="the study's name (its MLflow experiment)")
+    p.add_argument("study", nargs="?", default=None,
+                   help="the study's name (its MLflow experiment); without it, one line for every study in the store")
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI} here)")
     p.set_defaults(func=cmd_status)
@@ -48,6 +54,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except TrackingError as exc:
         raise UsageError(str(exc)) from None
     client = open_client(uri)
+    if args.study is None:
+        for line in overview_lines(client, uri):
+            print(line)
+        return 0
     try:
         experiment = client.get_experiment_by_name(args.study)
         if experiment is None or experiment.lifecycle_stage == "deleted":
@@ -83,19 +93,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[str, int | None]],
-                 lease: dict | None, now: float | None = None) -> list[str]:
-    """The report: `trials` as (status tag, end time in ms or None) per trial run, `lease` the
-    parent run's driver lease (parsed) or None."""
-    from .lease import describe, is_live
-    from .runner import OUTAGE_LIMIT_S as OUTAGE_NOTE_S
+def overview_lines(client, uri: str, now: float | None = None) -> list[str]:
+    """One line for each study of nc-study in the store (experiments without a study's parent
+    run are left out), by name: its trials by status and its driver, or that it is complete."""
+    from .lease import TAG_DRIVER, describe, is_live, parse
+    from .tracking import find_runs, first_line
     now = time.time() if now is None else now
+    lines = []
+    try:
+        experiments = sorted((e for e in client.search_experiments() if e.lifecycle_stage != "deleted"),
+                             key=lambda e: e.name)
+        for experiment in experiments:
+            parents = find_runs(client, experiment.experiment_id, KIND_STUDY)
+            if not parents:
+                continue
+            tags, params = parents[0].data.tags, parents[0].data.params
+            if unfinished_import(tags, experiment.name, uri):
+                lines.append(f"  {experiment.name}: an import cut short (`nc-study import` it again)")
+                continue
+            trials = [run.data.tags.get(TAG_STATUS, RUNNING)
+                      for run in find_runs(client, experiment.experiment_id, KIND_TRIAL)]
+            lease = parse(tags.get(TAG_DRIVER))
+            live = is_live(lease, now)
+            counts, complete = trial_counts(planned_trials(params), trials, live)
+            state = "complete" if complete else f"run by {describe(lease, now)}" if live else "no driver is running it"
+            lines.append(f"  {experiment.name}: {counts}; {state}")
+    except Exception as exc:   # noqa: BLE001 - a store that stopped answering after check_uri
+        raise StoreDown(f"tracking store {uri} failed while listing its studies ({first_line(exc)}); "
+                        "try again once it answers") from None
+    if not lines:
+        return [f"no study in {uri}: `nc-study run SPACE.yaml --tracking-uri {uri}` records one"]
+    return [f"studies in {uri}:"] + lines
+
+
+def trial_counts(planned: int | None, statuses: list[str], live: bool) -> tuple[str, bool]:
+    """("96 of 240 trials ended (61 converged, …), 16 running, 128 not started", complete) from
+    the trial runs' status tags; open runs are running under a live driver, else stopped part-way."""
     counts: dict[str, int] = {}
-    for status, _ in trials:
+    for status in statuses:
         counts[status] = counts.get(status, 0) + 1
     ended = sum(counts.get(s, 0) for s, _ in ENDED_WORDS)
     open_runs = counts.get(RUNNING, 0) + counts.get(INTERRUPTED, 0)
-    live = is_live(lease, now)
     of = f" of {planned}" if planned is not None else ""
     outcome = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in ENDED_WORDS)
     rest = []
@@ -103,8 +141,21 @@ def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[st
         rest.append(f"{open_runs} running" if live else f"{open_runs} stopped part-way")
     if planned is not None and planned > ended + open_runs:
         rest.append(f"{planned - ended - open_runs} not started")
-    lines = [f"study {name} in {uri}: {ended}{of} trials ended ({outcome})" + "".join(f", {r}" for r in rest)]
     complete = planned is not None and ended >= planned and not open_runs
+    return f"{ended}{of} trials ended ({outcome})" + "".join(f", {r}" for r in rest), complete
+
+
+def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[str, int | None]],
+                 lease: dict | None, now: float | None = None) -> list[str]:
+    """The report: `trials` as (status tag, end time in ms or None) per trial run, `lease` the
+    parent run's driver lease (parsed) or None."""
+    from .lease import describe, is_live
+    from .runner import OUTAGE_LIMIT_S as OUTAGE_NOTE_S
+    now = time.time() if now is None else now
+    live = is_live(lease, now)
+    counts, complete = trial_counts(planned, [status for status, _ in trials], live)
+    ended = sum(1 for status, _ in trials if status in dict(ENDED_WORDS))
+    lines = [f"study {name} in {uri}: {counts}"]
     if complete:
         lines.append(f"complete; next: nc-study analyze {name} --tracking-uri {uri}")
         return lines

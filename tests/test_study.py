@@ -584,6 +584,28 @@ def test_status_of_a_study_complete_running_and_stopped(smoke_study, tmp_path):
     assert stopped[1].startswith("no driver is running it: run `nc-study run`")
 
 
+def test_status_without_a_study_lists_every_study_in_the_store(smoke_study, tmp_path):
+    """`nc-study status` alone: one line for each study of nc-study in the store, by name, an
+    experiment made by plain MLflow left out; a store holding no study says how to record one."""
+    import shutil
+    folder, _, _ = smoke_study
+    shutil.copy(folder / "mlflow.db", tmp_path / "copy.db")
+    copy = f"sqlite:///{tmp_path}/copy.db"
+    MlflowClient(copy).create_experiment("notes")           # someone's own experiment, no study in it
+    listed = nc_study("status", "--tracking-uri", copy, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[:2] == [
+        f"studies in {copy}:",
+        "  smoke: 6 of 6 trials ended (3 converged, 3 not converged, 0 diverged, 0 failed); complete"]
+    assert "notes" not in listed.stdout and len(listed.stdout.splitlines()) == 2
+
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    MlflowClient(empty).search_experiments()                # a store MLflow made, with no study
+    none = nc_study("status", "--tracking-uri", empty, cwd=tmp_path)
+    assert none.returncode == 0 and none.stdout.strip() == (
+        f"no study in {empty}: `nc-study run SPACE.yaml --tracking-uri {empty}` records one"), none.stdout
+
+
 def test_status_names_a_driver_that_is_gone():
     from study.status import status_lines
     lease = {"user": "bob", "host": "elsewhere", "pid": 7, "token": "t", "beat": 1_000.0, "started": 0.0}
