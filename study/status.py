@@ -161,14 +161,18 @@ def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[st
         return lines
     if live:
         lines.append(f"run by {describe(lease, now)}")
+        # the pace over the last hour, or since this driver started if that is shorter (its
+        # first trials end only after they ran, so an hour would count time it did not run)
+        window = min(PACE_WINDOW_S, max(1.0, now - float(lease.get("started", now - PACE_WINDOW_S))))
+        since = "last hour" if window >= PACE_WINDOW_S else f"since this driver started ({clock(window)} ago)"
         recent = sum(1 for status, end in trials if end and status in dict(ENDED_WORDS)
-                     and now - end / 1000 <= PACE_WINDOW_S)
+                     and now - end / 1000 <= window)
         if recent and planned is not None:
-            left = (planned - ended) * PACE_WINDOW_S / recent
-            lines.append(f"last hour: {recent} trial{'s' if recent != 1 else ''} ended; about {clock(left)} "
+            left = (planned - ended) * window / recent
+            lines.append(f"{since}: {recent} trial{'s' if recent != 1 else ''} ended; about {clock(left)} "
                          "left at that pace")
         elif not recent:
-            lines.append("last hour: no trial ended yet (a trial or pack may take longer; see its runs' epochs)")
+            lines.append(f"{since}: no trial ended yet (a trial or pack may take longer; see its runs' epochs)")
     else:
         gone = f"its last driver, {describe(lease, now)}, is gone; " if lease else ""
         if lease and now - float(lease["beat"]) < OUTAGE_NOTE_S:

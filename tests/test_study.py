@@ -619,6 +619,10 @@ def test_status_names_a_driver_that_is_gone():
     live = status_lines("s", "u", 10, [("converged", 4_000_000), ("running", None)], lease | {"beat": 4_990.0},
                         now=5_000.0)
     assert live[2] == "last hour: 1 trial ended; about 9h00m00s left at that pace"   # 9 to go, 1 running
+    # a driver started 30 min ago: its pace over those 30 min, not over an hour it did not run
+    young = status_lines("s", "u", 10, [("converged", 4_000_000)] * 3 + [("running", None)],
+                         lease | {"beat": 4_990.0, "started": 3_200.0}, now=5_000.0)
+    assert young[2] == "since this driver started (30m00s ago): 3 trials ended; about 1h10m00s left at that pace"
 
 
 def test_progress_estimate_counts_epochs_left():
