@@ -564,6 +564,7 @@ def test_status_of_a_study_complete_running_and_stopped(smoke_study, tmp_path):
     for run in runs[:2]:
         client.set_tag(run.info.run_id, "status", "running")
     lease = Lease(client, runs[0].data.tags["mlflow.parentRunId"], "smoke", serialised=True)
+    lease.me["started"] -= 7200          # a driver running for 2 h: the pace is the last hour's
     lease.acquire()
     try:
         running = nc_study("status", "smoke", "--tracking-uri", copy, cwd=tmp_path)
