@@ -35,7 +35,8 @@ def add_status_parser(sub) -> None:
     p = sub.add_parser("status", help="where a recorded study stands: trials by status, its driver, time left",
                        description="Where a recorded study stands, read from MLflow alone (nothing is written): "
                                    "its trials by status out of those it defines, the driver running it or that "
-                                   "none does, the pace of the last hour and the time left at it.")
+                                   "none does, the pace of the last hour (or since its driver started) and the "
+                                   "time left at it. Without a study: one line for every study in the store.")
     p.add_argument("study", nargs="?", default=None,
                    help="the study's name (its MLflow experiment); without it, one line for every study in the store")
     p.add_argument("--tracking-uri", default=None,
