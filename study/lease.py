@@ -11,8 +11,10 @@ this very host (a driver killed here frees its study at once; one alive here hol
 long the store was out of reach). A second driver finds a live lease and is refused before
 any work starts, with one line that names the holder; a driver that died on another machine
 frees its study TIMEOUT_S after its last renewal. Taking a lease is a check-and-set: atomic
-under the store lock for a SQLite store, and for a tracking server a write, a pause, and a
-read-back that only one of two racing drivers can win.
+under the store lock for a SQLite store, and for a tracking server a write, a pause, and two
+read-backs that only one of two racing drivers can win unless the server takes a racer's
+write more than SETTLE_S + CONFIRM_S late (seen once, under a CI run beside a study, with
+one read-back and 1 s); then the renewal's check-and-set below stops the other.
 
 A holder on another machine may only be cut off: a tracking-server outage longer than
 TIMEOUT_S stops its renewals while it trains on (outages up to an hour are ridden out). So a
@@ -40,6 +42,7 @@ TIMEOUT_S = 300.0
 RETRY_S = 5.0            # after a renewal failed (a store outage), try again this often
 KNOCK_S = 2 * RETRY_S + 2.0   # how long a driver watches another host's silent lease before taking it
 SETTLE_S = 1.0           # a tracking server: how long to wait before reading a written lease back
+CONFIRM_S = 2.0          # ... and before reading it once more (a racer's write delayed by load)
 
 
 def holder() -> dict:
@@ -160,10 +163,13 @@ class Lease:
                 raise busy_error(self.study_name, again)
         wrote = self._claim()
         if not self.serialised:               # a racing driver may have written after us: last write wins
-            time.sleep(SETTLE_S)
-            lease = self.current()
-            if not wrote or lease is None or lease["token"] != self.me["token"]:
-                raise busy_error(self.study_name, lease or self.me)
+            # read back twice: a racer whose write the loaded server takes late (after our
+            # first read) overwrites ours, and the second read, CONFIRM_S later, sees it
+            for pause in (SETTLE_S, CONFIRM_S):
+                time.sleep(pause)
+                lease = self.current()
+                if not wrote or lease is None or lease["token"] != self.me["token"]:
+                    raise busy_error(self.study_name, lease or self.me)
 
     def renew(self) -> bool:
         """One renewal, as a check-and-set: False (and `on_lost` called) when another driver's

@@ -107,19 +107,26 @@ def test_rerun_of_a_finished_study_adds_nothing(smoke_study):
 
 def interrupt_after_first_trial(tmp_path: Path, args: list[str], sig: int, log_name: str, meanwhile=None,
                                 events: tuple[str, ...] = ("/6] ",), pause: float = 2.0) -> int:
-    """Start the study, wait until one trial has finished (or another of `events` is in the
-    log), `pause` seconds, call `meanwhile()` if given, send `sig` to the driver alone."""
+    """Start the study; once it has started (the driver holds it), call `meanwhile()` if given;
+    wait until one trial has finished (or another of `events` is in the log), `pause`
+    seconds, and send `sig` to the driver alone."""
     log_path = tmp_path / log_name
     driver = spawn(args, log_path, cwd=tmp_path)
-    try:
+
+    def wait_for(*texts: str) -> None:
         deadline = time.time() + 240
-        while not any(event in log_path.read_text() for event in events):
+        while not any(text in log_path.read_text() for text in texts):
             assert driver.poll() is None, log_path.read_text()
-            assert time.time() < deadline, f"none of {events} in time"
+            assert time.time() < deadline, f"none of {texts} in time"
             time.sleep(0.5)
-        time.sleep(pause)  # let the running trials report a few epochs
+    try:
         if meanwhile is not None:
+            # before the first trial ends: a second driver's check takes seconds, and trials
+            # ending meanwhile would leave too few for the kill below to find mid-way
+            wait_for("starting study", "resuming study")
             meanwhile()
+        wait_for(*events)
+        time.sleep(pause)  # let the running trials report a few epochs
         driver.send_signal(sig)
         return driver.wait(timeout=120)
     finally:
@@ -147,7 +154,7 @@ def test_interrupted_study_resumes_without_loss_or_duplicates(tmp_path, monkeypa
         assert "starting" not in second.stdout and "resuming" not in second.stdout
         assert runs_then <= {r.info.run_id for r in trial_runs(uri, "smoke")}
 
-    # the second driver tries while the first has 5 of 6 trials to go: a later try, once a resumed
+    # the second driver tries while the first has its 6 trials to go: a later try, once a resumed
     # driver has only a trial or two left, may find the study already complete and its lease gone
     assert interrupt_after_first_trial(tmp_path, args, signal.SIGINT, "ctrl-c.log", meanwhile=second_driver) == 130
     log = (tmp_path / "ctrl-c.log").read_text()
