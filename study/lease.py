@@ -43,6 +43,7 @@ RETRY_S = 5.0            # after a renewal failed (a store outage), try again th
 KNOCK_S = 2 * RETRY_S + 2.0   # how long a driver watches another host's silent lease before taking it
 SETTLE_S = 1.0           # a tracking server: how long to wait before reading a written lease back
 CONFIRM_S = 2.0          # ... and before reading it once more (a racer's write delayed by load)
+FIRST_RENEW_S = 5.0      # a tracking server: the first renewal (a check-and-set) after taking the lease
 
 
 def holder() -> dict:
@@ -185,8 +186,11 @@ class Lease:
         return True
 
     def start(self, renew_s: float = RENEW_S, retry_s: float = RETRY_S) -> None:
+        """Renew from a daemon thread every renew_s. On a tracking server the first renewal
+        comes FIRST_RENEW_S after the start: a racer whose write the server took too late for
+        both read-backs is found before trials run, not a whole renew_s later."""
         def renew():
-            wait = renew_s
+            wait = renew_s if self.serialised else min(renew_s, FIRST_RENEW_S)
             while not self._stop.wait(wait):
                 try:
                     if not self.renew():

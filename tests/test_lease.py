@@ -190,6 +190,25 @@ def test_a_holder_that_finds_another_drivers_lease_stops_and_writes_nothing(reco
     assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == "feedface"
 
 
+def test_on_a_tracking_server_the_first_renewal_finds_a_late_racer_within_seconds(record):
+    """Without the store lock (a tracking server) two read-backs decide a race, but a racer's
+    write the server takes later still is found by the first renewal, FIRST_RENEW_S after the
+    start, not a whole RENEW_S later: the holder stops and leaves the tag to the racer."""
+    client, _, parent_id = record
+    seen = []
+    mine = Lease(client, parent_id, "smoke", serialised=False, on_lost=seen.append)
+    mine.acquire()                                        # read back twice: still its own
+    plant(client, parent_id)                              # the late racer's write lands
+    started = time.time()
+    mine.start()                                          # renew_s is the default, 60 s
+    while not seen and time.time() - started < leases.FIRST_RENEW_S + 10:
+        time.sleep(0.2)
+    assert [lease["token"] for lease in seen] == ["feedface"]
+    assert time.time() - started < leases.RENEW_S / 2
+    mine.release()
+    assert json.loads(client.get_run(parent_id).data.tags[TAG_DRIVER])["token"] == "feedface"
+
+
 def test_a_failed_renewal_is_retried_within_seconds(record):
     """After a renewal failed (the store out of reach), the next try comes retry_s later, not a
     whole renew_s: the holder is heard again soon after the store is back. The real store, its
