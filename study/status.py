@@ -29,6 +29,7 @@ from .schema import (CONVERGED, DEFAULT_URI, DIVERGED, EPOCH, ERROR, INTERRUPTED
 PACE_WINDOW_S = 3600.0
 MAX_SHOWN = 4           # open trials whose epochs are listed
 ENDED_WORDS = ((CONVERGED, "converged"), (NOT_CONVERGED, "not converged"), (DIVERGED, "diverged"), (ERROR, "failed"))
+ENDED = frozenset(status for status, _ in ENDED_WORDS)
 
 
 def add_status_parser(sub) -> None:
@@ -133,7 +134,7 @@ def trial_counts(planned: int | None, statuses: list[str], live: bool) -> tuple[
     counts: dict[str, int] = {}
     for status in statuses:
         counts[status] = counts.get(status, 0) + 1
-    ended = sum(counts.get(s, 0) for s, _ in ENDED_WORDS)
+    ended = sum(counts.get(s, 0) for s in ENDED)
     open_runs = counts.get(RUNNING, 0) + counts.get(INTERRUPTED, 0)
     of = f" of {planned}" if planned is not None else ""
     outcome = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in ENDED_WORDS)
@@ -155,7 +156,7 @@ def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[st
     now = time.time() if now is None else now
     live = is_live(lease, now)
     counts, complete = trial_counts(planned, [status for status, _ in trials], live)
-    ended = sum(1 for status, _ in trials if status in dict(ENDED_WORDS))
+    ended = sum(1 for status, _ in trials if status in ENDED)
     lines = [f"study {name} in {uri}: {counts}"]
     if complete:
         lines.append(f"complete; next: nc-study analyze {name} --tracking-uri {uri}")
@@ -166,7 +167,7 @@ def status_lines(name: str, uri: str, planned: int | None, trials: list[tuple[st
         # first trials end only after they ran, so an hour would count time it did not run)
         window = min(PACE_WINDOW_S, max(1.0, now - float(lease.get("started", now - PACE_WINDOW_S))))
         since = "last hour" if window >= PACE_WINDOW_S else f"since this driver started ({clock(window)} ago)"
-        recent = sum(1 for status, end in trials if end and status in dict(ENDED_WORDS)
+        recent = sum(1 for status, end in trials if end and status in ENDED
                      and now - end / 1000 <= window)
         if recent and planned is not None:
             left = (planned - ended) * window / recent
