@@ -229,6 +229,7 @@ def find_runs(client: MlflowClient, experiment_id: str, kind: str, extra: str = 
 
 TAG_PARENT_CLAIM = "nc_study.parent_claim"   # experiment: the driver that creates the parent run (servers)
 CLAIM_SETTLE_S = 1.0     # how long a claim waits for a racing one to land before reading it back
+CLAIM_CONFIRM_S = 2.0    # ... and before reading it once more (a racer's write the loaded server took late)
 PARENT_WAIT_S = 15.0     # how long a driver that lost the claim waits for the winner's parent run
 
 
@@ -236,8 +237,11 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study, serialise
     """The study's parent run (one per study, reused when the study resumes). On a tracking
     server (`serialised` False: no store lock) two drivers starting a new study at once would
     each create one; the one whose claim (an experiment tag, written, then read back after
-    CLAIM_SETTLE_S) stands creates it, the others wait for it, and claim again after
-    PARENT_WAIT_S if it never comes (the winner died)."""
+    CLAIM_SETTLE_S and again CLAIM_CONFIRM_S later) stands creates it, the others wait for
+    it, and claim again after PARENT_WAIT_S if it never comes (the winner died). No server
+    primitive is a true compare-and-set, so a creator looks once more after its run is in:
+    if a racer later still made another parent, every driver keeps the earliest
+    (`settle_parent`) and the others' are deleted before any trial is logged under them."""
     while True:
         existing = find_runs(client, experiment_id, KIND_STUDY)
         if existing:
@@ -259,7 +263,22 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, study, serialise
     params |= {"resources.cpu": str(study.cpu), "resources.gpu": str(study.gpu), PARAM_N_TRIALS: str(study.n_trials)}
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(study.path))
-    return run.info.run_id
+    if serialised:
+        return run.info.run_id
+    time.sleep(CLAIM_SETTLE_S)
+    return settle_parent(client, experiment_id, run.info.run_id, study)
+
+
+def settle_parent(client: MlflowClient, experiment_id: str, mine: str, study) -> str:
+    """The parent every racing driver agrees on once `mine` is in: the earliest made (start
+    time, then run id) of the study's parent runs; `mine` is deleted if it is not that one
+    (it has no trials yet: the caller made it a moment ago)."""
+    parents = sorted(find_runs(client, experiment_id, KIND_STUDY),
+                     key=lambda run: (run.info.start_time, run.info.run_id))
+    if not parents or parents[0].info.run_id == mine:
+        return mine
+    client.delete_run(mine)
+    return checked_parent(client, parents[0], study)
 
 
 def claim_parent(client: MlflowClient, experiment_id: str) -> bool:
@@ -273,9 +292,10 @@ def claim_parent(client: MlflowClient, experiment_id: str) -> bool:
         if collided(exc):     # another driver's claim went in at the same instant
             return False
         raise
-    time.sleep(CLAIM_SETTLE_S)
-    if client.get_experiment(experiment_id).tags.get(TAG_PARENT_CLAIM) != token:
-        return False
+    for pause in (CLAIM_SETTLE_S, CLAIM_CONFIRM_S):      # read back twice, as the lease does
+        time.sleep(pause)
+        if client.get_experiment(experiment_id).tags.get(TAG_PARENT_CLAIM) != token:
+            return False
     return not find_runs(client, experiment_id, KIND_STUDY)
 
 

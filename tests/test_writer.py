@@ -159,6 +159,42 @@ def test_two_drivers_opening_one_new_study_on_a_server_make_one_parent(tmp_path,
     assert len(parents) == 1 and set(outcomes) == {parents[0].info.run_id}, outcomes
 
 
+def test_a_parent_claim_a_racer_overwrites_after_the_first_read_back_is_lost(tmp_path):
+    """A racing driver's claim that the loaded server takes after this driver's first read-back
+    (CLAIM_SETTLE_S) but before the second (CLAIM_CONFIRM_S later) wins: this driver does not
+    create a parent. Alone, the same claim stands. A real SQLite store; the racer is a thread
+    writing the experiment tag as another driver's client would."""
+    from study import tracking
+    client, experiment_id, _ = store(tmp_path)
+    assert tracking.claim_parent(client, experiment_id)
+
+    def racer():
+        time.sleep(tracking.CLAIM_SETTLE_S + tracking.CLAIM_CONFIRM_S / 2)
+        client.set_experiment_tag(experiment_id, tracking.TAG_PARENT_CLAIM, "feedface")
+    late = threading.Thread(target=racer)
+    late.start()
+    assert not tracking.claim_parent(client, experiment_id)
+    late.join()
+
+
+def test_racing_drivers_that_each_made_a_parent_all_keep_the_earliest(tmp_path):
+    """Two parents of one study (two drivers' claims both stood, a server lagging beyond both
+    read-backs): each driver's `settle_parent` returns the earlier one, and only the later
+    one's own run is deleted, before any trial is logged under it."""
+    from study.schema import KIND_STUDY, TAG_KIND
+    from study.tracking import settle_parent
+    client, experiment_id, _ = store(tmp_path)
+    study = load_study("search_spaces/smoke.yaml")
+    made = time.time() * 1000
+    first, second = (client.create_run(experiment_id, start_time=int(made + lag), tags={TAG_KIND: KIND_STUDY})
+                     .info.run_id for lag in (0, 500))
+    assert settle_parent(client, experiment_id, first, study) == first
+    assert client.get_run(second).info.lifecycle_stage == "active"
+    assert settle_parent(client, experiment_id, second, study) == first
+    assert client.get_run(second).info.lifecycle_stage == "deleted"
+    assert client.get_run(first).info.lifecycle_stage == "active"
+
+
 RACER = """
 import sys, time
 from study.spaces import load_study
