@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 # the measures' plain names and `layerNN/<name>` live with the rest of the MLflow layout
 from .schema import CLASSIFIER_KEYS, COSINE_KEYS, LAYER_KEYS, layer_key  # noqa: F401 - re-exported
 
@@ -137,6 +139,9 @@ class ClassStatsAccumulator:
             self.S = torch.zeros(2 * C, D, **f64)             # (2C, D)
             self.inv_sum = torch.zeros(C, **f64)              # (C,) sum of 1/||h_i||
             self.sq_sum = torch.zeros((), **f64)
+        if fused.usable(H):                                   # one C loop over the rows
+            fused.sweep1(H, y, C, self.h0, self.S, self.inv_sum, self.sq_sum)
+            return
         h0 = self.h0
         # per-sample (B,) work once for the batch; only the (rows, D) products go by chunk
         norms = torch.linalg.vector_norm(H, dim=1)            # (B,)
@@ -162,8 +167,10 @@ class ClassStatsAccumulator:
         del self.S
         M = self.mu_c - self.mu_G                             # (C, D)
         self.Q = torch.linalg.qr(M.T).Q                       # (D, r), r = min(C, D)
-        self.MQ, self.MM, self.half = M @ self.Q, M @ M.T, 0.5 * (M ** 2).sum(dim=1)  # (C, r), (C, C), (C,)
+        self.MQ, self.MM = (M @ self.Q).contiguous(), (M @ M.T).contiguous()  # (C, r), (C, C)
+        self.half = 0.5 * (M ** 2).sum(dim=1)                 # (C,)
         self.mu_G_, self.M_, self.Q_ = self.mu_G.to(dtype), M.to(dtype), self.Q.to(dtype)
+        self.mu_c_, self.QT_ = self.mu_c.to(dtype).contiguous(), self.Q.T.to(dtype).contiguous()  # fused sweep
         f64 = dict(dtype=torch.float64, device=M.device)
         r = self.Q.shape[1]
         self.U = torch.zeros(C, M.shape[1], **f64)            # (C, D) class sums of u_i
@@ -183,6 +190,21 @@ class ClassStatsAccumulator:
         """Add a batch to the second sweep; returns its (B,) nearest-class-centre labels
         (indices into `classes`)."""
         H, y = self._labels(H, y)
+        if fused.usable(H):                                   # one C loop over the rows
+            ncc = fused.sweep2(H, y, self.mu_G_, self.mu_c_, self.QT_, self.MQ, self.MM, self.half,
+                               self.U, self.var, self.SW)
+        else:
+            P = self._sweep2_chunks(H, y)                     # (B, r) Q^T r_i
+            self.SW += P.T @ P
+            ncc = (P @ self.MQ.T + self.MM.index_select(0, y) - self.half).argmax(dim=1)
+        if self.W is not None:
+            self._classify(H, y, ncc)
+        self.ncc_hits += int((ncc == y).sum())
+        return ncc
+
+    def _sweep2_chunks(self, H: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sweep 2's per-row work as torch operations on row chunks (GPU, or no fused build):
+        adds to U and var, returns P (B, r) = Q^T r_i in float64."""
         C, B = self.C, len(H)
         Y = F.one_hot(y, C).to(H.dtype)                       # (B, C)
         r_norm = torch.empty(B, dtype=H.dtype, device=H.device)          # ||r_i||
@@ -198,14 +220,8 @@ class ClassStatsAccumulator:
             R = X.sub_(M_y)                                   # (b, D) r_i, in place of x_i
             torch.linalg.vector_norm(R, dim=1, out=r_norm[rows])
             torch.mm(R, self.Q_, out=P[rows])
-        P = P.to(torch.float64)
         self.var += torch.bincount(y, weights=r_norm.to(torch.float64) ** 2, minlength=C)
-        self.SW += P.T @ P
-        ncc = (P @ self.MQ.T + self.MM.index_select(0, y) - self.half).argmax(dim=1)
-        if self.W is not None:
-            self._classify(H, y, ncc)
-        self.ncc_hits += int((ncc == y).sum())
-        return ncc
+        return P.to(torch.float64)
 
     def _classify(self, H: torch.Tensor, y: torch.Tensor, ncc: torch.Tensor) -> None:
         logits = (H @ self.W.T.to(H.dtype)).to(torch.float64)            # (B, C_all)

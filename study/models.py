@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 BNStats = Union[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]]
 # One step of a model's forward, `step(x, bn_stats) -> (x_next, features or None)`: models
 # are `enter(x)` then their `chain()` of steps; `hidden` yields the features that are not None.
@@ -69,8 +71,19 @@ class Block(nn.Sequential):
         """The block on a whole data set with BN normalising by that set's exact mean and
         biased variance (what train mode computes on one full batch), not by the running
         averages; the running buffers are neither read nor updated. A callable `bn_stats`
-        normalises instead (the streamed statistics)."""
-        for layer in self:
+        normalises instead (the streamed statistics). Measuring on CPU (no autograd), the
+        ReLU and the BN's statistics take one pass (`fused.relu_moments`), then BN normalises
+        as in eval mode: train mode's results, to float rounding, for one pass less."""
+        layers = list(self)
+        if bn_stats == "exact" and isinstance(layers[-1], nn.BatchNorm1d) and not torch.is_grad_enabled():
+            x = layers[0](x)                                  # (N, fan_out), a fresh array
+            if fused.usable(x):
+                mean, var = fused.relu_moments(x)             # x through ReLU, in place
+                bn = layers[2]
+                return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), bn.weight, bn.bias,
+                                    training=False, eps=bn.eps)
+            layers = layers[1:]
+        for layer in layers:
             x = normalise(layer, x, bn_stats) if isinstance(layer, nn.BatchNorm1d) else layer(x)
         return x
 
