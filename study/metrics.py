@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -295,19 +296,26 @@ def cosine_matrix(stats: ClassStats, center: bool = True) -> torch.Tensor:
 def cosine_summary(G: torch.Tensor, n: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """intra_min/mean, inter_max/mean, nc_score = intra_min - inter_max from G (C, C).
 
-    Means are sample-weighted: intra by n_c, inter by n_c n_c' over c != c'.
+    Means are sample-weighted: intra by n_c, inter by n_c n_c' over c != c'. (C x C numbers:
+    numpy on the host, a few microseconds, where torch would dispatch a dozen operations.)
     """
-    intra = G.diagonal()
-    off = ~torch.eye(len(G), dtype=torch.bool, device=G.device)
-    pair_w = (n[:, None] * n[None, :])[off]
+    G, n = _host(G), _host(n)
+    intra = np.diagonal(G)
+    off = ~np.eye(len(G), dtype=bool)
+    inter, pair_w = G[off], np.outer(n, n)[off]
     out = {
-        "intra_min": intra.min().item(),
-        "intra_mean": ((intra * n).sum() / n.sum()).item(),
-        "inter_max": G[off].max().item(),
-        "inter_mean": ((G[off] * pair_w).sum() / pair_w.sum()).item(),
+        "intra_min": float(intra.min()),
+        "intra_mean": float((intra * n).sum() / n.sum()),
+        "inter_max": float(inter.max()),
+        "inter_mean": float((inter * pair_w).sum() / pair_w.sum()),
     }
     out["nc_score"] = out["intra_min"] - out["inter_max"]
     return {prefix + k: v for k, v in out.items()}
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A small tensor as a float64 numpy array on the host."""
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
 # ---------------------------------------------------------------- Papyan et al. (PNAS 2020)
@@ -337,17 +345,16 @@ def nc2(stats: ClassStats) -> dict[str, float]:
     """Equinorm std_c||m_c||/mean_c||m_c||, equiangularity std_{c<c'} cos(m_c, m_c'), and
     mean_{c<c'} |cos(m_c, m_c') + 1/(C-1)|, with m_c = mu_c - mu_G (Papyan et al. 2020,
     Figs. 4-5). Standard deviations are over classes / pairs (ddof = 0)."""
-    M = stats.M                                               # (C, D)
-    norms = M.norm(dim=1)
+    M = _host(stats.M)                                        # (C, D)
+    norms = np.linalg.norm(M, axis=1)
     mean_norm = norms.mean()
-    equinorm = (norms.std(correction=0) / mean_norm).item() if mean_norm > 0 else 0.0
-    Mn = torch.where(norms[:, None] > 0, M / norms.clamp_min(1e-300)[:, None], 0.0)
-    iu = torch.triu_indices(stats.C, stats.C, offset=1, device=M.device)
-    cos = (Mn @ Mn.T)[iu[0], iu[1]]                           # (C(C-1)/2,)
+    equinorm = float(norms.std() / mean_norm) if mean_norm > 0 else 0.0
+    Mn = M / np.where(norms > 0, norms, np.inf)[:, None]      # a zero m_c: a zero row
+    cos = (Mn @ Mn.T)[np.triu_indices(stats.C, k=1)]          # (C(C-1)/2,)
     return {
         "nc2_equinorm": equinorm,
-        "nc2_equiangular": cos.std(correction=0).item(),
-        "nc2_maxangle": (cos + 1 / (stats.C - 1)).abs().mean().item(),
+        "nc2_equiangular": float(cos.std()),
+        "nc2_maxangle": float(np.abs(cos + 1 / (stats.C - 1)).mean()),
     }
 
 
@@ -387,14 +394,13 @@ def cdnv(stats: ClassStats) -> float:
     """Class-distance normalised variance (Galanti et al. 2022): mean over c < c' of
     (Var_c + Var_c') / (2 ||mu_c - mu_c'||^2), Var_c = mean_{i in c} ||h_i - mu_c||^2.
     A pair with coincident means counts as inf."""
-    var = stats.var_c                                         # (C,)
-    diff = stats.mu_c[:, None, :] - stats.mu_c[None, :, :]    # (C, C, D), explicit: cdist's
-    dist2 = (diff ** 2).sum(dim=2)                            # matmul shortcut loses digits
-    iu = torch.triu_indices(stats.C, stats.C, offset=1, device=dist2.device)
-    num = var[iu[0]] + var[iu[1]]
-    den = 2 * dist2[iu[0], iu[1]]
-    ratio = torch.where(den > 0, num / den.clamp_min(1e-300), math.inf)
-    return ratio.mean().item()
+    var, mu_c = _host(stats.var_c), _host(stats.mu_c)         # (C,), (C, D)
+    i, j = np.triu_indices(stats.C, k=1)
+    dist2 = ((mu_c[i] - mu_c[j]) ** 2).sum(axis=1)            # explicit: a Gram shortcut loses digits
+    num = var[i] + var[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(dist2 > 0, num / (2 * dist2), math.inf)
+    return float(ratio.mean())
 
 
 def effective_depth(ncc_accs: Sequence[float], depth: int, epsilon: float = 0.01) -> int:
