@@ -189,3 +189,19 @@ def test_a_fresh_cache_builds_the_library_and_no_compiler_falls_back(tmp_path):
     assert plain.stdout.split()[0] == "False"
     assert [float(v) for v in plain.stdout.split()[1:]] == pytest.approx([float(v) for v in built.stdout.split()[1:]], rel=1e-5)
     assert not list((tmp_path / "empty").glob("**/*.so"))
+
+
+@needs_compiler
+def test_workers_building_the_library_at_once_on_a_new_machine_all_load_it(tmp_path):
+    """Ray starts several workers at once on a fresh node: each may build the library, into a
+    folder of its own, and moves it in place whole, so every one loads a complete build and
+    one file is left."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("CC", None)
+    racers = [subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    outs = [r.communicate(timeout=300)[0].split() for r in racers]
+    assert all(r.returncode == 0 for r in racers)
+    assert [out[0] for out in outs] == ["True"] * 4 and len({tuple(out[1:]) for out in outs}) == 1
+    folder = tmp_path / "cache" / "nc-study"
+    assert len(list(folder.glob("sweeps-*.so"))) == 1 and [p.name for p in folder.iterdir() if p.is_dir()] == []
