@@ -175,7 +175,8 @@ print(fused.library() is not None, repr(float(s.var_c.sum())), repr(nc1(s)))
 @needs_compiler
 def test_a_fresh_cache_builds_the_library_and_no_compiler_falls_back(tmp_path):
     """A new machine (an empty cache folder) compiles the sweeps on first use; a machine with no
-    C compiler measures with the torch operations, to the same numbers."""
+    C compiler, or whose cache folder cannot be written, measures with the torch operations,
+    to the same numbers (the latter says why, once)."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("CC", None)
     built = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
@@ -189,6 +190,11 @@ def test_a_fresh_cache_builds_the_library_and_no_compiler_falls_back(tmp_path):
     assert plain.stdout.split()[0] == "False"
     assert [float(v) for v in plain.stdout.split()[1:]] == pytest.approx([float(v) for v in built.stdout.split()[1:]], rel=1e-5)
     assert not list((tmp_path / "empty").glob("**/*.so"))
+    (tmp_path / "a-file").write_text("")             # a cache folder that cannot be made (read-only, full)
+    stuck = subprocess.run([sys.executable, "-c", CHILD], env={**env, "XDG_CACHE_HOME": str(tmp_path / "a-file")},
+                           capture_output=True, text=True, check=True)
+    assert stuck.stdout.split()[0] == "False" and stuck.stdout.split()[1:] == plain.stdout.split()[1:]
+    assert "could not build the fused NC sweeps" in stuck.stderr
 
 
 @needs_compiler
