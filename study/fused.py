@@ -1,11 +1,14 @@
-"""The measures' two sweeps over a layer's features as one C loop each, on CPU.
+"""The measures' two sweeps over a layer's features as one C loop each, on CPU, and the
+exact BN statistics taken in the ReLU's pass.
 
 `metrics.ClassStatsAccumulator` needs, per sample, a handful of quantities of one feature row
 h_i (D,): its norm, its shift from a reference, its distance from mu_G and from its class
 mean, the projections of that residual. As torch operations each is a pass over a (rows, D)
 chunk, about ten of them per sweep; at the thesis' size those passes cost ~10 ms a block,
 half again of the block's forward (study/bench.py, ratio (a)). Here each sweep reads every
-row once and does all of its work while the row is in L1, accumulating in float64.
+row once and does all of its work while the row is in L1, accumulating in float64; and
+`relu_moments` gives an MLP block's BN the mean and variance of its input in the same pass
+as the ReLU before it (models.Block.exact), where train-mode BN would read it twice more.
 
 The source below is compiled once per machine kind with the system's C compiler (gcc or cc,
 -O3 for the host CPU; under a second) into `~/.cache/nc-study/` (or `$XDG_CACHE_HOME`),
@@ -176,8 +179,8 @@ static inline double inverse(double sq) {   /* 1/||v|| from ||v||^2, and 0 for a
 }
 """
 
-SOURCE = _COMMON + "".join(_PROJECT.substitute(T=T, S=S) + _KERNELS.substitute(T=T, S=S) + _MOMENTS.substitute(T=T, S=S)
-                           for T, S in (("float", "f32"), ("double", "f64")))
+SOURCE = _COMMON + "".join(part.substitute(T=T, S=S) for T, S in (("float", "f32"), ("double", "f64"))
+                           for part in (_PROJECT, _KERNELS, _MOMENTS))
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
