@@ -6,7 +6,10 @@ ratios, each taken within this one run so machine speed cancels out:
   (a) evaluation / forward    Trainer.evaluate() (every block, every metric, classifier; BN
                               with the exact statistics of the training set, the default) over
                               a bare eval-mode forward pass of the training set.  target <= 1.25
-                              (the same with the running averages is printed beside it)
+                              (the same with the running averages is printed beside it;
+                              NC_STUDY_FUSED=0 measures with torch operations instead of the
+                              compiled loops of study/fused.py, as a machine without a C
+                              compiler would)
   (b) metrics vs brute force  the cosine measures of one block (centred and raw) from
                               study.metrics, against the N x N pairwise-cosine definition
                               computed in row chunks (bounded memory).           target >= 100x
@@ -35,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from . import fused
 from .config import TrialConfig
 from .metrics import class_stats, cosine_matrix, cosine_summary, layer_metrics, ncc_predict
 from .train import Trainer
@@ -214,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg)
     print(f"# thesis size: depth {cfg.depth}, width {cfg.width}, N = {len(trainer.y)}, "
           f"C = {trainer.num_classes}, float32", flush=True)
+    print("# measurement: " + ("the compiled loops of study/fused.py" if fused.library() is not None else
+          f"torch operations (no fused loops: no C compiler, or {fused.ENV_SWITCH}=0)"), flush=True)
 
     c = bench_training(trainer)        # also leaves the model one epoch trained
     a = bench_evaluation(trainer)
