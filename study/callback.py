@@ -18,7 +18,7 @@ from ray.tune import Callback
 from .config import TrialConfig
 from .data import resolve_num_classes
 from .progress import Progress, clock
-from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_EVAL_PATH, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id,
+from .schema import (ERROR, NOT_CONVERGED, RUNNING, TAG_EVAL_PATH, TAG_MEASURE_LOOPS, TAG_NODE_ID, TAG_NODE_IP, TRAINED, cell_id,
                      metric_key, run_name)
 from .spaces import MEMBERS as MEMBERS_KEY
 from .spaces import Study, member_name, members_of
@@ -76,6 +76,7 @@ class MlflowTracker(Callback):
         self.last: dict[str, dict] = {}
         self.node: dict[str, str] = {}
         self.eval_path: dict[str, str] = {}
+        self.measure_loops: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.trials: list = []
         self.pace = Pace()                                  # epochs per second, for the time left
@@ -205,6 +206,10 @@ class MlflowTracker(Callback):
         if path and self.eval_path.get(key) != path:   # first evaluation, or a fall-back to streaming
             self.eval_path[key] = path
             tags[TAG_EVAL_PATH] = path
+        loops = str(result.get("measure_loops") or "")
+        if loops and self.measure_loops.get(key) != loops:   # first evaluation (again on another node)
+            self.measure_loops[key] = loops
+            tags[TAG_MEASURE_LOOPS] = loops
         if isinstance(result.get("dataset_input"), dict):   # a trial's first report in each session
             self.writer.submit({"op": "input", "key": key, "dataset": result["dataset_input"]})
         self.writer.submit({"op": "log", "key": key, "step": int(result.get("epoch", 0)),

@@ -256,6 +256,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def loops(device: torch.device | str) -> str:
+    """What measures on `device`: "compiled" (this module's loops) or "torch" (its operations);
+    each trial's run carries it as a tag (schema.TAG_MEASURE_LOOPS)."""
+    return "compiled" if torch.device(device).type == "cpu" and library() is not None else "torch"
+
+
 def usable(H: torch.Tensor) -> bool:
     """Whether the fused sweeps take these features: a contiguous float32/float64 CPU matrix,
     and the library built."""

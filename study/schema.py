@@ -31,6 +31,7 @@ TAG_ERROR = "error"
 TAG_ARTIFACT_ERROR = "nc_study.artifact_error"   # child: why its layers.csv could not be stored
 TAG_NODE_ID, TAG_NODE_IP = "ray.node_id", "ray.node_ip"   # child: the Ray node that last ran the trial
 TAG_EVAL_PATH = "nc_study.eval_path"       # child: how evaluations measure the set: memory, cached, streamed
+TAG_MEASURE_LOOPS = "nc_study.measure_loops"   # child: compiled (study/fused.py) or torch
 TAG_NOTE = "mlflow.note.content"           # MLflow's description field
 TAG_PARENT = "mlflow.parentRunId"          # child: the parent run's id
 TAG_DATA_CONTEXT = "mlflow.data.context"   # dataset input tag: what the data were used for

@@ -19,6 +19,7 @@ import ray
 import torch
 from ray import tune
 
+from . import fused
 from .config import TrialConfig
 from .data import Dataset, dataset_input, load_dataset
 from .packed import PackedTrainer
@@ -61,6 +62,7 @@ def run_trial(config: dict, checkpoint_every: int = 3, threads: int = 1, min_che
         metrics["time_wall_s"] = time.perf_counter() - started   # since this (re)start of the trial
         metrics["node_id"] = node_id
         metrics["eval_path"] = trainer.eval_path().kind   # a run tag (train.choose_eval_path)
+        metrics["measure_loops"] = fused.loops(trainer.device)   # a run tag too
         metrics |= data_record
         data_record = {}
         due = since >= checkpoint_every and time.monotonic() - saved_at >= min_checkpoint_s
@@ -106,7 +108,8 @@ def run_pack(config: dict, checkpoint_every: int = 3, threads: int = 1, min_chec
         clocks = {"time_train_s": pack.seconds["train"] * share, "time_measure_s": pack.seconds["measure"] * share,
                   "time_wall_s": (time.perf_counter() - started) * share}
         result: dict = {"epoch": float(pack.epoch), "node_id": node_id}
-        path = {} if pack.eval_path is None else {"eval_path": pack.eval_path.kind}   # None: no evaluation yet
+        path = {} if pack.eval_path is None else {"eval_path": pack.eval_path.kind,   # None: no evaluation yet
+                                                  "measure_loops": fused.loops(pack.device)}
         for i, metrics in enumerate(reports):
             name = member_name(i)
             if metrics is not None:

@@ -50,6 +50,7 @@ def record(uri: str, name: str) -> dict[str, dict]:
             key=run.data.tags["trial_key"], params=run.data.params, status=run.data.tags["status"],
             run_status=run.info.status, metrics=metrics, node=run.data.tags.get("ray.node_id"),
             eval_path=run.data.tags.get("nc_study.eval_path"),
+            measure_loops=run.data.tags.get("nc_study.measure_loops"),
             artifacts=[a.path for a in client.list_artifacts(run.info.run_id)],
             layers=client.download_artifacts(run.info.run_id, "layers.csv"))
     return out
@@ -76,9 +77,9 @@ def test_a_packed_study_records_what_the_unpacked_study_does(tmp_path):
     apart = []
     for name, ref in reference.items():
         run = ours[name]
-        for field in ("key", "params", "status", "run_status", "artifacts", "eval_path"):
+        for field in ("key", "params", "status", "run_status", "artifacts", "eval_path", "measure_loops"):
             assert run[field] == ref[field], (name, field)
-        assert run["node"] and run["eval_path"] == "memory"
+        assert run["node"] and run["eval_path"] == "memory" and run["measure_loops"] in ("compiled", "torch")
         assert run["metrics"].keys() == ref["metrics"].keys(), name
         assert Path(run["layers"]).read_text().splitlines()[0] == Path(ref["layers"]).read_text().splitlines()[0]
         for key, history in ref["metrics"].items():

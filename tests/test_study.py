@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from study import fused
 from study.entry import main as cli_main
 from study.config import FIELD_NAMES
 from study.procs import kill_session, spawn
@@ -77,6 +78,8 @@ def test_smoke_study_records_every_trial(smoke_study):
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["layers.csv"]
         assert run.info.status == "FINISHED"
         assert run.data.tags["nc_study.eval_path"] == "memory"   # N = 1 000: the whole set in memory
+        # the compiled loops where this machine builds them (tests/test_fused.py), else torch's
+        assert run.data.tags["nc_study.measure_loops"] == ("compiled" if fused.library() is not None else "torch")
         (data,) = run.inputs.dataset_inputs            # the Dataset column of the runs view
         assert data.dataset.name == "teacher depth=3 width=300 seed=0"
         assert json.loads(data.dataset.profile)["num_rows"] == 1000 and data.tags[0].value == "train"
