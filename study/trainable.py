@@ -160,6 +160,10 @@ class SoloPack:
         """PackedTrainer.eval_path (the Trainer chooses it once, at its first call)."""
         return self.trainer.eval_path()
 
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
     def run(self):
         return ([metrics] for metrics in self.trainer.run())
 
