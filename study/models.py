@@ -75,7 +75,7 @@ class Block(nn.Sequential):
         ReLU and the BN's statistics take one pass (`fused.relu_moments`), then BN normalises
         as in eval mode: train mode's results, to float rounding, for one pass less."""
         layers = list(self)
-        if bn_stats == "exact" and isinstance(layers[-1], nn.BatchNorm1d) and not torch.is_grad_enabled():
+        if bn_stats == "exact" and len(layers) == 3 and not torch.is_grad_enabled():   # Linear, ReLU, BN
             x = layers[0](x)                                  # (N, fan_out), a fresh array
             if fused.usable(x):
                 mean, var = fused.relu_moments(x)             # x through ReLU, in place
