@@ -7,7 +7,7 @@ SPACE   ?= search_spaces/smoke.yaml
 # and on trials' clocks, so two overlap well even on 2 cores (12.8 -> 9.4 min here, idle).
 XDIST   ?= -n 2
 
-.PHONY: install test test-all test-ui study reproduce bench clean
+.PHONY: install test test-all test-ui study reproduce recheck bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -61,6 +61,18 @@ reproduce: $(STAMP)
 	  $(VENV)/bin/nc-study analyze $$exps $(RUNFLAGS) --out docs/results/$${out}_acc999 --min-train-acc 0.999 --no-log \
 	  || exit $$?; \
 	done
+
+# Every published report whose studies all have a record, re-made from the records alone in a
+# temporary store and compared with what is published (`nc-study recheck`; a few minutes).
+recheck: $(STAMP)
+	status=0; for r in $(REPORTS); do \
+	  out=$${r%%:*}; exps=$$(echo $${r#*:} | tr , ' '); missing=""; \
+	  for e in $$exps; do [ -f $(RECORDS)/$$e.jsonl.gz ] || missing="$$missing $$e"; done; \
+	  if [ -n "$$missing" ]; then echo "docs/results/$$out: not re-checked, no record of$$missing"; continue; fi; \
+	  for d in docs/results/$$out docs/results/$${out}_acc999; do \
+	    [ -f $$d/conjectures.json ] || continue; \
+	    $(VENV)/bin/nc-study recheck $$d --records $(RECORDS) || status=1; done; \
+	done; exit $$status
 
 bench: $(STAMP)
 	$(PY) -m study.bench

@@ -5,6 +5,7 @@
     run      study.runner   a study on Ray Tune, recorded in MLflow
     status   study.status   where a recorded study stands, from MLflow alone
     analyze  analysis.cli   the thesis' conjectures tested on a recorded study
+    recheck  analysis.recheck a published report re-made from its study records alone
     export   study.transfer a recorded study as one file
     import   study.transfer that file into another tracking store
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from analysis.cli import add_analyze_parser
+from analysis.recheck import add_recheck_parser
 
 from .cli import add_measure_parser, add_train_parser, run_command
 from .runner import add_run_parser
@@ -24,9 +26,9 @@ from .status import add_status_parser
 from .transfer import add_transfer_parsers
 
 DESCRIPTION = ("Neural collapse studies: train one bare trial, measure exported features, run a study "
-               "on Ray Tune recorded in MLflow, see where a recorded study stands, analyze it, export it to a "
-               "file and import it elsewhere. A mistake a user can fix ends in one line on stderr and exit "
-               "status 2.")
+               "on Ray Tune recorded in MLflow, see where a recorded study stands, analyze it, re-make a "
+               "published report from its records, export a study to a file and import it elsewhere. A "
+               "mistake a user can fix ends in one line on stderr and exit status 2.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_status_parser(sub)
     add_analyze_parser(sub)
+    add_recheck_parser(sub)
     add_transfer_parsers(sub)
     return parser
 

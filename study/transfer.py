@@ -152,9 +152,19 @@ def read_export(path: Path) -> tuple[dict, list[dict]]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from .tracking import resolve_uri
+    name = import_record(args.file, args.tracking_uri, args.if_absent)
+    print(f"next: nc-study analyze {name} --tracking-uri {resolve_uri(args.tracking_uri)}")
+    return 0
+
+
+def import_record(file: Path, tracking_uri: str | None = None, if_absent: bool = False) -> str:
+    """Re-create the study of an export `file` in the store at `tracking_uri`; with
+    `if_absent`, a store that holds the study already is left as it is. Returns the study's name."""
     from .tracking import TrackingError, check_uri, ensure_experiment, first_line, open_client, resolve_uri, store_lock
-    head, runs = read_export(args.file)   # the whole file checked before the store is touched
-    uri = resolve_uri(args.tracking_uri)
+    file = Path(file)
+    head, runs = read_export(file)   # the whole file checked before the store is touched
+    uri = resolve_uri(tracking_uri)
     try:
         check_uri(uri)
     except TrackingError as exc:
@@ -167,9 +177,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             held = len(client.search_runs([existing.experiment_id], max_results=1))
             if held and existing.lifecycle_stage != "deleted" and discard_unfinished_import(client, existing, uri):
                 held = 0
-            if held and args.if_absent and existing.lifecycle_stage != "deleted":
-                print(f"{uri} already holds study {name!r}; {args.file} not imported (--if-absent)")
-                return 0
+            if held and if_absent and existing.lifecycle_stage != "deleted":
+                print(f"{uri} already holds study {name!r}; {file} not imported (--if-absent)")
+                return name
             if held or existing.lifecycle_stage == "deleted":
                 raise UsageError(f"{uri} already holds a study {name!r}; import into another --tracking-uri "
                                  "(or delete that experiment, and empty MLflow's trash, first)")
@@ -183,7 +193,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         for i, record in enumerate(runs, start=1):
             # the parent is created marked as importing, so that a store this import leaves half
             # written is never read or run as the study; the mark goes once every run is in
-            mark = {TAG_IMPORTING: str(args.file)} if i == 1 else {}
+            mark = {TAG_IMPORTING: str(file)} if i == 1 else {}
             new_ids[record["run_id"]] = recreate(client, experiment_id, record, new_ids, mark)
             if i % 25 == 0:
                 print(f"  … {i}/{len(runs)} runs", flush=True)
@@ -192,9 +202,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise StoreDown(f"tracking store {uri} failed during the import ({first_line(exc)}) after {len(new_ids)} "
                         f"of {len(runs)} runs; the study is marked as an unfinished import: run the same "
                         "import again once the store answers (it starts over)") from None
-    print(f"imported study {name!r}: {len(runs)} runs ({len(runs) - 1} trials) from {args.file} into {uri}")
-    print(f"next: nc-study analyze {name} --tracking-uri {uri}")
-    return 0
+    print(f"imported study {name!r}: {len(runs)} runs ({len(runs) - 1} trials) from {file} into {uri}")
+    return name
 
 
 def discard_unfinished_import(client, experiment, uri: str) -> bool:

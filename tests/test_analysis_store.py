@@ -438,3 +438,49 @@ def test_unfinished_study_is_reported_as_partial(store, tmp_path, monkeypatch, c
     assert json.loads((tmp_path / "rep" / "conjectures.json").read_text())["warnings"][0].startswith(line)
     assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", "full", "--no-log"]) == 0
     assert "Partial results" not in (tmp_path / "full" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ recheck: a report re-made from its record
+
+def test_recheck_remakes_a_report_from_its_record_and_names_what_differs(store, tmp_path, capsys):
+    """`nc-study recheck`: a report made with non-default settings (convergence rule, τ, one ε),
+    and the study's export beside it, re-made in a new store: the same; a float changed by
+    1e-9 relative in conjectures.json and a word in report.md are each named, exit 1; a
+    missing record is refused in one line before any work."""
+    records, report = tmp_path / "records", tmp_path / "toy_report"
+    records.mkdir()
+    assert main(["export", "toy", "--tracking-uri", store["uri"], "--out", str(records / "toy.jsonl.gz")]) == 0
+    assert main(["analyze", "toy", "--tracking-uri", store["uri"], "--out", str(report), "--no-log", "--no-cache",
+                 "--min-train-acc", "0.9", "--tau", "0.2", "--tau", "3.2.2=1", "--epsilons", "0.01"]) == 0
+    capsys.readouterr()
+    assert main(["recheck", str(report), "--records", str(records)]) == 0
+    assert "re-made from the records alone are the same" in capsys.readouterr().out
+
+    published = json.loads((report / "conjectures.json").read_text())
+    group = published["tests"]["conjecture_3_1_1"]["groups"][0]
+    group["epsilon_hat"] = group["epsilon_hat"] * (1 + 1e-9) + 1e-9
+    (report / "conjectures.json").write_text(json.dumps(published))
+    text = (report / "report.md").read_text()
+    (report / "report.md").write_text(text.replace("inconclusive", "consistent", 1))
+    assert main(["recheck", str(report), "--records", str(records)]) == 1
+    out = capsys.readouterr().out
+    assert "differs in 2 place(s)" in out
+    assert "conjectures.json $.tests.conjecture_3_1_1.groups[0].epsilon_hat" in out
+    assert "report.md line " in out and "consistent" in out
+
+    assert main(["recheck", str(report), "--records", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no record of" in err and "toy.jsonl.gz" in err and "--records" in err
+    assert main(["recheck", str(records)]) == 2                    # not a report folder
+    assert "conjectures.json not found" in capsys.readouterr().err
+
+
+def test_recheck_sets_aside_only_the_store_time_and_run_ids():
+    from analysis.recheck import differences
+    a = {"tracking_uri": "sqlite:///a.db", "generated": "10:00", "x": [1.0, float("nan"), "run 0123456789abcdef0123456789abcdef"]}
+    b = {"tracking_uri": "sqlite:///b.db", "generated": "11:00", "x": [1.0 + 1e-14, float("nan"), "run fedcba9876543210fedcba9876543210"]}
+    assert differences(a, b) == []
+    assert differences(a, {**b, "x": [1.0 + 1e-10, float("nan"), b["x"][2]]}) == [f"$.x[0]: 1.0 != {1.0 + 1e-10!r}"]
+    assert differences(a, {**b, "x": b["x"][:2]}) == ["$.x: 3 items != 2"]
+    assert differences({"n": 1, "k": True}, {"n": 1, "k": False, "extra": 0}) == [
+        "$.extra: only in the re-made report", "$.k: True != False"]

@@ -177,7 +177,7 @@ def test_schema_is_torch_and_mlflow_free_and_the_command_is_whole():
             "print(','.join(sub.choices))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["train,measure,run,status,analyze,export,import"]
+    assert out.stdout.split() == ["train,measure,run,status,analyze,recheck,export,import"]
 
 
 def test_a_dataset_input_is_logged_once_per_run(written):
