@@ -484,3 +484,40 @@ def test_recheck_sets_aside_only_the_store_time_and_run_ids():
     assert differences(a, {**b, "x": b["x"][:2]}) == ["$.x: 3 items != 2"]
     assert differences({"n": 1, "k": True}, {"n": 1, "k": False, "extra": 0}) == [
         "$.extra: only in the re-made report", "$.k: True != False"]
+
+
+def test_power_takes_its_pilots_from_a_recorded_study_as_the_analysis_sees_it(store, tmp_path):
+    """analysis.power --study: one pilot per Conjecture 3.1.1 test group (no-BN controls left
+    out) whose per-λ means and SDs are the report's own `per_lambda` numbers, and whose
+    converged share counts the planted statuses."""
+    from analysis import power
+    from analysis.report import analyze
+    analyze(["toy"], store["uri"], tmp_path / "rep", cache_dir=None, log_to_mlflow=False, warn=lambda m: None)
+    result = json.loads((tmp_path / "rep" / "conjectures.json").read_text())
+    pilots = power.study_pilots(["toy"], store["uri"])
+    assert list(pilots) == ["bn=affine"]
+    pilot = pilots["bn=affine"]
+    assert list(pilot.lambdas) == sorted(LAMBDAS)
+    affine = [t for t in store["trials"] if t.cfg.bn == "affine"]
+    for lam, share in zip(pilot.lambdas, pilot.converge):
+        at = [t for t in affine if t.cfg.weight_decay == lam]
+        assert share == sum(t.status == "converged" for t in at) / len(at)
+    (group,) = [g for g in result["tests"]["conjecture_3_1_1"]["groups"] if g["group"] == "bn=affine"]
+    for row in group["per_lambda"]:
+        i = list(pilot.lambdas).index(row["weight_decay"])
+        assert pilot.means[i] == pytest.approx(row["mean"], rel=1e-12)
+        if row["n"] > 1:
+            assert pilot.sds[i] == pytest.approx(row["std"], rel=1e-12)
+
+
+def test_power_projection_moves_with_the_truth_and_the_convergence():
+    from analysis import bounds, power
+    lam = np.array([1e-4, 1e-3, 1e-2])
+    flat = power.Pilot(lam, np.ones(3), np.full(3, 0.002), np.ones(3))
+    assert power.study_rates(flat, 5, 0.1, n_studies=40)[bounds.CONSISTENT] == 1.0
+    falling = power.Pilot(lam, np.array([1.0, 0.5, 0.0]), np.full(3, 0.002), np.ones(3))
+    assert power.study_rates(falling, 5, 0.1, n_studies=40)[bounds.VIOLATED] == 1.0
+    # seeds that rarely converge leave too few λ to compare: no verdict, whatever the truth
+    rare = power.Pilot(lam, np.ones(3), np.full(3, 0.002), np.full(3, 0.05))
+    assert power.study_rates(rare, 5, 0.1, n_studies=40)[bounds.INCONCLUSIVE] > 0.9
+    assert power.study_rates(rare, 400, 0.1, n_studies=20)[bounds.CONSISTENT] == 1.0
