@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -521,3 +522,14 @@ def test_power_projection_moves_with_the_truth_and_the_convergence():
     rare = power.Pilot(lam, np.ones(3), np.full(3, 0.002), np.full(3, 0.05))
     assert power.study_rates(rare, 5, 0.1, n_studies=40)[bounds.INCONCLUSIVE] > 0.9
     assert power.study_rates(rare, 400, 0.1, n_studies=20)[bounds.CONSISTENT] == 1.0
+
+
+def test_the_published_fig3_3_report_is_what_the_current_code_makes_of_its_record():
+    """docs/results/fig3_3 (and its 99.9 % twin) re-made from docs/results/records/fig3_3.jsonl.gz
+    by the current analysis: the same report.md and conjectures.json. A change of the analysis
+    that changes a published report fails here until the reports are re-made (`make
+    reproduce`, or `nc-study analyze` of the imported records); `make recheck` checks them all."""
+    from analysis.recheck import recheck
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    for report in ("fig3_3", "fig3_3_acc999"):
+        assert recheck(results / report, say=lambda message: None) == [], report
