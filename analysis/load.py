@@ -147,7 +147,7 @@ class SqliteSource:
         args = list(by_id)
         info = self.con.execute(
             "SELECT run_uuid, name, experiment_id, end_time, artifact_uri FROM runs "
-            "WHERE experiment_id IN (%s) AND lifecycle_stage = 'active' ORDER BY start_time, run_uuid" % marks,
+            "WHERE experiment_id IN (%s) AND lifecycle_stage = 'active' ORDER BY start_time, name, run_uuid" % marks,
             args).fetchall()
         tags: dict[str, dict[str, str]] = {r[0]: {} for r in info}
         params: dict[str, dict[str, str]] = {r[0]: {} for r in info}
@@ -210,11 +210,12 @@ class ClientSource:
 
     def runs(self, experiment_ids: dict[str, str]) -> list[RunRecord]:
         names = {eid: name for name, eid in experiment_ids.items()}
-        out, token = [], None
+        out, token, started = [], None, {}
         while True:
             page = self._call("search runs", self.client.search_runs, list(names), max_results=1000,
                               page_token=token, order_by=["attributes.start_time ASC"])
             for run in page:
+                started[run.info.run_id] = run.info.start_time or 0
                 objs = getattr(run.data, "_metric_objs", None) or []
                 stamps = [m.timestamp for m in objs]
                 latest = {m.key: (_finite(m.value), m.step) for m in objs}
@@ -223,8 +224,8 @@ class ClientSource:
                                      len(run.data.metrics), max(stamps) if stamps else None,
                                      run.info.artifact_uri or "", latest))
             token = page.token
-            if not token:
-                return out
+            if not token:   # runs started in the same millisecond (a pack's) in name order, as the SQLite reader
+                return sorted(out, key=lambda r: (started[r.run_id], r.name, r.run_id))
 
     def history(self, run: RunRecord, layer_metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
         def wanted(key: str) -> bool:

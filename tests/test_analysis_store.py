@@ -533,3 +533,19 @@ def test_the_published_fig3_3_report_is_what_the_current_code_makes_of_its_recor
     results = Path(__file__).resolve().parents[1] / "docs" / "results"
     for report in ("fig3_3", "fig3_3_acc999"):
         assert recheck(results / report, say=lambda message: None) == [], report
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "client"])
+def test_runs_started_in_the_same_millisecond_are_read_in_name_order(store, tmp_path, backend):
+    """A pack's runs can share a start time; their order (which a permutation test's draws
+    follow) must not hang on the run ids, which an import assigns afresh: ties go by name."""
+    import shutil
+    from analysis.load import open_study
+    db = tmp_path / "ties.db"
+    shutil.copy(str(store["root"] / "mlflow.db"), db)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE runs SET start_time = 1000 WHERE experiment_id = ?", (int(store["exp_id"]),))
+    listing = open_study(["toy"], f"sqlite:///{db}", backend=backend)
+    names = [r.name for r in listing.trials]
+    listing.source.close()
+    assert len(names) == len(store["children"]) + 1 and names == sorted(names)
