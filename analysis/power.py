@@ -12,11 +12,11 @@ re-run). The design is chosen as the smallest seed count whose chance of a decis
 
 `--study` takes the pilot from a recorded study instead, each test group of Conjecture 3.1.1
 as the analysis sees it (`--min-train-acc` as in `nc-study analyze`): per λ, the converged
-seeds' mean and SD of the final nc_score and the share of ended trials that converged. Each
-simulated study draws how many of its n seeds converge at each λ (binomially, at that share),
-their scores from a normal around that mean with that SD (a λ with one converged seed takes
-the group's median SD), and leaves out a λ with fewer than 2 converged seeds, as the analysis
-does. A plug-in projection: it takes the observed means as the truth, so where the observed
+seeds' mean and SD of the final nc_score and the share of its trials trained to their end
+that converged. Each simulated study draws how many of its n seeds converge at each λ
+(binomially, at that share), their scores from a normal around that mean with that SD (a λ
+with one converged seed takes the group's median SD), and leaves out a λ with fewer than 2
+converged seeds, as the analysis does. A plug-in projection: it takes the observed means as the truth, so where the observed
 ε̂ sits near τ the chance of a decisive verdict is low at any seed count.
 """
 from __future__ import annotations
@@ -114,8 +114,8 @@ def study_pilots(experiments: list[str], tracking_uri: str, min_train_acc: float
             converge.append(len(scores) / len(at))
         sds = np.array(sds)
         fallback = np.nanmedian(sds) if np.isfinite(sds).any() else 0.0
-        pilots[group] = Pilot(np.array(lambdas), np.nan_to_num(np.array(means)), np.where(np.isfinite(sds), sds, fallback),
-                              np.array(converge))
+        pilots[group] = Pilot(np.array(lambdas), np.nan_to_num(np.array(means)),
+                              np.where(np.isfinite(sds), sds, fallback), np.array(converge))
     return pilots
 
 
@@ -134,9 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.study:
         import os
+
+        from study.errors import UsageError
         from study.schema import DEFAULT_URI
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-        pilots = study_pilots(args.study, uri, args.min_train_acc)
+        try:
+            pilots = study_pilots(args.study, uri, args.min_train_acc)
+        except UsageError as exc:
+            raise SystemExit(f"python -m analysis.power: {exc}") from None
         print(f"P(verdict) for Conjecture 3.1.1 at τ = {args.tau:g}, pilots from {', '.join(args.study)} "
               f"(min train acc {args.min_train_acc:g}), {args.studies} simulated studies each")
         print(f"{'group':30s} " + " ".join(f"{n:>14d}" for n in seeds) + "   (seeds per λ: consistent/violated)")
