@@ -87,7 +87,7 @@ def differences(published, remade, path: str = "$") -> list[str]:
 
 def report_lines(text: str, uri: str) -> list[str]:
     """report.md's lines with the store's URI and run ids set aside."""
-    return RUN_ID.sub("<run id>", text.replace(uri, "<store>")).splitlines()
+    return RUN_ID.sub("<run id>", text.replace(uri, "<store>") if uri else text).splitlines()
 
 
 def line_differences(published: list[str], remade: list[str]) -> list[str]:
