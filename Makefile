@@ -61,9 +61,11 @@ reproduce: $(STAMP)
 	  $(VENV)/bin/nc-study analyze $$exps $(RUNFLAGS) --out docs/results/$${out}_acc999 --min-train-acc 0.999 --no-log \
 	  || exit $$?; \
 	done
+	$(PY) -m analysis.glance docs/results --write docs/results/README.md
 
 # Every published report whose studies all have a record, re-made from the records alone in a
-# temporary store and compared with what is published (`nc-study recheck`; a few minutes).
+# temporary store and compared with what is published (`nc-study recheck`; a few minutes); then
+# the verdict table of docs/results/README.md against the reports (`python -m analysis.glance`).
 recheck: $(STAMP)
 	status=0; for r in $(REPORTS); do \
 	  out=$${r%%:*}; exps=$$(echo $${r#*:} | tr , ' '); missing=""; \
@@ -72,7 +74,8 @@ recheck: $(STAMP)
 	  for d in docs/results/$$out docs/results/$${out}_acc999; do \
 	    [ -f $$d/conjectures.json ] || continue; \
 	    $(VENV)/bin/nc-study recheck $$d --records $(RECORDS) || status=1; done; \
-	done; exit $$status
+	done; \
+	$(PY) -m analysis.glance docs/results --check docs/results/README.md || status=1; exit $$status
 
 bench: $(STAMP)
 	$(PY) -m study.bench
