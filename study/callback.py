@@ -135,8 +135,10 @@ class MlflowTracker(Callback):
         return self._writer is None or self._writer.wait(timeout)
 
     def on_experiment_end(self, trials, **info):
-        # an outage is waited out (or not, after Ctrl-C) by the runner, after fit() returns
-        self.flush(timeout=0 if self.gave_up or self.store_down else None)
+        # No waiting here, inside fit(): Tune's SIGINT handler is still in place and would swallow
+        # a Ctrl-C. The runner waits for the store after fit() returns, where one Ctrl-C ends the
+        # wait (runner.sigint_kept, flush_unless_stopped).
+        self.flush(timeout=0)
         self.progress.close()
 
     def _describe(self, trial) -> str:

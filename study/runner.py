@@ -7,11 +7,14 @@ callback that logs every report to MLflow. Nothing is started when a check fails
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -586,7 +589,8 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         else:   # a marker left by an earlier start that saved no Ray state would make a resume pack
             remove_marker(exp_dir, PACK_MARKER)
     tolerate_deleted_checkpoints()
-    grid = tuner.fit()
+    with sigint_kept():
+        grid = tuner.fit()
     tracker.progress.close()
     # Tune found nothing left to run (no step at all) in a restored state whose trials all ended
     ray_done = not tracker.trials and len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
@@ -607,10 +611,26 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id, ray_done)
 
 
+@contextlib.contextmanager
+def sigint_kept():
+    """Put back the SIGINT handler Tune replaces: Tune restores it only when a Ctrl-C comes, so
+    after a fit that ended by itself the first Ctrl-C would otherwise go to Tune's spent handler
+    (a warning, nothing stopped), and a wait for the tracking store after it would need two."""
+    if threading.current_thread() is not threading.main_thread():   # signal handlers live in the main thread
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def flush_unless_stopped(tracker, stopped: bool) -> bool:
     """Wait for the store to take every write (True). A study stopped short (Ctrl-C) while the
-    store is out of reach does not wait out the outage, and a second Ctrl-C ends the wait: the
-    writes stay in the journal for the next run (False)."""
+    store is out of reach does not wait out the outage, and a Ctrl-C during the wait ends it
+    (the first one, when the study ended by itself: `sigint_kept`): the writes stay in the
+    journal for the next run (False)."""
     if stopped and tracker.store_down:
         return False
     try:

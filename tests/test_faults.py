@@ -194,13 +194,15 @@ def test_analyze_reading_from_a_server_that_goes_away_fails_in_seconds(mlflow_se
 
 
 @pytest.mark.slow  # 2–4 min each here; `make test-all` runs them
-@pytest.mark.parametrize("stop", ["killed", "ctrl_c"])
+@pytest.mark.parametrize("stop", ["killed", "ctrl_c", "ctrl_c_after_the_end"])
 def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_stops(tmp_path, mlflow_server, stop):
     """The server is killed mid-study and stays down past the client's own retries; the
     driver says so once, keeps training and journals its writes; then it is killed too, or
     stopped with Ctrl-C, which must not wait out the outage (an hour by default): exit 130
-    within seconds, naming the journal. With the server back, the same command re-sends the
-    journal and resumes: every step once."""
+    within seconds, naming the journal. Also when every trial has ended and the driver is
+    waiting for the store to come back: one Ctrl-C, though Tune leaves its own SIGINT handler
+    behind after a fit that no Ctrl-C stopped. With the server back, the same command re-sends
+    the journal and resumes: every step once."""
     uri, up, down = mlflow_server
     space = tiny_study(tmp_path, trials=2, epochs=600)
     args = ["run", str(space), "--tracking-uri", uri]
@@ -213,13 +215,16 @@ def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_stops(tmp_path,
         wait_in_log(log, "unreachable", driver, timeout=120)
         time.sleep(8)                      # trials keep reporting into the journal
         assert journal.is_file() and journal.read_text().count("\n") > 0
+        if stop == "ctrl_c_after_the_end":
+            wait_in_log(log, "[  2/2]", driver, timeout=240)
+            time.sleep(2)                  # the driver is past fit(), waiting for the store
         driver.send_signal(signal.SIGKILL if stop == "killed" else signal.SIGINT)
         code = driver.wait(timeout=90)
     finally:
         kill_session(driver.pid)
     text = log.read_text()
     assert text.count("unreachable or failing writes") == 1      # said once, not per retry
-    if stop == "ctrl_c":
+    if stop != "killed":
         assert code == 130 and "Traceback" not in text, text
         assert f"stopped while the tracking store {uri} was unreachable; its unsent writes are kept in {journal}" in text
     up()
