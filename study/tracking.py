@@ -333,6 +333,7 @@ class TrialRuns:
         self.inputs: dict[str, set] = {}       # run id -> (name, digest) of its dataset inputs
         self.statuses: dict[str, str] = {}     # trial key -> its status tag when read
         self.params_unsent: set[str] = set()   # trial keys whose new run has no params yet
+        self.create_tried: set[str] = set()    # trial keys whose run this process asked the store to create
         for run in find_runs(client, experiment_id, KIND_TRIAL):
             key = run.data.tags.get(TAG_TRIAL_KEY)
             if key:
@@ -362,7 +363,10 @@ class TrialRuns:
         """The run of trial `key`: the existing one (resume, retry) or a new child of the parent,
         started at the trial's own start time."""
         run_id = self.run_ids.get(key)
+        if run_id is None and key in self.create_tried:
+            run_id = self.created_unawares(key)
         if run_id is None:
+            self.create_tried.add(key)
             run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms, tags={
                 TAG_PARENT: self.parent_id, TAG_STUDY: self.study_name, TAG_KIND: KIND_TRIAL,
                 TAG_TRIAL_KEY: key, TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **(tags or {})})
@@ -377,6 +381,18 @@ class TrialRuns:
         if key in self.params_unsent:
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
             self.params_unsent.discard(key)
+        return run_id
+
+    def created_unawares(self, key: str) -> str | None:
+        """The run of trial `key` that an earlier `create_run` made although its answer was lost
+        (the server went down after the insert): a retry goes on in it instead of making a
+        second run for the trial. None if the store holds none."""
+        found = find_runs(self.client, self.experiment_id, KIND_TRIAL, f"tags.`{TAG_TRIAL_KEY}` = '{key}'")
+        if not found:
+            return None
+        run_id = found[0].info.run_id
+        self.run_ids[key], self.last_step[run_id] = run_id, 0
+        self.params_unsent.add(key)     # the params may not have been written: sending them again is harmless
         return run_id
 
     def log_input(self, key: str, dataset: dict[str, str]) -> bool:

@@ -36,10 +36,12 @@ def wait_for_checkpoints(listing: Callable[[], Collection], driver: subprocess.P
 class Flaky:
     """A real MLflow client whose `method` fails, as a dropped connection would, on its next
     `failures` calls (set `failures` to cut the store off or bring it back); every other call,
-    and every call once the failures are spent, goes to the real client."""
+    and every call once the failures are spent, goes to the real client. With `answer_lost`
+    the failing call first reaches the store and then fails, as when the server goes down
+    between doing a write and answering it."""
 
-    def __init__(self, real, method: str, failures: int = 1) -> None:
-        self.real, self.method, self.failures = real, method, failures
+    def __init__(self, real, method: str, failures: int = 1, answer_lost: bool = False) -> None:
+        self.real, self.method, self.failures, self.answer_lost = real, method, failures, answer_lost
 
     def __getattr__(self, name):
         attr = getattr(self.real, name)
@@ -49,6 +51,8 @@ class Flaky:
         def call(*args, **kwargs):
             if self.failures > 0:
                 self.failures -= 1
+                if self.answer_lost:
+                    attr(*args, **kwargs)
                 raise ConnectionResetError("connection reset by peer")
             return attr(*args, **kwargs)
         return call

@@ -5,6 +5,7 @@ once. After each, every trial ends complete and each MLflow run holds every step
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -225,7 +226,10 @@ def test_no_step_is_lost_to_a_tracking_outage_even_if_the_driver_stops(tmp_path,
     text = log.read_text()
     assert text.count("unreachable or failing writes") == 1      # said once, not per retry
     if stop != "killed":
-        assert code == 130 and "Traceback" not in text, text
+        # the driver's own lines: a Ray worker that the shutdown's SIGTERM meets inside a weakref
+        # callback prints Ray's "Exception ignored … SystemExit" through the driver, now and then
+        own = "\n".join(line for line in text.splitlines() if not re.search(r"\((run_trial|run_pack) pid=\d+\)", line))
+        assert code == 130 and "Traceback" not in own, text
         assert f"stopped while the tracking store {uri} was unreachable; its unsent writes are kept in {journal}" in text
     up()
     again = nc_study(*args, cwd=tmp_path, env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})

@@ -112,6 +112,26 @@ def test_a_start_retried_after_its_params_write_failed_keeps_one_run(tmp_path):
     assert client.get_run(run_id).data.params == {"seed": "0", "bn": "affine"}
 
 
+def test_a_start_whose_create_answer_was_lost_keeps_one_run(tmp_path):
+    """The server creates the trial's run and goes down before answering: the writer's retry
+    of `start` finds that run by its trial key and goes on in it (params sent), instead of
+    creating a second run for the trial. The real store, its one answer lost."""
+    client = open_client(f"sqlite:///{tmp_path / 'store.db'}")
+    experiment_id = client.create_experiment("lost")
+    parent = client.create_run(experiment_id).info.run_id
+
+    from conftest import Flaky
+    runs = TrialRuns(Flaky(client, "create_run", answer_lost=True), experiment_id, parent, "lost")
+    with pytest.raises(ConnectionResetError):
+        runs.start("cell-1", "trial_0", {"seed": "0", "bn": "affine"}, "lost-001")
+    run_id = runs.start("cell-1", "trial_0", {"seed": "0", "bn": "affine"}, "lost-001")   # the writer's retry
+    other = runs.start("cell-2", "trial_1", {"seed": "1", "bn": "affine"}, "lost-002")
+    trials = {r.info.run_id for r in client.search_runs([experiment_id]) if r.info.run_id != parent}
+    assert trials == {run_id, other} and run_id != other
+    assert client.get_run(run_id).data.params == {"seed": "0", "bn": "affine"}
+    assert client.get_run(run_id).data.tags["trial_key"] == "cell-1"
+
+
 def test_the_parent_records_how_many_trials_the_study_defines(tmp_path):
     """`nc-study status` counts the planned trials from the parent run: a grid axis whose values
     are lists (lr_milestones: [[0.3, 0.6], [0.5, 0.75]]) or an axis longer than a param holds
