@@ -137,7 +137,7 @@ class MlflowTracker(Callback):
     def on_experiment_end(self, trials, **info):
         # No waiting here, inside fit(): Tune's SIGINT handler is still in place and would swallow
         # a Ctrl-C. The runner waits for the store after fit() returns, where one Ctrl-C ends the
-        # wait (runner.sigint_kept, flush_unless_stopped).
+        # wait (runner.SigintWatch, flush_unless_stopped).
         self.flush(timeout=0)
         self.progress.close()
 

@@ -7,7 +7,6 @@ callback that logs every report to MLflow. Nothing is started when a check fails
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import os
@@ -589,12 +588,12 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
         else:   # a marker left by an earlier start that saved no Ray state would make a resume pack
             remove_marker(exp_dir, PACK_MARKER)
     tolerate_deleted_checkpoints()
-    with sigint_kept():
+    with SigintWatch() as ctrl_c:
         grid = tuner.fit()
     tracker.progress.close()
     # Tune found nothing left to run (no step at all) in a restored state whose trials all ended
     ray_done = not tracker.trials and len(grid) > 0 and grid.num_terminated + grid.num_errors == len(grid)
-    sent = not tracker.gave_up and flush_unless_stopped(tracker, tracker.stopped_short)
+    sent = not tracker.gave_up and flush_unless_stopped(tracker, tracker.stopped_short or ctrl_c.came)
     if lease is not None and lease.lost is not None:   # said by lease_lost; the other driver owns the record now
         return EXIT_INTERRUPTED
     if not sent:
@@ -611,25 +610,32 @@ def execute(study: Study, uri: str, experiment_id: str, parent_id: str, storage:
     return summarize(study, uri, experiment_id, tracker, time.time() - started, parent_id, ray_done)
 
 
-@contextlib.contextmanager
-def sigint_kept():
-    """Put back the SIGINT handler Tune replaces: Tune restores it only when a Ctrl-C comes, so
-    after a fit that ended by itself the first Ctrl-C would otherwise go to Tune's spent handler
-    (a warning, nothing stopped), and a wait for the tracking store after it would need two."""
-    if threading.current_thread() is not threading.main_thread():   # signal handlers live in the main thread
-        yield
-        return
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
+class SigintWatch:
+    """Around `tuner.fit()`: whether a Ctrl-C came during it (`came`), and the SIGINT handler
+    put back afterwards. Tune replaces the handler for the fit and restores it only when a
+    Ctrl-C comes, so the handler found afterwards tells which happened. A Ctrl-C that Tune took
+    while it was closing an ended study must still stop the wait for the tracking store that
+    follows; and after a fit that ended by itself the first Ctrl-C must not go to Tune's spent
+    handler (a warning, nothing stopped)."""
+
+    def __enter__(self) -> "SigintWatch":
+        self.came = False
+        self.watching = threading.current_thread() is threading.main_thread() and \
+            not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))   # else Tune installs none
+        self.handler = signal.getsignal(signal.SIGINT) if self.watching else None
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.watching:
+            self.came = signal.getsignal(signal.SIGINT) is self.handler
+            signal.signal(signal.SIGINT, self.handler)
+        return False
 
 
 def flush_unless_stopped(tracker, stopped: bool) -> bool:
     """Wait for the store to take every write (True). A study stopped short (Ctrl-C) while the
     store is out of reach does not wait out the outage, and a Ctrl-C during the wait ends it
-    (the first one, when the study ended by itself: `sigint_kept`): the writes stay in the
+    (the first one, when the study ended by itself: `SigintWatch`): the writes stay in the
     journal for the next run (False)."""
     if stopped and tracker.store_down:
         return False

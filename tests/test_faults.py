@@ -346,3 +346,22 @@ def test_a_resumed_trial_gets_this_sessions_retry_budget():
     restored.run_metadata.num_failures += 1
     assert not restored.should_recover() and restored.max_failures == 5
 
+
+
+def test_a_ctrl_c_that_tune_takes_during_a_fit_is_still_seen_afterwards():
+    """Tune's own SIGINT handling (the real `_setup_signal_catching` that `tune.run` installs):
+    with no Ctrl-C, Tune's handler stays in place after the fit; the watch puts the one before
+    back and reports none. A Ctrl-C during the fit goes to Tune's handler, which only sets a
+    flag; the watch reports it, so the wait for the tracking store after the fit stops too."""
+    from ray.tune.tune import _setup_signal_catching
+    from study.runner import SigintWatch
+    before = signal.getsignal(signal.SIGINT)
+    with SigintWatch() as quiet:
+        _setup_signal_catching()
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert not quiet.came and signal.getsignal(signal.SIGINT) is before
+    with SigintWatch() as stopped:
+        flag = _setup_signal_catching()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.wait(5)                 # Tune's handler took it: no KeyboardInterrupt here
+    assert stopped.came and signal.getsignal(signal.SIGINT) is before
