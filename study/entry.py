@@ -16,6 +16,7 @@ Ray, MLflow) only when they run.
 from __future__ import annotations
 
 import argparse
+import signal
 
 from analysis.cli import add_analyze_parser
 from analysis.recheck import add_recheck_parser
@@ -45,4 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A blocked SIGINT is inherited: a command started by a process that blocked it (Ray's own
+    # process launcher does, for what it starts) would never see a Ctrl-C, nor Tune's handler.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return run_command(build_parser(), argv)

@@ -365,3 +365,17 @@ def test_a_ctrl_c_that_tune_takes_during_a_fit_is_still_seen_afterwards():
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.wait(5)                 # Tune's handler took it: no KeyboardInterrupt here
     assert stopped.came and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_command_started_with_sigint_blocked_unblocks_it():
+    """A blocked signal mask is inherited through fork and exec (Ray's process launcher blocks
+    SIGINT for what it starts): `nc-study` unblocks SIGINT as it starts, so a Ctrl-C reaches it."""
+    probe = ("import signal\nfrom study import entry\n"
+             "print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))\n"
+             "try:\n    entry.main(['status', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "True" and lines[-1] == "False", done.stdout
