@@ -370,11 +370,9 @@ class TrialRuns:
             run = self.client.create_run(self.experiment_id, run_name=name, start_time=start_ms, tags={
                 TAG_PARENT: self.parent_id, TAG_STUDY: self.study_name, TAG_KIND: KIND_TRIAL,
                 TAG_TRIAL_KEY: key, TAG_TRIAL_ID: trial_id, TAG_STATUS: RUNNING, **(tags or {})})
-            run_id = run.info.run_id
             # known before anything else can fail: a retried `start` (the params' write cut off by
             # an outage) goes on in this run instead of creating a second one for the trial
-            self.run_ids[key], self.last_step[run_id] = run_id, 0
-            self.params_unsent.add(key)
+            run_id = self._take_new(key, run.info.run_id)
         else:
             self.client.log_batch(run_id, tags=[RunTag(TAG_TRIAL_ID, trial_id), RunTag(TAG_STATUS, RUNNING)])
             self.client.update_run(run_id, status="RUNNING")
@@ -390,9 +388,12 @@ class TrialRuns:
         found = find_runs(self.client, self.experiment_id, KIND_TRIAL, f"tags.`{TAG_TRIAL_KEY}` = '{key}'")
         if not found:
             return None
-        run_id = found[0].info.run_id
+        return self._take_new(key, found[0].info.run_id)   # its params may be unwritten: sent again, harmless
+
+    def _take_new(self, key: str, run_id: str) -> str:
+        """Record `run_id` as trial `key`'s run, one this process created: no step logged, params to send."""
         self.run_ids[key], self.last_step[run_id] = run_id, 0
-        self.params_unsent.add(key)     # the params may not have been written: sending them again is harmless
+        self.params_unsent.add(key)
         return run_id
 
     def log_input(self, key: str, dataset: dict[str, str]) -> bool:
